@@ -637,7 +637,9 @@ class RateLimiter:
             failures.popleft()
         failures.append(now)
         if len(failures) >= limit:
-            recent = bucket.last_trip is not None and now - bucket.last_trip < MAX_LOCKOUT_SECONDS
+            # "Within 24 h of the last" counts from the end of the last lockout,
+            # so a guesser who resumes as soon as a 24 h lockout ends stays at 24 h.
+            recent = bucket.last_trip is not None and now - bucket.locked_until < MAX_LOCKOUT_SECONDS
             bucket.lockout = min(bucket.lockout * 2, MAX_LOCKOUT_SECONDS) if recent else self.window
             bucket.locked_until = now + bucket.lockout
             bucket.last_trip = now
@@ -1507,7 +1509,7 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None):
+def main(argv=None, environ=None):
     """Run the command line; returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
@@ -1520,7 +1522,7 @@ def main(argv=None):
         print(f"forward-auth {__version__}")
         return 0
     try:
-        settings = Settings.from_env(os.environ)
+        settings = Settings.from_env(os.environ if environ is None else environ)
     except ConfigError as error:
         print(f"forward_auth: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,1488 @@
+"""Tests for forward_auth.py, in the module's order: settings, storage, tokens,
+TOTP, limiter, request helpers, pages and app (in-process and through real
+waitress), CLI. Time comes from FakeClock; no test sleeps for it."""
+
+import base64
+import hashlib
+import hmac
+import http.client
+import io
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import wsgiref.util
+import wsgiref.validate
+
+import pyotp
+import pytest
+
+import forward_auth as fa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+T0 = 1_800_000_000.0  # a fixed "now", mid-step: 1_800_000_000 % 30 == 0, so add 10 s below
+NOW = T0 + 10
+
+
+class FakeClock:
+    def __init__(self, now=NOW):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+# --- Fixtures and helpers ---------------------------------------------------
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "auth.db")
+
+
+@pytest.fixture
+def store(db_path):
+    s = fa.Store(db_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+def settings(**overrides):
+    base = dict(secure_cookies=False, db_path=":unused:")
+    base.update(overrides)
+    return fa.Settings(**base)
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.header_list = headers
+        self.body = body
+
+    def header(self, name):
+        values = self.headers_named(name)
+        return values[0] if values else None
+
+    def headers_named(self, name):
+        return [v for k, v in self.header_list if k.lower() == name.lower()]
+
+    def cookies(self):
+        """{name: full Set-Cookie line}."""
+        return {line.split("=", 1)[0]: line for line in self.headers_named("Set-Cookie")}
+
+    def cookie_value(self, name):
+        line = self.cookies()[name]
+        return line.split(";", 1)[0].split("=", 1)[1]
+
+    @property
+    def text(self):
+        return self.body.decode("utf-8")
+
+
+def call(app, method="GET", path="/", query="", headers=None, body=b"", remote="127.0.0.1"):
+    """Call the WSGI app in-process through wsgiref's validator."""
+    environ = {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "REMOTE_ADDR": remote,
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "3000",
+        "HTTP_HOST": "auth.example.com",
+        "wsgi.input": io.BytesIO(body),
+    }
+    if body:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    for name, value in (headers or {}).items():
+        key = name.upper().replace("-", "_")
+        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            environ[key] = value
+        else:
+            environ["HTTP_" + key] = value
+    wsgiref.util.setup_testing_defaults(environ)
+    captured = {}
+
+    def start_response(status, headers, exc_info=None):
+        captured["status"] = int(status.split()[0])
+        captured["headers"] = headers
+
+    result = wsgiref.validate.validator(app)(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        result.close()
+    return Response(captured["status"], captured["headers"], body)
+
+
+def add_user(store, name="alice", now=NOW - 3600):
+    seed = fa.new_seed()
+    assert store.add_user(name, seed, now)
+    return seed
+
+
+def code_at(seed, now, offset=0):
+    return pyotp.TOTP(seed).generate_otp(fa.step_at(now) + offset)
+
+
+def csrf_for(app, response_or_cookie):
+    """(cookie header, csrf token) from a login page response."""
+    nonce = response_or_cookie.cookie_value(app.csrf_cookie)
+    token = re.search(r'name="csrf" value="([^"]+)"', response_or_cookie.text).group(1)
+    return f"{app.csrf_cookie}={nonce}", token
+
+
+def login(app, code, next_value="/", extra_cookie="", headers=None, remote="127.0.0.1"):
+    page = call(app, "GET", "/login", remote=remote)
+    cookie, token = csrf_for(app, page)
+    if extra_cookie:
+        cookie += "; " + extra_cookie
+    body = urllib.parse.urlencode({"otp": code, "next": next_value, "csrf": token}).encode()
+    all_headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie}
+    all_headers.update(headers or {})
+    return call(app, "POST", "/login", headers=all_headers, body=body, remote=remote)
+
+
+def session_cookie(app, response):
+    return f"{app.settings.cookie_name}={response.cookie_value(app.settings.cookie_name)}"
+
+
+@pytest.fixture
+def app(store, clock):
+    return fa.make_app(settings(), store=store, clock=clock)
+
+
+@pytest.fixture
+def alice(store):
+    return add_user(store, "alice")
+
+
+@pytest.fixture
+def logged_in(app, alice, clock):
+    """A Cookie header of a fresh session for alice."""
+    app.refresh(clock(), force=True)
+    response = login(app, code_at(alice, clock()))
+    assert response.status == 302
+    return session_cookie(app, response)
+
+
+# --- Settings ---------------------------------------------------------------
+
+
+def test_defaults_match_the_contract():
+    s = fa.Settings.from_env({})
+    assert (s.host, s.port, s.db_path, s.jwt_secret) == ("127.0.0.1", 3000, "auth.db", None)
+    assert (s.session_ttl, s.cookie_name, s.cookie_domain) == (86400, "auth_token", None)
+    assert (s.secure_cookies, s.same_site, s.login_url) == (True, "Lax", "/login")
+    assert (s.max_login_attempts, s.rate_limit_window, s.global_max_failures) == (5, 900, 30)
+    assert (s.app_name, s.log_format, s.threads) == ("Forward Auth", "text", 8)
+    assert s.trust_proxy == ("127.0.0.0/8", "::1/128")
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("PORT", "http"),
+        ("PORT", "70000"),
+        ("PORT", "-1"),
+        ("HOST", "bad host"),
+        ("JWT_SECRET", "short"),
+        ("SESSION_TTL_SECONDS", "0"),
+        ("SESSION_TTL_SECONDS", "1.5"),
+        ("COOKIE_NAME", "a b"),
+        ("COOKIE_DOMAIN", "exa mple.com"),
+        ("SECURE_COOKIES", "maybe"),
+        ("SAME_SITE", "sometimes"),
+        ("TRUST_PROXY", "10.0.0.0/33"),
+        ("TRUST_PROXY", "proxy.local"),
+        ("LOGIN_URL", "login"),
+        ("LOGIN_URL", "//evil.com/login"),
+        ("LOGIN_URL", "ftp://auth.example.com/login"),
+        ("ALLOWED_REDIRECT_HOSTS", "a b.com"),
+        ("MAX_LOGIN_ATTEMPTS", "0"),
+        ("RATE_LIMIT_WINDOW_SECONDS", "x"),
+        ("GLOBAL_MAX_FAILURES", ""),
+        ("APP_NAME", ""),
+        ("LOG_FORMAT", "xml"),
+        ("THREADS", "0"),
+    ],
+)
+def test_an_invalid_value_names_its_variable(name, value):
+    with pytest.raises(fa.ConfigError, match=f"^{name}: "):
+        fa.Settings.from_env({name: value})
+
+
+def test_same_site_none_needs_secure_cookies():
+    with pytest.raises(fa.ConfigError, match="SAME_SITE"):
+        fa.Settings.from_env({"SAME_SITE": "none", "SECURE_COOKIES": "false"})
+    assert fa.Settings.from_env({"SAME_SITE": "none"}).same_site == "None"
+
+
+def test_file_variant_reads_the_value_without_its_trailing_newline(tmp_path):
+    secret = "s" * 40
+    (tmp_path / "secret").write_text(secret + "\n")
+    (tmp_path / "port").write_text("4000\n")
+    s = fa.Settings.from_env({"JWT_SECRET_FILE": str(tmp_path / "secret"), "PORT_FILE": str(tmp_path / "port")})
+    assert (s.jwt_secret, s.port) == (secret, 4000)
+
+
+def test_a_missing_secret_file_is_a_bad_value(tmp_path):
+    with pytest.raises(fa.ConfigError, match="^JWT_SECRET_FILE: "):
+        fa.Settings.from_env({"JWT_SECRET_FILE": str(tmp_path / "missing")})
+
+
+def test_a_short_secret_from_a_file_is_refused(tmp_path):
+    (tmp_path / "secret").write_text("short\n")
+    with pytest.raises(fa.ConfigError, match="^JWT_SECRET: "):
+        fa.Settings.from_env({"JWT_SECRET_FILE": str(tmp_path / "secret")})
+
+
+def test_a_variable_and_its_file_together_are_refused(tmp_path):
+    (tmp_path / "port").write_text("4000")
+    with pytest.raises(fa.ConfigError, match="^PORT: "):
+        fa.Settings.from_env({"PORT": "4000", "PORT_FILE": str(tmp_path / "port")})
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("loopback", ("127.0.0.0/8", "::1/128")),
+        ("true", ("0.0.0.0/0", "::/0")),
+        ("false", ()),
+        ("10.0.0.1, 192.168.0.0/16", ("10.0.0.1/32", "192.168.0.0/16")),
+        ("loopback,fd00::/8", ("127.0.0.0/8", "::1/128", "fd00::/8")),
+    ],
+)
+def test_trust_proxy_values(value, expected):
+    assert fa.Settings.from_env({"TRUST_PROXY": value}).trust_proxy == expected
+
+
+# --- Storage ----------------------------------------------------------------
+
+
+def test_database_is_created_private_and_in_wal_mode(db_path, store):
+    assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == fa.SCHEMA_VERSION
+    conn.close()
+
+
+def test_a_user_name_can_be_added_once(store):
+    assert store.add_user("alice", fa.new_seed(), NOW)
+    assert not store.add_user("alice", fa.new_seed(), NOW)
+    assert [u.name for u in store.users()] == ["alice"]
+
+
+def test_an_accepted_step_never_goes_backwards(store, alice):
+    assert store.accept_step("alice", 100, NOW)
+    assert not store.accept_step("alice", 100, NOW)
+    assert not store.accept_step("alice", 99, NOW)
+    assert store.accept_step("alice", 101, NOW)
+    assert store.users()[0].last_step == 101
+
+
+def test_the_generated_cookie_key_is_kept(db_path, store):
+    key = store.cookie_key()
+    other = fa.Store(db_path)
+    assert other.cookie_key() == key and len(key) == 32
+    other.close()
+
+
+def test_seeds_have_160_bits():
+    seed = fa.new_seed()
+    assert len(base64.b32decode(seed)) * 8 == 160
+
+
+# --- Tokens -----------------------------------------------------------------
+
+KEY = b"k" * 32
+
+
+def forge(header, payload, key=KEY, signature=None):
+    h = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
+    p = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
+    if signature is None:
+        signature = fa._signature(f"{h}.{p}", key)
+    return f"{h}.{p}.{signature}"
+
+
+GOOD = {"sub": "alice", "iat": int(NOW), "exp": int(NOW) + 60, "jti": "abc"}
+
+
+def test_a_signed_token_verifies_to_its_claims():
+    token = fa.sign_token(GOOD, KEY)
+    assert fa.verify_token(token, KEY, NOW) == (GOOD, None)
+    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    assert header == {"alg": "HS256", "typ": "JWT"}
+
+
+def test_hs256_matches_an_independent_computation():
+    token = fa.sign_token(GOOD, KEY)
+    signing_input, signature = token.rsplit(".", 1)
+    expected = hmac.new(KEY, signing_input.encode(), hashlib.sha256).digest()
+    assert base64.urlsafe_b64decode(signature + "=") == expected
+
+
+def _tampered_tokens():
+    good = fa.sign_token(GOOD, KEY)
+    h, p, s = good.split(".")
+    return [
+        ("alg none", forge({"alg": "none", "typ": "JWT"}, GOOD, signature=""), "algorithm"),
+        ("alg none unsigned", f"{forge({'alg': 'none'}, GOOD).rsplit('.', 1)[0]}.", "algorithm"),
+        ("alg HS512", forge({"alg": "HS512", "typ": "JWT"}, GOOD), "algorithm"),
+        ("bad signature", f"{h}.{p}.{s[:-2]}AA", "signature"),
+        ("other key", fa.sign_token(GOOD, b"x" * 32), "signature"),
+        ("padding", f"{h}.{p}.{s}=", "signature"),
+        ("padded payload", f"{h}.{p}==.{s}", "signature"),
+        ("stray character", f"{h}.{p}.{s}!", "signature"),
+        ("space", f"{h}.{p}. {s}", "signature"),
+        ("four parts", f"{good}.x", "malformed"),
+        ("two parts", f"{h}.{p}", "malformed"),
+        ("expired", fa.sign_token(dict(GOOD, exp=int(NOW) - 1), KEY), "expired"),
+        ("expires now", fa.sign_token(dict(GOOD, exp=int(NOW)), KEY), "expired"),
+        ("float exp", fa.sign_token(dict(GOOD, exp=NOW + 60.5), KEY), "claims"),
+        ("string exp", fa.sign_token(dict(GOOD, exp=str(int(NOW) + 60)), KEY), "claims"),
+        ("bool exp", fa.sign_token(dict(GOOD, exp=True), KEY), "claims"),
+        ("no jti", fa.sign_token({k: v for k, v in GOOD.items() if k != "jti"}, KEY), "claims"),
+        ("no sub", fa.sign_token({k: v for k, v in GOOD.items() if k != "sub"}, KEY), "claims"),
+        ("list payload", fa.sign_token([1, 2], KEY), "claims"),
+    ]
+
+
+@pytest.mark.parametrize("label, token, reason", _tampered_tokens(), ids=[t[0] for t in _tampered_tokens()])
+def test_a_tampered_token_is_refused(label, token, reason):
+    assert fa.verify_token(token, KEY, NOW) == (None, reason)
+
+
+def test_non_canonical_base64_is_refused():
+    with pytest.raises(ValueError):
+        fa._b64decode("QR")  # "Q" has low bits set that "QQ" would clear
+    assert fa._b64decode("QQ") == b"A"
+
+
+# --- TOTP -------------------------------------------------------------------
+
+RFC_SEED = base64.b32encode(b"12345678901234567890").decode()
+
+
+@pytest.mark.parametrize(
+    "unix_time, code",
+    [  # RFC 6238 Appendix B, SHA-1, last six digits of the eight-digit values
+        (59, "287082"),
+        (1111111109, "081804"),
+        (1111111111, "050471"),
+        (1234567890, "005924"),
+        (2000000000, "279037"),
+        (20000000000, "353130"),
+    ],
+)
+def test_rfc6238_vectors(unix_time, code):
+    user = fa.User("rfc", RFC_SEED, 0, None, 0)
+    assert fa.match_code(code, [user], unix_time) == (user, fa.step_at(unix_time))
+
+
+@pytest.mark.parametrize("offset, accepted", [(-2, False), (-1, True), (0, True), (1, True), (2, False)])
+def test_one_step_of_clock_skew_is_accepted(offset, accepted):
+    user = fa.User("alice", fa.new_seed(), 0, None, 0)
+    code = code_at(user.seed, NOW, offset)
+    result = fa.match_code(code, [user], NOW)
+    assert (result == (user, fa.step_at(NOW) + offset)) is accepted
+
+
+def _misshapen(code):
+    return [
+        " " + code[1:] if False else " " + code,
+        "+" + code,
+        code[:1] + "_" + code[1:],
+        code.translate(str.maketrans("0123456789", "０１２３４５６７８９")),
+        code + "\n",
+        code[:5],
+        code + "0",
+        code[:3] + " " + code[3:],
+        "",
+    ]
+
+
+def test_a_code_must_be_exactly_six_ascii_digits():
+    user = fa.User("alice", fa.new_seed(), 0, None, 0)
+    code = code_at(user.seed, NOW)
+    for bad in _misshapen(code):
+        assert fa.match_code(bad, [user], NOW) is None, bad
+    assert fa.match_code(code, [user], NOW) is not None
+
+
+def test_every_users_seed_is_tried():
+    users = [fa.User(f"u{i}", fa.new_seed(), 0, None, 0) for i in range(5)]
+    assert fa.match_code(code_at(users[3].seed, NOW), users, NOW)[0] is users[3]
+
+
+# --- Rate limiter -----------------------------------------------------------
+
+
+def limiter(clock, max_attempts=5, window=900, global_max=30, **kw):
+    return fa.RateLimiter(max_attempts, window, global_max, clock=clock, **kw)
+
+
+def test_the_limit_trips_after_max_attempts_for_one_window(clock):
+    rl = limiter(clock)
+    for _ in range(4):
+        rl.failure("1.2.3.4")
+        assert rl.retry_after("1.2.3.4") == 0
+    rl.failure("1.2.3.4")
+    assert rl.retry_after("1.2.3.4") == 900
+    assert rl.retry_after("5.6.7.8") == 0
+    clock.advance(899)
+    assert rl.retry_after("1.2.3.4") == 1
+    clock.advance(1)
+    assert rl.retry_after("1.2.3.4") == 0
+
+
+def test_failures_older_than_the_window_do_not_count(clock):
+    rl = limiter(clock)
+    for _ in range(4):
+        rl.failure("ip")
+    clock.advance(901)
+    rl.failure("ip")
+    assert rl.retry_after("ip") == 0
+
+
+def test_each_trip_within_a_day_doubles_the_lockout_up_to_a_day(clock):
+    rl = limiter(clock, max_attempts=1, window=3600)
+    expected = [3600, 7200, 14400, 28800, 57600, 86400, 86400]
+    for lockout in expected:
+        rl.failure("ip")
+        assert rl.retry_after("ip") == lockout
+        clock.advance(lockout)
+
+
+def test_a_trip_a_day_after_the_last_starts_again_at_one_window(clock):
+    rl = limiter(clock, max_attempts=1, window=60)
+    rl.failure("ip")
+    clock.advance(60 + 86400)  # a day after the lockout ended
+    rl.failure("ip")
+    assert rl.retry_after("ip") == 60
+
+
+def test_a_success_resets_the_key(clock):
+    rl = limiter(clock)
+    for _ in range(5):
+        rl.failure("ip")
+    rl.reset("ip")
+    assert rl.retry_after("ip") == 0
+
+
+def test_the_global_ceiling_locks_clients_without_a_device_only(clock):
+    rl = limiter(clock, global_max=30)
+    for i in range(30):
+        rl.failure(f"10.0.{i}.1")
+    assert rl.retry_after("192.0.2.1") == 900
+    assert rl.retry_after("device:abc", device=True) == 0
+
+
+def test_device_failures_do_not_count_toward_the_global_ceiling(clock):
+    rl = limiter(clock, global_max=3)
+    for i in range(10):
+        rl.failure(f"device:{i}", device=True)
+    assert rl.retry_after("192.0.2.1") == 0
+
+
+def test_memory_stays_bounded_under_many_addresses(clock):
+    rl = limiter(clock, max_keys=1000, global_max=10**6)
+    for i in range(20_000):
+        rl.failure(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
+    assert len(rl) == 1000
+
+
+# --- Request helpers --------------------------------------------------------
+
+LOOP = fa.Trust(fa.LOOPBACK)
+
+
+@pytest.mark.parametrize(
+    "peer, xff, expected",
+    [
+        ("203.0.113.9", None, "203.0.113.9"),
+        ("203.0.113.9", "1.1.1.1", "203.0.113.9"),  # untrusted peer: forged header ignored
+        ("127.0.0.1", "198.51.100.7", "198.51.100.7"),
+        ("127.0.0.1", "6.6.6.6, 198.51.100.7", "198.51.100.7"),  # client's own copy is left of the proxy's
+        ("127.0.0.1", "198.51.100.7, 127.0.0.1", "198.51.100.7"),
+        ("127.0.0.1", "garbage, 198.51.100.7", "198.51.100.7"),
+        ("127.0.0.1", "198.51.100.7, garbage", "127.0.0.1"),
+        ("127.0.0.1", "127.0.0.2", "127.0.0.2"),
+        ("::1", "2001:db8::1", "2001:db8::1"),
+        ("::ffff:127.0.0.1", "198.51.100.7", "198.51.100.7"),
+    ],
+)
+def test_client_ip(peer, xff, expected):
+    environ = {"REMOTE_ADDR": peer}
+    if xff is not None:
+        environ["HTTP_X_FORWARDED_FOR"] = xff
+    assert fa.client_ip(environ, LOOP) == expected
+
+
+def test_ipv6_clients_are_grouped_by_64():
+    assert fa.limiter_key_for_ip("2001:db8:1:2:aaaa::1") == fa.limiter_key_for_ip("2001:db8:1:2:bbbb::9")
+    assert fa.limiter_key_for_ip("2001:db8:1:3::1") != fa.limiter_key_for_ip("2001:db8:1:2::1")
+    assert fa.limiter_key_for_ip("198.51.100.7") == "198.51.100.7"
+
+
+@pytest.mark.parametrize(
+    "host, scheme, expected",
+    [
+        ("App.Example.COM", "https", "app.example.com"),
+        ("app.example.com.", "https", "app.example.com"),
+        ("app.example.com:443", "https", "app.example.com"),
+        ("app.example.com:80", "http", "app.example.com"),
+        ("app.example.com:8443", "https", "app.example.com:8443"),
+        ("app.example.com:443", "http", "app.example.com:443"),
+        ("[::1]:8080", "http", "[::1]:8080"),
+        ("evil.com@app", "https", None),
+        ("a,b", "https", None),
+        ("", "https", None),
+        ("app:99999", "https", None),
+    ],
+)
+def test_normalise_host(host, scheme, expected):
+    assert fa.normalise_host(host, scheme) == expected
+
+
+LOGIN_HOST = "app.example.com"
+NEXT_SETTINGS = settings(
+    secure_cookies=True, cookie_domain=".example.com", allowed_redirect_hosts=("other.org", "*.partner.net")
+)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("/some/path?x=1", "/some/path?x=1"),
+        ("/", "/"),
+        ("https://app.example.com/a?b=c", "https://app.example.com/a?b=c"),
+        ("https://APP.example.com./a", "https://app.example.com/a"),
+        ("https://app.example.com:443/a", "https://app.example.com/a"),
+        ("https://wiki.example.com/", "https://wiki.example.com/"),
+        ("https://example.com/", "https://example.com/"),
+        ("https://other.org/x", "https://other.org/x"),
+        ("https://a.partner.net/x", "https://a.partner.net/x"),
+        # attacks from SPEC: all fall back to /
+        ("//evil.com", "/"),
+        ("///evil.com", "/"),
+        ("/\\evil.com", "/"),
+        ("https:evil.com", "/"),
+        ("https://example.com@evil.com", "/"),
+        ("https://evil.com\\@app.example.com", "/"),
+        ("https://evilexample.com", "/"),
+        ("https://evil.com/.example.com", "/"),
+        ("https://partner.net/", "/"),
+        ("javascript:alert(1)", "/"),
+        ("JavaScript:alert(1)", "/"),
+        ("/a\r\nSet-Cookie: x=1", "/"),
+        ("/a\nb", "/"),
+        ("/a b", "/"),
+        ("/a\tb", "/"),
+        ("\x00/a", "/"),
+        ("http://app.example.com/", "/"),  # cookies are secure: https only
+        ("https://app.example.com:99999/", "/"),
+        ("https://app.example.com,evil.com/", "/"),
+        ("data:text/html,x", "/"),
+        ("evil.com", "/"),
+        ("", "/"),
+        ("/caf\u00e9", "/"),
+        ("https://xn--80ak6aa92e.com\u3002evil.com/", "/"),
+    ],
+)
+def test_safe_next(value, expected):
+    assert fa.safe_next(value, LOGIN_HOST, NEXT_SETTINGS) == expected
+
+
+def test_http_next_is_allowed_only_without_secure_cookies():
+    insecure = settings(secure_cookies=False)
+    assert fa.safe_next("http://app.example.com/x", LOGIN_HOST, insecure) == "http://app.example.com/x"
+
+
+@pytest.mark.parametrize(
+    "headers, expected",
+    [
+        ({}, None),
+        ({"HTTP_X_FORWARDED_HOST": "app.example.com"}, "http://app.example.com/"),
+        (
+            {
+                "HTTP_X_FORWARDED_PROTO": "https",
+                "HTTP_X_FORWARDED_HOST": "App.Example.com:443",
+                "HTTP_X_FORWARDED_URI": "/some/path?x=1",
+            },
+            "https://app.example.com/some/path?x=1",
+        ),
+        ({"HTTP_X_ORIGINAL_URL": "https://app.example.com/a?b=1"}, "https://app.example.com/a?b=1"),
+    ],
+)
+def test_original_url_from_a_trusted_proxy(headers, expected):
+    environ = dict(headers, REMOTE_ADDR="127.0.0.1")
+    assert fa.original_url(environ, LOOP) == expected
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"HTTP_X_FORWARDED_PROTO": "javascript", "HTTP_X_FORWARDED_HOST": "app.example.com"},
+        {"HTTP_X_FORWARDED_PROTO": "https, http", "HTTP_X_FORWARDED_HOST": "app.example.com"},
+        {"HTTP_X_FORWARDED_HOST": "app.example.com,evil.com"},
+        {"HTTP_X_FORWARDED_HOST": "evil.com@app.example.com"},
+        {"HTTP_X_FORWARDED_HOST": "app.example.com/evil"},
+        {"HTTP_X_FORWARDED_HOST": "app.example.com", "HTTP_X_FORWARDED_URI": "//evil.com/"},
+        {"HTTP_X_FORWARDED_HOST": "app.example.com", "HTTP_X_FORWARDED_URI": "/a\r\nb"},
+        {"HTTP_X_FORWARDED_HOST": "app.example.com", "HTTP_X_FORWARDED_URI": "evil"},
+        {"HTTP_X_ORIGINAL_URL": "javascript://app.example.com/"},
+        {"HTTP_X_ORIGINAL_URL": "https://evil.com@app.example.com/"},
+        {"HTTP_X_ORIGINAL_URL": "https://a,b/"},
+        {"HTTP_X_ORIGINAL_URL": "/relative"},
+        {"HTTP_X_ORIGINAL_URL": "https://app.example.com/\\evil"},
+        {"HTTP_X_ORIGINAL_URL": "https://[::1/"},
+    ],
+)
+def test_a_malformed_original_url_is_refused(headers):
+    with pytest.raises(fa.HTTPError) as error:
+        fa.original_url(dict(headers, REMOTE_ADDR="127.0.0.1"), LOOP)
+    assert error.value.status == 400
+
+
+def test_forwarded_headers_from_an_untrusted_peer_are_ignored():
+    environ = {"REMOTE_ADDR": "203.0.113.9", "HTTP_X_FORWARDED_HOST": "evil.com"}
+    assert fa.original_url(environ, LOOP) is None
+
+
+@pytest.mark.parametrize(
+    "method, headers, expected",
+    [
+        ("GET", {}, True),
+        ("HEAD", {}, True),
+        ("GET", {"HTTP_ACCEPT": "text/html,application/xhtml+xml,*/*;q=0.8"}, True),
+        ("GET", {"HTTP_ACCEPT": "application/json"}, False),
+        ("GET", {"HTTP_ACCEPT": "*/*"}, False),
+        ("GET", {"HTTP_X_REQUESTED_WITH": "XMLHttpRequest"}, False),
+        ("POST", {}, False),
+        ("DELETE", {"HTTP_ACCEPT": "text/html"}, False),
+    ],
+)
+def test_wants_html(method, headers, expected):
+    assert fa.wants_html(headers, method) is expected
+
+
+# --- App, in-process --------------------------------------------------------
+
+
+def test_verify_allows_a_valid_session(app, logged_in):
+    r = call(app, "GET", "/verify", headers={"Cookie": logged_in})
+    assert r.status == 200
+    assert r.header("Remote-User") == "alice"
+    assert r.header("Content-Length") == "0" and r.body == b""
+
+
+def test_verify_overwrites_a_client_sent_remote_user(app, logged_in):
+    r = call(app, "GET", "/verify", headers={"Cookie": logged_in, "Remote-User": "admin"})
+    assert r.headers_named("Remote-User") == ["alice"]
+
+
+def test_verify_sends_a_browser_to_login_with_the_original_url(app):
+    headers = {
+        "Accept": "text/html",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "app.example.com",
+        "X-Forwarded-Uri": "/some/path?x=1",
+        "X-Forwarded-Method": "GET",
+    }
+    r = call(app, "GET", "/verify", headers=headers)
+    assert r.status == 302
+    assert r.header("Location") == "/login?next=" + urllib.parse.quote("https://app.example.com/some/path?x=1", safe="")
+    assert r.header("Content-Length") == "0"
+    assert r.header("Remote-User") is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Accept": "application/json"},
+        {"Accept": "text/html", "X-Requested-With": "XMLHttpRequest"},
+        {"Accept": "text/html", "X-Forwarded-Method": "POST"},
+        {"Accept": "*/*"},
+    ],
+)
+def test_verify_answers_401_to_anything_but_a_browser_navigation(app, headers):
+    r = call(app, "GET", "/verify", headers=headers)
+    assert r.status == 401 and r.header("Location") is None
+
+
+def test_verify_uses_the_request_method_without_a_forwarded_one(app):
+    assert call(app, "POST", "/verify", headers={"Accept": "text/html"}).status == 401
+
+
+def test_a_forwarded_method_from_an_untrusted_peer_is_ignored(app):
+    r = call(app, "GET", "/verify", headers={"X-Forwarded-Method": "POST"}, remote="203.0.113.9")
+    assert r.status == 302 and r.header("Location") == "/login"
+
+
+def test_verify_refuses_a_malformed_original_url_without_echoing_it(app):
+    r = call(app, "GET", "/verify", headers={"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "evil.com"})
+    assert r.status == 400 and r.header("Location") is None and b"evil" not in r.body
+
+
+def test_auth_answers_401_with_an_absolute_login_url(app):
+    r = call(app, "GET", "/auth", headers={"X-Original-URL": "https://app.example.com:8443/a b?c=1".replace(" ", "%20")})
+    assert r.status == 401
+    expected = "https://app.example.com:8443/login?next=" + urllib.parse.quote(
+        "https://app.example.com:8443/a%20b?c=1", safe=""
+    )
+    assert r.header("Location") == expected
+
+
+def test_auth_keeps_an_absolute_login_url(store, clock):
+    app = fa.make_app(settings(login_url="https://auth.example.com/login"), store=store, clock=clock)
+    r = call(app, "POST", "/auth", headers={"X-Original-URL": "https://app.example.com/x"})
+    assert r.status == 401
+    assert r.header("Location") == "https://auth.example.com/login?next=https%3A%2F%2Fapp.example.com%2Fx"
+
+
+def test_auth_allows_a_valid_session_whatever_the_method(app, logged_in):
+    r = call(app, "DELETE", "/auth", headers={"Cookie": logged_in})
+    assert (r.status, r.header("Remote-User")) == (200, "alice")
+
+
+def test_verify_never_allows_a_tampered_cookie(app, logged_in):
+    name, token = logged_in.split("=", 1)
+    h, p, s = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(p + "=="))
+    claims["sub"] = "admin"
+    forged_payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    for bad in (f"{h}.{forged_payload}.{s}", f"{h}.{p}.{s}=", f"{h}.{p}.", token + "x"):
+        assert call(app, "GET", "/verify", headers={"Cookie": f"{name}={bad}"}).status != 200
+
+
+def test_a_session_expires(app, logged_in, clock):
+    clock.advance(app.settings.session_ttl)
+    assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 302
+
+
+def test_the_allow_path_reads_no_database(app, logged_in, store):
+    statements = []
+    store._conn.set_trace_callback(statements.append)
+    store._watch.set_trace_callback(statements.append)
+    for _ in range(50):
+        assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 200
+    assert statements == []
+
+
+def test_the_allow_path_survives_an_unreadable_database(app, logged_in, store, clock):
+    store._conn.close()
+    store._watch.close()
+    clock.advance(1)  # due for a refresh, which fails and keeps memory
+    assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 200
+
+
+# -- Login --
+
+
+def test_the_login_page_has_its_security_headers_and_form(app):
+    r = call(app, "GET", "/login", query="next=%2Fa")
+    assert r.status == 200
+    assert r.header("Content-Type") == "text/html; charset=utf-8"
+    csp = r.header("Content-Security-Policy")
+    assert "frame-ancestors 'none'" in csp and "script-src" not in csp and "default-src 'none'" in csp
+    assert "'unsafe-inline'" not in csp
+    assert r.header("X-Frame-Options") == "DENY"
+    assert r.header("X-Content-Type-Options") == "nosniff"
+    assert r.header("Referrer-Policy") == "same-origin"
+    assert r.header("Cache-Control") == "no-store"
+    for attribute in ('inputmode="numeric"', 'autocomplete="one-time-code"', 'pattern="[0-9]{6}"', "autofocus"):
+        assert attribute in r.text
+    assert '<label for="otp">' in r.text and 'name="viewport"' in r.text and "prefers-color-scheme" in r.text
+    assert '<input type="hidden" name="next" value="/a">' in r.text
+
+
+def test_the_style_hash_in_the_csp_matches_the_page(app):
+    r = call(app, "GET", "/login")
+    style = re.search(r"<style>(.*?)</style>", r.text, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in r.header("Content-Security-Policy")
+
+
+def test_every_value_in_the_page_is_escaped(store, clock):
+    app = fa.make_app(settings(app_name='<script>alert("x")</script>'), store=store, clock=clock)
+    r = call(app, "GET", "/login", query="next=" + urllib.parse.quote('"><script>alert(1)</script>'))
+    assert "<script>" not in r.text
+    assert "&lt;script&gt;" in r.text and "&quot;&gt;&lt;script&gt;" in r.text
+
+
+def test_redirect_uri_is_an_alias_for_next(app):
+    assert 'value="/b"' in call(app, "GET", "/login", query="redirect_uri=%2Fb").text
+
+
+def test_the_right_code_logs_in_and_returns_to_next(app, alice, clock):
+    r = login(app, code_at(alice, clock()), next_value="/some/path?x=1")
+    assert r.status == 302 and r.header("Location") == "/some/path?x=1"
+    cookie = r.cookies()["auth_token"]
+    for part in ("Path=/", "Max-Age=86400", "HttpOnly", "SameSite=Lax"):
+        assert part in cookie
+    assert "Secure" not in cookie and "Domain" not in cookie
+    token = r.cookie_value("auth_token")
+    claims, reason = fa.verify_token(token, app.session_key, clock())
+    assert reason is None and claims["sub"] == "alice" and claims["exp"] == int(clock()) + 86400
+
+
+def test_cookies_carry_secure_and_domain_when_set(store, alice, clock):
+    app = fa.make_app(settings(secure_cookies=True, cookie_domain=".example.com"), store=store, clock=clock)
+    r = login(app, code_at(alice, clock()))
+    session, device = r.cookies()["auth_token"], r.cookies()["auth_token_device"]
+    assert "Secure" in session and "Domain=.example.com" in session
+    for part in ("HttpOnly", "SameSite=Strict", "Secure", "Path=/", "Domain=.example.com", "Max-Age=34560000"):
+        assert part in device
+
+
+def test_each_login_gets_a_fresh_token(app, alice, clock):
+    first = login(app, code_at(alice, clock())).cookie_value("auth_token")
+    clock.advance(30)
+    second = login(app, code_at(alice, clock()), extra_cookie=f"auth_token={first}")
+    assert second.status == 302 and second.cookie_value("auth_token") != first
+
+
+def test_a_wrong_code_is_401_with_the_form_again(app, alice, clock):
+    right = code_at(alice, clock())
+    wrong = "000000" if right != "000000" else "111111"
+    r = login(app, wrong, next_value="/x")
+    assert r.status == 401 and "Wrong code" in r.text and 'value="/x"' in r.text
+    assert "auth_token" not in r.cookies()
+
+
+@pytest.mark.parametrize("shape", range(len(_misshapen("123456"))))
+def test_a_misshapen_code_is_a_failed_attempt(app, alice, clock, shape):
+    r = login(app, _misshapen(code_at(alice, clock()))[shape])
+    assert r.status == 401
+    assert app.metrics.logins["failure"] == 1
+
+
+def test_a_replayed_code_is_refused(app, alice, clock):
+    code = code_at(alice, clock())
+    assert login(app, code).status == 302
+    assert login(app, code).status == 401
+    clock.advance(30)  # the same code is now the previous step's: still refused
+    assert login(app, code).status == 401
+    assert app.metrics.logins["replay"] == 2
+
+
+def test_a_replay_is_refused_after_a_restart(store, alice, clock, db_path):
+    app = fa.make_app(settings(), store=store, clock=clock)
+    code = code_at(alice, clock())
+    assert login(app, code).status == 302
+    reopened = fa.Store(db_path)
+    again = fa.make_app(settings(), store=reopened, clock=clock)
+    assert login(again, code).status == 401
+    reopened.close()
+
+
+def test_the_limit_refuses_even_the_right_code(app, alice, clock):
+    for _ in range(5):
+        assert login(app, "000000" if code_at(alice, clock()) != "000000" else "111111").status == 401
+    r = login(app, code_at(alice, clock()))
+    assert r.status == 429
+    assert r.header("Retry-After") == "900"
+    assert "Too many attempts" in r.text and "auth_token" not in r.cookies()
+
+
+def test_the_limit_is_per_client_ip_behind_a_trusted_proxy(app, alice, clock):
+    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    for _ in range(5):
+        login(app, wrong, headers={"X-Forwarded-For": "198.51.100.1"})
+    assert login(app, wrong, headers={"X-Forwarded-For": "198.51.100.1"}).status == 429
+    assert login(app, code_at(alice, clock()), headers={"X-Forwarded-For": "198.51.100.2"}).status == 302
+
+
+def test_a_forged_forwarded_for_from_an_untrusted_peer_changes_nothing(app, alice, clock):
+    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    for i in range(5):
+        login(app, wrong, headers={"X-Forwarded-For": f"198.51.100.{i}"}, remote="203.0.113.9")
+    r = login(app, wrong, headers={"X-Forwarded-For": "198.51.100.99"}, remote="203.0.113.9")
+    assert r.status == 429
+
+
+def test_a_device_cookie_escapes_the_global_ceiling(store, alice, clock):
+    app = fa.make_app(settings(global_max_failures=3), store=store, clock=clock)
+    device = login(app, code_at(alice, clock())).cookie_value("auth_token_device")
+    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    for i in range(3):
+        login(app, wrong, headers={"X-Forwarded-For": f"198.51.100.{i}"})
+    assert login(app, wrong, headers={"X-Forwarded-For": "198.51.100.50"}).status == 429
+    clock.advance(30)
+    r = login(app, code_at(alice, clock()), extra_cookie=f"auth_token_device={device}",
+              headers={"X-Forwarded-For": "198.51.100.50"})
+    assert r.status == 302
+
+
+def test_a_device_is_limited_per_device(store, alice, clock):
+    app = fa.make_app(settings(), store=store, clock=clock)
+    device = login(app, code_at(alice, clock())).cookie_value("auth_token_device")
+    wrong = "000000" if code_at(alice, clock() + 30) != "000000" else "111111"
+    clock.advance(30)
+    for i in range(5):  # from five addresses: the device is the key
+        r = login(app, wrong, extra_cookie=f"auth_token_device={device}", headers={"X-Forwarded-For": f"10.0.0.{i}"})
+        assert r.status == 401
+    r = login(app, code_at(alice, clock()), extra_cookie=f"auth_token_device={device}",
+              headers={"X-Forwarded-For": "10.0.0.9"})
+    assert r.status == 429
+
+
+def test_a_forged_device_cookie_is_just_no_device(store, alice, clock):
+    app = fa.make_app(settings(global_max_failures=2), store=store, clock=clock)
+    forged = fa.sign_token(fa.new_claims("alice", clock(), 1000), app.session_key)  # wrong key
+    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    for i in range(2):
+        login(app, wrong, extra_cookie=f"auth_token_device={forged}", headers={"X-Forwarded-For": f"10.0.0.{i}"})
+    assert login(app, wrong, extra_cookie=f"auth_token_device={forged}").status == 429
+
+
+def test_a_session_token_is_not_a_device_cookie(app, logged_in):
+    token = logged_in.split("=", 1)[1]
+    assert app._device({"HTTP_COOKIE": f"auth_token_device={token}"}) is None
+
+
+def test_a_success_resets_the_ip(app, alice, clock):
+    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    for _ in range(4):
+        login(app, wrong)
+    assert login(app, code_at(alice, clock())).status == 302
+    for _ in range(4):
+        assert login(app, wrong).status == 401
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Origin": "https://evil.com"},
+        {"Origin": "http://auth.example.com.evil.com"},
+        {"Origin": "https://auth.example.com:8443"},
+    ],
+)
+def test_a_cross_site_post_is_refused_without_a_cookie(app, alice, clock, headers):
+    r = login(app, code_at(alice, clock()), headers=headers)
+    assert r.status == 403 and r.headers_named("Set-Cookie") == []
+
+
+@pytest.mark.parametrize("origin", ["null", "http://auth.example.com", "https://AUTH.example.com"])
+def test_a_same_origin_or_null_origin_post_is_decided_by_the_token(app, alice, clock, origin):
+    r = login(app, code_at(alice, clock()), headers={"Origin": origin, "Sec-Fetch-Site": "same-origin"})
+    assert r.status == 302
+
+
+@pytest.mark.parametrize("which", ["missing token", "wrong token", "no pre-login cookie", "other cookie"])
+def test_a_bad_csrf_token_is_403(app, alice, clock, which):
+    page = call(app, "GET", "/login")
+    cookie, token = csrf_for(app, page)
+    other_cookie, _ = csrf_for(app, call(app, "GET", "/login"))
+    form = {"otp": code_at(alice, clock()), "next": "/"}
+    if which == "wrong token":
+        form["csrf"] = token[:-2] + "AA"
+    elif which != "missing token":
+        form["csrf"] = token
+    cookie = {"no pre-login cookie": "", "other cookie": other_cookie}.get(which, cookie)
+    r = call(app, "POST", "/login", body=urllib.parse.urlencode(form).encode(),
+             headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie})
+    assert r.status == 403 and "auth_token" not in r.cookies()
+    assert "expired" in r.text
+
+
+def test_a_body_over_8_kib_is_413(app):
+    body = b"otp=" + b"1" * (8 * 1024)
+    r = call(app, "POST", "/login", body=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status == 413
+
+
+def test_a_non_form_body_is_415(app):
+    r = call(app, "POST", "/login", body=b"{}", headers={"Content-Type": "application/json"})
+    assert r.status == 415
+
+
+def test_invalid_utf8_in_a_form_is_a_failed_attempt_not_an_error(app, alice):
+    page = call(app, "GET", "/login")
+    cookie, token = csrf_for(app, page)
+    body = b"otp=%FF%FE" + b"\xff" + b"&csrf=" + token.encode()
+    r = call(app, "POST", "/login", body=body,
+             headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie})
+    assert r.status == 401
+
+
+def test_a_logged_in_visitor_is_sent_on_from_login(app, logged_in):
+    r = call(app, "GET", "/login", query="next=%2Fdash", headers={"Cookie": logged_in})
+    assert (r.status, r.header("Location")) == (302, "/dash")
+
+
+@pytest.mark.parametrize("value", ["//evil.com", "https://evil.com/", "/\\evil.com", "javascript:alert(1)"])
+def test_a_logged_in_visitor_is_not_sent_off_site(app, logged_in, value):
+    r = call(app, "GET", "/login", query="next=" + urllib.parse.quote(value), headers={"Cookie": logged_in})
+    assert (r.status, r.header("Location")) == (302, "/")
+
+
+def test_login_refuses_an_off_site_next(app, alice, clock):
+    r = login(app, code_at(alice, clock()), next_value="https://evil.com/")
+    assert (r.status, r.header("Location")) == (302, "/")
+
+
+def test_login_returns_to_a_cookie_domain_host(store, alice, clock):
+    s = settings(cookie_domain=".example.com", login_url="http://auth.example.com/login")
+    app = fa.make_app(s, store=store, clock=clock)
+    r = login(app, code_at(alice, clock()), next_value="http://app1.example.com/x?y=1")
+    assert r.header("Location") == "http://app1.example.com/x?y=1"
+
+
+# -- Logout and revocation --
+
+
+def test_logout_revokes_the_session_and_expires_the_cookie(store, alice, clock):
+    app = fa.make_app(settings(cookie_domain=".example.com"), store=store, clock=clock)
+    cookie = session_cookie(app, login(app, code_at(alice, clock())))
+    r = call(app, "POST", "/logout", headers={"Cookie": cookie})
+    assert r.status == 302 and r.header("Location") == "/login"
+    expired = r.cookies()["auth_token"]
+    assert "Max-Age=0" in expired and "Domain=.example.com" in expired and "Path=/" in expired
+    assert call(app, "GET", "/verify", headers={"Cookie": cookie}).status == 302
+
+
+def test_a_logout_is_seen_by_another_process(store, alice, clock, db_path):
+    app = fa.make_app(settings(), store=store, clock=clock)
+    cookie = session_cookie(app, login(app, code_at(alice, clock())))
+    other_store = fa.Store(db_path)
+    other = fa.make_app(settings(), store=other_store, clock=clock)
+    assert call(other, "GET", "/verify", headers={"Cookie": cookie}).status == 200
+    call(app, "GET", "/logout", headers={"Cookie": cookie})
+    clock.advance(fa.REFRESH_SECONDS)
+    assert call(other, "GET", "/verify", headers={"Cookie": cookie}).status == 302
+    other_store.close()
+
+
+def test_a_deleted_user_loses_every_session_within_a_second(app, logged_in, db_path, clock):
+    cli = fa.Store(db_path)  # as the CLI would, another connection
+    assert cli.delete_user("alice")
+    cli.close()
+    clock.advance(1)
+    assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 302
+
+
+def test_a_recreated_user_does_not_inherit_old_sessions(app, logged_in, store, clock):
+    store.delete_user("alice")
+    clock.advance(5)
+    store.add_user("alice", fa.new_seed(), clock())
+    clock.advance(1)
+    assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 302
+
+
+# -- Health, metrics, routing --
+
+
+def test_health_says_ok(app):
+    r = call(app, "GET", "/health")
+    assert (r.status, json.loads(r.body)) == (200, {"status": "ok"})
+
+
+def test_health_says_503_when_the_database_is_gone(app, store):
+    store._conn.close()
+    r = call(app, "GET", "/health")
+    assert r.status == 503 and json.loads(r.body)["status"] != "ok"
+
+
+def test_metrics_count_decisions_and_logins(app, logged_in):
+    call(app, "GET", "/verify", headers={"Cookie": logged_in})
+    call(app, "GET", "/verify", headers={"Accept": "application/json"})
+    text = call(app, "GET", "/metrics").text
+    assert 'forward_auth_verify_total{result="allow"} 1' in text
+    assert 'forward_auth_verify_total{result="deny"} 1' in text
+    assert 'forward_auth_logins_total{result="success"} 1' in text
+    assert "forward_auth_users 1" in text
+    assert 'forward_auth_verify_duration_seconds_bucket{le="+Inf"} 2' in text
+    assert "forward_auth_rate_limited_total 0" in text
+
+
+@pytest.mark.parametrize(
+    "method, path, status, allow",
+    [
+        ("GET", "/nope", 404, None),
+        ("GET", "/login/", 404, None),
+        ("PUT", "/login", 405, "GET, HEAD, POST"),
+        ("DELETE", "/logout", 405, "GET, HEAD, POST"),
+        ("POST", "/health", 405, "GET, HEAD"),
+        ("POST", "/metrics", 405, "GET, HEAD"),
+    ],
+)
+def test_unknown_paths_and_methods(app, method, path, status, allow):
+    r = call(app, method, path)
+    assert r.status == status and r.header("Allow") == allow
+
+
+def test_head_answers_like_get_without_a_body(app):
+    r = call(app, "HEAD", "/health")
+    assert r.status == 200 and r.body == b"" and r.header("Content-Length") == "15"
+
+
+def test_every_response_has_a_content_length(app, logged_in):
+    for method, path, headers in [
+        ("GET", "/verify", {"Cookie": logged_in}),
+        ("GET", "/verify", {}),
+        ("GET", "/auth", {}),
+        ("GET", "/login", {}),
+        ("GET", "/logout", {}),
+        ("GET", "/x", {}),
+        ("PUT", "/login", {}),
+    ]:
+        r = call(app, method, path, headers=headers)
+        assert r.header("Content-Length") == str(len(r.body)), (method, path)
+
+
+def test_a_bug_answers_500_without_a_traceback(app, monkeypatch, caplog):
+    def broken(environ):
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setitem(app.routes, ("GET", "/health"), broken)
+    r = call(app, "GET", "/health")
+    assert r.status == 500 and b"Traceback" not in r.body and b"secret detail" not in r.body
+
+
+def test_a_database_error_is_503(app, alice, store, clock):
+    page = call(app, "GET", "/login")
+    cookie, token = csrf_for(app, page)
+    store._conn.close()
+    body = urllib.parse.urlencode({"otp": code_at(alice, clock()), "csrf": token}).encode()
+    r = call(app, "POST", "/login", body=body,
+             headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie})
+    assert r.status == 503 and "auth_token" not in r.cookies()
+
+
+# -- Logs --
+
+
+def test_each_login_attempt_logs_one_line_without_secrets(app, alice, clock, caplog):
+    caplog.set_level(logging.INFO, logger="forward_auth")
+    code = code_at(alice, clock())
+    r = login(app, code)
+    token = r.cookie_value("auth_token")
+    login(app, "000000" if code != "000000" else "111111")
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "forward_auth"]
+    assert lines == ["login result=success user=alice ip=127.0.0.1", "login result=failure user=- ip=127.0.0.1"]
+    text = caplog.text
+    assert code not in text and token not in text and alice not in text
+
+
+def test_json_logs_are_one_object_per_line(store, alice, clock, caplog):
+    app = fa.make_app(settings(log_format="json"), store=store, clock=clock)
+    caplog.set_level(logging.INFO, logger="forward_auth")
+    login(app, code_at(alice, clock()))
+    record = [rec for rec in caplog.records if rec.name == "forward_auth"][-1]
+    formatted = fa._JSONFormatter().format(record)
+    entry = json.loads(formatted)
+    assert (entry["event"], entry["result"], entry["user"], entry["ip"]) == ("login", "success", "alice", "127.0.0.1")
+    assert "\n" not in formatted
+
+
+# --- Through real waitress --------------------------------------------------
+
+
+class Server:
+    """The app on real waitress (production arguments), port 0, in a thread."""
+
+    def __init__(self, app, **overrides):
+        self.app = app
+        self.server = fa.create_server(app, app.settings, host="127.0.0.1", port=0, **overrides)
+        self.port = self.server.effective_port
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def request(self, method, path, headers=None, body=None, conn=None):
+        own = conn is None
+        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            data = response.read()
+            return Response(response.status, response.getheaders(), data)
+        finally:
+            if own:
+                conn.close()
+
+    def stop(self):
+        def close_all():
+            for channel in list(self.server._map.values()):
+                channel.close()
+
+        self.server.trigger.pull_trigger(close_all)
+        self.thread.join(5)
+        self.server.task_dispatcher.shutdown()
+
+
+@pytest.fixture
+def served(app):
+    server = Server(app)
+    yield server
+    server.stop()
+
+
+def test_keep_alive_holds_across_responses(served, logged_in):
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+    sockets = set()
+    for headers in ({"Cookie": logged_in}, {"Accept": "text/html"}, {"Accept": "application/json"}, {}):
+        r = served.request("GET", "/verify", headers=headers, conn=conn)
+        assert r.header("Content-Length") is not None and r.header("Connection") != "close"
+        sockets.add(id(conn.sock))
+    assert len(sockets) == 1
+    conn.close()
+
+
+def test_trusted_proxy_headers_reach_the_app_through_waitress(served):
+    r = served.request("GET", "/verify", headers={
+        "Accept": "text/html",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "app.example.com",
+        "X-Forwarded-Uri": "/p?q=1",
+        "X-Forwarded-Port": "443",
+    })
+    assert r.header("Location") == "/login?next=https%3A%2F%2Fapp.example.com%2Fp%3Fq%3D1"
+
+
+def test_an_untrusted_peers_forwarded_headers_do_not_count_through_waitress(store, clock, alice):
+    app = fa.make_app(settings(trust_proxy=("10.9.9.9/32",)), store=store, clock=clock)
+    server = Server(app)
+    try:
+        r = server.request("GET", "/verify", headers={"Accept": "text/html", "X-Forwarded-Host": "evil.com"})
+        assert r.header("Location") == "/login"
+        wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+        for i in range(6):
+            page = server.request("GET", "/login")
+            nonce = page.cookie_value(app.csrf_cookie)
+            token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+            body = urllib.parse.urlencode({"otp": wrong, "csrf": token})
+            r = server.request("POST", "/login", body=body, headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Cookie": f"{app.csrf_cookie}={nonce}",
+                "X-Forwarded-For": f"198.51.100.{i}",
+            })
+        assert r.status == 429  # all six counted against 127.0.0.1
+    finally:
+        server.stop()
+
+
+def test_an_underscore_spelling_of_forwarded_for_changes_nothing(served, app, alice, clock):
+    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    statuses = []
+    for i in range(6):
+        page = served.request("GET", "/login")
+        nonce = page.cookie_value(app.csrf_cookie)
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        r = served.request("POST", "/login", body=urllib.parse.urlencode({"otp": wrong, "csrf": token}), headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Cookie": f"{app.csrf_cookie}={nonce}",
+            "X_Forwarded_For": f"198.51.100.{i}",
+        })
+        statuses.append(r.status)
+    assert statuses == [401] * 5 + [429]
+
+
+def test_a_full_login_through_waitress(served, app, alice, clock):
+    page = served.request("GET", "/login?next=%2Fhome")
+    nonce = page.cookie_value(app.csrf_cookie)
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    body = urllib.parse.urlencode({"otp": code_at(alice, clock()), "next": "/home", "csrf": token})
+    r = served.request("POST", "/login", body=body, headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Cookie": f"{app.csrf_cookie}={nonce}"})
+    assert (r.status, r.header("Location")) == (302, "/home")
+    cookie = session_cookie(app, r)
+    v = served.request("GET", "/verify", headers={"Cookie": cookie})
+    assert (v.status, v.header("Remote-User")) == (200, "alice")
+
+
+def test_an_oversized_body_through_waitress_is_413(served):
+    r = served.request("POST", "/login", body=b"a" * 9000,
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status == 413
+
+
+# --- CLI --------------------------------------------------------------------
+
+
+def run_main(args, db_path, capsys, **env):
+    environ = {"DB_PATH": db_path, **env}
+    code = fa.main(args, environ=environ)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_prints_the_enrolment_block(db_path, capsys):
+    code, out, err = run_main(["-generate", "alice"], db_path, capsys, APP_NAME="Home Lab")
+    assert code == 0 and err == ""
+    secret = re.search(r"^Secret: ([A-Z2-7]+)$", out, re.M).group(1)
+    url = re.search(r"^OTPAuth URL: (\S+)$", out, re.M).group(1)
+    assert url == f"otpauth://totp/Home%20Lab:alice?secret={secret}&issuer=Home%20Lab"
+    assert "█" in out or "▀" in out  # the QR code
+    s = fa.Store(db_path)
+    assert [u.name for u in s.users()] == ["alice"]
+    s.close()
+
+
+def test_generate_names_users_user_user2_and_so_on(db_path, capsys):
+    for expected in ("user", "user2", "user3"):
+        code, out, _ = run_main(["--generate"], db_path, capsys)
+        assert code == 0 and f":{expected}?" in out
+
+
+def test_generate_refuses_an_existing_name(db_path, capsys):
+    run_main(["-generate", "alice"], db_path, capsys)
+    code, out, err = run_main(["-generate", "alice"], db_path, capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1 and "exists" in err
+
+
+@pytest.mark.parametrize("name", ["a b", "x" * 65, "alice/..", "émile", "a;b"])
+def test_generate_refuses_a_bad_name_as_a_usage_error(db_path, capsys, name):
+    code, out, err = run_main(["-generate", name], db_path, capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+
+
+def test_list_shows_name_created_and_last_login(db_path, capsys):
+    run_main(["-generate", "alice"], db_path, capsys)
+    code, out, _ = run_main(["-list"], db_path, capsys)
+    assert code == 0
+    (line,) = out.splitlines()
+    assert line.startswith("alice\tcreated 20") and line.endswith("last login never")
+
+
+def test_revoke_deletes_the_user_and_an_unknown_name_is_exit_1(db_path, capsys):
+    run_main(["-generate", "alice"], db_path, capsys)
+    assert run_main(["-revoke", "alice"], db_path, capsys)[0] == 0
+    code, _, err = run_main(["--revoke", "alice"], db_path, capsys)
+    assert code == 1 and err.count("\n") == 1
+
+
+def test_backup_is_private_and_never_overwrites(db_path, tmp_path, capsys):
+    run_main(["-generate", "alice"], db_path, capsys)
+    target = str(tmp_path / "backup.db")
+    assert run_main(["-backup", target], db_path, capsys)[0] == 0
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    copy = fa.Store(target)
+    assert [u.name for u in copy.users()] == ["alice"]
+    copy.close()
+    before = open(target, "rb").read()
+    code, _, err = run_main(["-backup", target], db_path, capsys)
+    assert code == 1 and err.count("\n") == 1 and open(target, "rb").read() == before
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(db_path, capsys):
+    code, out, err = run_main(["-list"], db_path, capsys, PORT="abc")
+    assert code == 2 and err == "forward_auth: PORT: expected a whole number\n"
+
+
+def test_an_unknown_option_is_one_line_and_exit_2(db_path, capsys):
+    code, _, err = run_main(["-frobnicate"], db_path, capsys)
+    assert code == 2 and err.count("\n") == 1
+
+
+def test_version_and_help(db_path, capsys):
+    code, out, _ = run_main(["-version"], db_path, capsys)
+    assert code == 0 and out == f"forward-auth {fa.__version__}\n"
+    code, out, _ = run_main(["--help"], db_path, capsys)
+    assert code == 0 and "-generate" in out and "-backup" in out
+
+
+def test_an_unwritable_database_path_is_one_line_and_exit_1(tmp_path, capsys):
+    code, _, err = run_main(["-list"], str(tmp_path / "missing" / "auth.db"), capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+
+
+# --- The real process -------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_process(tmp_path, **env):
+    port = free_port()
+    environ = dict(os.environ, HOST="127.0.0.1", PORT=str(port), DB_PATH=str(tmp_path / "auth.db"),
+                   SECURE_COOKIES="false", **env)
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "forward_auth.py")], env=environ,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process, port, environ
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.02)  # waiting for a process to listen, not for time
+    process.kill()
+    raise AssertionError("server did not start: " + process.communicate()[1])
+
+
+def http_get(port, path, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", path, headers=headers or {})
+    r = conn.getresponse()
+    result = Response(r.status, r.getheaders(), r.read())
+    conn.close()
+    return result
+
+
+def test_first_start_creates_a_user_serves_and_stops_cleanly_on_sigterm(tmp_path):
+    process, port, _ = start_process(tmp_path)
+    assert http_get(port, "/health").status == 200
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=10)
+    assert process.returncode == 0
+    assert re.search(r"^Secret: [A-Z2-7]{32}$", out, re.M)
+    assert "otpauth://totp/Forward%20Auth:user?secret=" in out
+    assert "Traceback" not in err
+    assert re.search(r"^Secret", err, re.M) is None  # the secret is on stdout, not in the log
+
+
+def test_cli_revoke_ends_sessions_of_a_running_server_within_a_second(tmp_path):
+    process, port, environ = start_process(tmp_path)
+    try:
+        store = fa.Store(environ["DB_PATH"])
+        (user,) = store.users()
+        app = fa.make_app(settings(), store=store)
+        token = fa.sign_token(fa.new_claims(user.name, time.time(), 600), app.session_key)
+        cookie = {"Cookie": f"auth_token={token}"}
+        assert http_get(port, "/verify", cookie).status == 200
+        generate = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py"), "-generate", "bob"],
+                                  env=environ, capture_output=True, text=True, timeout=10)
+        assert generate.returncode == 0, generate.stderr
+        revoke = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py"), "-revoke", user.name],
+                                env=environ, capture_output=True, text=True, timeout=10)
+        assert revoke.returncode == 0, revoke.stderr
+        revoked_at = time.monotonic()
+        while http_get(port, "/verify", cookie).status == 200:
+            assert time.monotonic() - revoked_at < 1.0
+        store.close()
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+def test_a_bad_setting_stops_the_start_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py")],
+                            env=dict(os.environ, DB_PATH=str(tmp_path / "a.db"), SAME_SITE="sideways"),
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "SAME_SITE" in result.stderr
