@@ -1488,3 +1488,29 @@ def test_a_bad_setting_stops_the_start_with_one_line(tmp_path):
                             env=dict(os.environ, DB_PATH=str(tmp_path / "a.db"), SAME_SITE="sideways"),
                             capture_output=True, text=True, timeout=10)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "SAME_SITE" in result.stderr
+
+
+# --- The shipped files ------------------------------------------------------
+
+
+def read(name):
+    with open(os.path.join(HERE, name), encoding="utf-8") as file:
+        return file.read()
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = read("README.md")
+    commands = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in read(".ci/run").splitlines()
+
+
+def test_readme_shows_the_tested_proxy_configs():
+    readme = read("README.md")
+    caddy = read("Caddyfile.example").split("# === Variant 1")[1].split("\n", 1)[1]
+    caddy_block = caddy.split("# === Variant 2")[0].split("\n", 2)[2].strip()
+    assert caddy_block in readme
+    nginx = read("nginx.conf.example").split("# === Variant 2")[0]
+    for line in nginx.splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "example.com" not in line:
+            assert line in readme, line
