@@ -492,7 +492,7 @@ def verify_token(token, key, now):
     header, payload, signature = parts
     if header != HS256_HEADER:  # our one header: no `none`, no other alg, no key hints
         return None, "algorithm"
-    if not B64URL.fullmatch(signature) or not hmac.compare_digest(
+    if not B64URL.fullmatch(payload) or not B64URL.fullmatch(signature) or not hmac.compare_digest(
         signature, _signature(f"{header}.{payload}", key)
     ):
         return None, "signature"
@@ -754,7 +754,7 @@ def original_url(environ, trust):
     full = environ.get("HTTP_X_ORIGINAL_URL")
     if full is not None:
         return _checked_absolute_url(full)
-    if "HTTP_X_FORWARDED_HOST" not in environ:
+    if "HTTP_X_FORWARDED_HOST" not in environ and "HTTP_X_FORWARDED_URI" not in environ:
         return None
     scheme, host = request_origin(environ, trust)
     uri = environ.get("HTTP_X_FORWARDED_URI", "/")
@@ -1200,12 +1200,14 @@ class App:
 
     def login(self, environ):
         form = self._read_form(environ)
-        next_value = form.get("next", "")
+        query = parse_form(_wsgi_text(environ.get("QUERY_STRING", "")))
+        next_value = form.get("next", query.get("next", query.get("redirect_uri", "")))
         if self._cross_site(environ):
             self.metrics.count_login("csrf")
             raise HTTPError(403, b"Cross-site login refused\n")
         nonce = parse_cookies(environ.get("HTTP_COOKIE", "")).get(self.csrf_cookie, "")
-        if not nonce or not hmac.compare_digest(self._csrf_token(nonce), form.get("csrf", "")):
+        given = form.get("csrf", "").encode("utf-8")  # bytes: compare_digest refuses non-ASCII str
+        if not nonce or not hmac.compare_digest(self._csrf_token(nonce).encode(), given):
             self.metrics.count_login("csrf")
             self._log_login("csrf", None, client_ip(environ, self.trust))
             return self.form_response(environ, 403, next_value, "This form expired. Please enter the code again.")

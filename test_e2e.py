@@ -103,7 +103,7 @@ class ForwardAuth:
         for name in ("alice", "bob"):
             self.seeds[name] = fa.new_seed()
             self.store.add_user(name, self.seeds[name], self.clock() - 60)
-        base = dict(secure_cookies=False, trust_proxy=("127.0.0.1/32",))
+        base = {"secure_cookies": False, "trust_proxy": ("127.0.0.1/32",)}
         base.update(overrides)
         self.app = fa.make_app(fa.Settings(**base), store=self.store, clock=self.clock)
         self.server = Server(self.app)
@@ -121,8 +121,8 @@ class ForwardAuth:
 
 def sections(text):
     """(common part, variant 1, variant 2) of an example file."""
-    common, rest = re.split(r"^# === Variant 1.*$", text, flags=re.M)
-    first, second = re.split(r"^# === Variant 2.*$", rest, flags=re.M)
+    common, rest = re.split(r"^# === Variant 1.*$", text, flags=re.MULTILINE)
+    first, second = re.split(r"^# === Variant 2.*$", rest, flags=re.MULTILINE)
     return common, first, second
 
 
@@ -133,7 +133,7 @@ def caddy_config(port, single, shared, upstream):
     second = second.replace("127.0.0.1:3000", f"127.0.0.1:{shared}")
     text = first + second
     text = re.sub(r"127\.0\.0\.1:809\d", f"127.0.0.1:{upstream}", text)
-    text = re.sub(r"^([a-z0-9]+)\.example\.com \{", rf"http://\1.localhost:{port} {{", text, flags=re.M)
+    text = re.sub(r"^([a-z0-9]+)\.example\.com \{", rf"http://\1.localhost:{port} {{", text, flags=re.MULTILINE)
     return "{\n\tadmin off\n\tauto_https off\n}\n" + text
 
 

@@ -25,6 +25,9 @@ import wsgiref.validate
 
 import pyotp
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 import forward_auth as fa
 
@@ -1500,7 +1503,7 @@ def read(name):
 
 def test_readme_test_command_is_what_ci_runs():
     readme = read("README.md")
-    commands = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+    commands = re.findall(r"```sh\n(.*?)\n```", readme, re.DOTALL)
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in read(".ci/run").splitlines()
 
@@ -1514,3 +1517,75 @@ def test_readme_shows_the_tested_proxy_configs():
     for line in nginx.splitlines():
         if line.strip() and not line.lstrip().startswith("#") and "example.com" not in line:
             assert line in readme, line
+
+
+# --- Hostile input (hypothesis) ---------------------------------------------
+
+
+FUZZ = hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+latin1 = st.text(st.characters(max_codepoint=255), max_size=60)
+nasty = st.sampled_from(["", "/", "//evil.com", "/\\evil.com", "https://evil.com", "javascript:x", "\r\n", "%0d%0a",
+                         "https://app.example.com@evil.com", "..", "\x00", "ÿ", "[::1", "a,b", "@"])
+text_or_nasty = st.one_of(latin1, nasty, st.builds(lambda a, b: a + b, nasty, latin1))
+HEADER_NAMES = ["Cookie", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Uri",
+                "X-Forwarded-Method", "X-Original-URL", "Accept", "Origin", "Sec-Fetch-Site", "Host",
+                "X-Requested-With", "Content-Type", "Content-Length"]
+
+
+def location_is_safe(location):
+    if location.startswith("/"):
+        return not location.startswith("//") and not location.startswith("/\\")
+    parts = urllib.parse.urlsplit(location)
+    return parts.scheme in ("http", "https") and parts.hostname is not None and "@" not in parts.netloc
+
+
+@FUZZ
+@given(
+    method=st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO"]),
+    path=st.one_of(st.sampled_from(["/verify", "/auth", "/login", "/logout", "/health", "/metrics"]),
+                   st.builds(lambda p: "/" + p, latin1)),
+    query=text_or_nasty,
+    headers=st.dictionaries(st.sampled_from(HEADER_NAMES), text_or_nasty, max_size=6),
+    body=st.binary(max_size=300),
+    remote=st.sampled_from(["127.0.0.1", "203.0.113.9", "::1", "", "garbage"]),
+)
+def test_no_input_yields_a_500_or_an_unsafe_header(app, method, path, query, headers, body, remote):
+    if "Content-Length" in headers:
+        headers = dict(headers, **{"Content-Length": str(len(body))})
+    if headers.get("Content-Type", "x").startswith("application/x-www-form-urlencoded") is False and body:
+        headers = dict(headers, **{"Content-Type": "application/x-www-form-urlencoded"})
+    r = call(app, method, path, query=query, headers=headers, body=body, remote=remote)
+    assert r.status != 500 and b"Traceback" not in r.body
+    for name, value in r.header_list:
+        assert "\r" not in value and "\n" not in value, (name, value)
+    location = r.header("Location")
+    if location is not None:
+        assert location_is_safe(location), location
+    if 200 <= r.status < 300 and path in ("/verify", "/auth"):
+        raise AssertionError("a request without a session was allowed")
+
+
+@FUZZ
+@given(value=text_or_nasty)
+def test_safe_next_only_returns_local_paths_or_allowed_hosts(value):
+    result = fa.safe_next(value, LOGIN_HOST, NEXT_SETTINGS)
+    if result.startswith("/"):
+        assert result[1:2] not in ("/", "\\")
+    else:
+        parts = urllib.parse.urlsplit(result)
+        assert parts.scheme == "https" and fa.host_allowed(parts.netloc, LOGIN_HOST, NEXT_SETTINGS)
+    assert not any(c <= " " or c == "\\" for c in result)
+
+
+@FUZZ
+@given(token=st.one_of(latin1, st.builds(lambda t, x: t + x, st.just(fa.sign_token(GOOD, KEY)), latin1)))
+def test_the_token_parser_never_raises(token):
+    claims, reason = fa.verify_token(token, KEY, NOW)
+    assert (claims is None) != (reason is None)
+
+
+@FUZZ
+@given(xff=latin1, peer=st.sampled_from(["127.0.0.1", "::1", "203.0.113.9", "x"]))
+def test_the_forwarded_for_parser_never_raises(xff, peer):
+    result = fa.client_ip({"REMOTE_ADDR": peer, "HTTP_X_FORWARDED_FOR": xff}, LOOP)
+    assert result == peer or fa.parse_ip(result) is not None
