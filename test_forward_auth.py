@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -197,6 +198,16 @@ def test_defaults_match_the_contract():
     assert (s.max_login_attempts, s.rate_limit_window, s.global_max_failures) == (5, 900, 30)
     assert (s.app_name, s.log_format, s.threads) == ("Forward Auth", "text", 8)
     assert s.trust_proxy == ("127.0.0.0/8", "::1/128")
+
+
+def test_settings_defaults_are_the_tables_and_settings_are_frozen():
+    assert fa.Settings() == fa.Settings.from_env({})
+    s = fa.Settings(jwt_secret="x" * 32)
+    with pytest.raises(AttributeError):
+        s.port = 1
+    assert "x" * 32 not in repr(s)
+    with pytest.raises(TypeError):
+        fa.Settings(prot=1)
 
 
 @pytest.mark.parametrize(
@@ -824,6 +835,13 @@ def test_the_style_hash_in_the_csp_matches_the_page(app):
     style = re.search(r"<style>(.*?)</style>", r.text, re.DOTALL).group(1)
     digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
     assert f"'sha256-{digest}'" in r.header("Content-Security-Policy")
+
+
+@pytest.mark.parametrize("text", ["<a href=\"x\">&'", "plain", "&amp;", "\u00e9<"])
+def test_escape_matches_the_standard_library(text):
+    import html
+
+    assert fa.escape(text) == html.escape(text, quote=True)
 
 
 def test_every_value_in_the_page_is_escaped(store, clock):
@@ -1589,3 +1607,227 @@ def test_the_token_parser_never_raises(token):
 def test_the_forwarded_for_parser_never_raises(xff, peer):
     result = fa.client_ip({"REMOTE_ADDR": peer, "HTTP_X_FORWARDED_FOR": xff}, LOOP)
     assert result == peer or fa.parse_ip(result) is not None
+
+
+# --- Shipping: backup, secrets, systemd, container, Traefik, packaging, metrics
+
+
+def test_backup_while_serving_logins_restores_and_serves(tmp_path, store, clock, db_path):
+    seeds = {f"u{i}": add_user(store, f"u{i}") for i in range(12)}
+    app = fa.make_app(settings(max_login_attempts=100), store=store, clock=clock)
+    server = Server(app)
+    environ = dict(os.environ, DB_PATH=db_path)
+    script = os.path.join(HERE, "forward_auth.py")
+    stop = threading.Event()
+    logins = []
+
+    def log_in_everyone():
+        for name, seed in seeds.items():
+            if stop.is_set():
+                return
+            page = server.request("GET", "/login")
+            nonce = page.cookie_value(app.csrf_cookie)
+            token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+            body = urllib.parse.urlencode({"otp": code_at(seed, clock()), "csrf": token})
+            r = server.request("POST", "/login", body=body, headers={
+                "Content-Type": "application/x-www-form-urlencoded", "Cookie": f"{app.csrf_cookie}={nonce}"})
+            logins.append(r.status)
+
+    worker = threading.Thread(target=log_in_everyone)
+    worker.start()
+    try:
+        added = subprocess.run([sys.executable, script, "-generate", "late"], env=environ,
+                               capture_output=True, text=True, timeout=20, check=False)
+        assert added.returncode == 0, added.stderr
+        backup = str(tmp_path / "backup.db")
+        result = subprocess.run([sys.executable, script, "-backup", backup], env=environ,
+                                capture_output=True, text=True, timeout=20, check=False)
+        assert result.returncode == 0, result.stderr
+    finally:
+        worker.join(30)
+        stop.set()
+        server.stop()
+    assert logins == [302] * len(seeds)
+    check = sqlite3.connect(backup)
+    assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    check.close()
+    restored_path = str(tmp_path / "restored.db")
+    os.replace(backup, restored_path)
+    restored = fa.Store(restored_path)
+    assert {u.name for u in restored.users()} >= {*seeds, "late"}
+    assert restored.cookie_key() == store.cookie_key()  # old cookies keep working after a restore
+    again = fa.make_app(settings(), store=restored, clock=clock)
+    clock.advance(fa.STEP)
+    assert login(again, code_at(seeds["u0"], clock())).status == 302
+    restored.close()
+
+
+@pytest.mark.parametrize("variable, value, field, expected", [
+    ("JWT_SECRET", "k" * 48, "jwt_secret", "k" * 48),
+    ("COOKIE_DOMAIN", ".example.com", "cookie_domain", ".example.com"),
+    ("LOGIN_URL", "https://auth.example.com/login", "login_url", "https://auth.example.com/login"),
+    ("TRUST_PROXY", "10.0.0.0/8", "trust_proxy", ("10.0.0.0/8",)),
+    ("SECURE_COOKIES", "false", "secure_cookies", False),
+    ("APP_NAME", "Home Lab", "app_name", "Home Lab"),
+])
+def test_every_variable_has_a_file_variant(tmp_path, variable, value, field, expected):
+    path = tmp_path / variable
+    path.write_text(value + "\n")
+    assert getattr(fa.Settings.from_env({f"{variable}_FILE": str(path)}), field) == expected
+
+
+def test_an_unreadable_secret_file_is_one_line_and_exit_2(tmp_path, capsys):
+    secret = tmp_path / "jwt"
+    secret.write_text("k" * 40)
+    secret.chmod(0)
+    if os.access(secret, os.R_OK):  # root reads anything: use a directory instead
+        secret = tmp_path
+    code, _, err = run_main(["-list"], str(tmp_path / "a.db"), capsys, JWT_SECRET_FILE=str(secret))
+    assert code == 2 and err.startswith("forward_auth: JWT_SECRET_FILE: ") and err.count("\n") == 1
+
+
+def test_the_systemd_unit_verifies_and_is_hardened(tmp_path):
+    unit = read("forward-auth.service")
+    for line in ("StateDirectory=forward-auth", "Environment=DB_PATH=/var/lib/forward-auth/auth.db",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
+                 "CapabilityBoundingSet=", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+                 "ExecStart=/opt/forward-auth/venv/bin/forward-auth", "User=forward-auth"):
+        assert line in unit.splitlines(), line
+    readme = read("README.md")
+    assert "useradd --system --home /var/lib/forward-auth" in readme and "/opt/forward-auth/venv" in readme
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed: apt-get install -y systemd")
+    root = tmp_path / "root"
+    (root / "etc/systemd/system").mkdir(parents=True)
+    (root / "opt/forward-auth/venv/bin").mkdir(parents=True)
+    entry = root / "opt/forward-auth/venv/bin/forward-auth"
+    entry.write_text("#!/bin/sh\n")
+    entry.chmod(0o755)
+    target = root / "etc/systemd/system/forward-auth.service"
+    target.write_text(unit)
+    verify = subprocess.run([analyze, "verify", f"--root={root}", str(target)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    problems = [line for line in (verify.stdout + verify.stderr).splitlines()
+                if "forward-auth.service" in line and "Documentation" not in line]
+    assert verify.returncode == 0 and problems == [], verify.stdout + verify.stderr
+    security = subprocess.run([analyze, "security", "--offline=yes", f"--root={root}", str(target)],
+                              capture_output=True, text=True, timeout=60, check=False)
+    match = re.search(r"Overall exposure level for forward-auth\.service: ([\d.]+)", security.stdout)
+    assert match, security.stdout + security.stderr
+    assert float(match.group(1)) <= 2.5, security.stdout  # "OK" is below 5; we aim far lower
+
+
+def dockerfile_env():
+    env = {}
+    for line in read("Dockerfile").splitlines():
+        for key, value in re.findall(r"(?:ENV\s+|^\s+)([A-Z_]+)=(\S+)", line):
+            env[key] = value
+    return env
+
+
+def test_the_container_image_runs_read_only_as_its_entry_command_says(tmp_path):
+    dockerfile = read("Dockerfile")
+    assert "USER 1000:1000" in dockerfile and "VOLUME /data" in dockerfile
+    env = dockerfile_env()
+    assert env["DB_PATH"] == "/data/auth.db" and env["HOST"] == "0.0.0.0"
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))
+    health = json.loads(re.search(r"^\s+CMD (\[.*\])$", dockerfile, re.M).group(1))
+    # The image's layout: code in a read-only /app, state in /data (writable), nothing else.
+    app_dir, data_dir = tmp_path / "app", tmp_path / "data"
+    app_dir.mkdir()
+    data_dir.mkdir()
+    shutil.copy(os.path.join(HERE, "forward_auth.py"), app_dir)
+    app_dir.chmod(0o555)
+    port = free_port()
+    run_env = dict(os.environ, **env, DB_PATH=str(data_dir / "auth.db"), HOST="127.0.0.1", PORT=str(port),
+                   PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable if part == "python" else part for part in entry]
+    command = [str(app_dir / "forward_auth.py") if part == "/app/forward_auth.py" else part for part in command]
+    process = subprocess.Popen(command, cwd=app_dir, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            probe = subprocess.run([sys.executable if p == "python" else p for p in health], env=run_env,
+                                   capture_output=True, timeout=10, check=False)
+            if probe.returncode == 0:
+                break
+            assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+            time.sleep(0.05)  # waiting for the process to listen
+        assert stat.S_IMODE(os.stat(data_dir / "auth.db").st_mode) == 0o600
+        assert sorted(os.listdir(app_dir)) == ["forward_auth.py"]
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=10)
+        app_dir.chmod(0o755)
+    assert process.returncode == 0 and "Traceback" not in err
+    assert "Secret: " in out  # first start enrols a user on stdout
+
+
+def test_compose_file_is_hardened():
+    compose = read("compose.yaml")
+    for needle in ("read_only: true", "no-new-privileges:true", "- ALL", "tmpfs:", "- /tmp", "./data:/data"):
+        assert needle in compose, needle
+
+
+TRAEFIK_HEADERS = {  # what Traefik's forwardAuth sends, with trustForwardHeader
+    "X-Forwarded-Method": "GET",
+    "X-Forwarded-Proto": "https",
+    "X-Forwarded-Host": "app.example.com",
+    "X-Forwarded-Uri": "/dashboard?tab=1",
+    "X-Forwarded-For": "198.51.100.23",
+    "X-Forwarded-Port": "443",
+    "X-Forwarded-Server": "traefik-1",
+    "X-Real-Ip": "6.6.6.6",
+    "Accept": "text/html,application/xhtml+xml",
+}
+
+
+def test_traefik_headers_give_the_login_redirect(served):
+    r = served.request("GET", "/verify", headers=TRAEFIK_HEADERS)
+    assert r.status == 302
+    assert r.header("Location") == "/login?next=" + urllib.parse.quote("https://app.example.com/dashboard?tab=1", safe="")
+
+
+def test_traefik_headers_with_a_session_give_remote_user(served, logged_in):
+    r = served.request("GET", "/verify", headers=dict(TRAEFIK_HEADERS, Cookie=logged_in))
+    assert (r.status, r.header("Remote-User")) == (200, "alice")
+
+
+def test_traefik_example_points_at_verify():
+    text = read("traefik.example.yml")
+    assert 'address: "http://127.0.0.1:3000/verify"' in text and "trustForwardHeader: true" in text
+    assert "- Remote-User" in text
+
+
+def test_pip_installs_a_forward_auth_command_that_is_main(tmp_path):
+    wheel_dir = tmp_path / "wheel"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), HERE],
+                           capture_output=True, text=True, timeout=300, check=False)
+    if build.returncode != 0 and "No matching distribution" in build.stderr:
+        pytest.skip("setuptools cannot be fetched for the build")
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheel_dir.glob("forward_auth-*.whl")
+    assert wheel.name.startswith(f"forward_auth-{fa.__version__}-")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+        assert "forward_auth.py" in names
+    assert "forward-auth = forward_auth:main" in entry_points
+
+
+def test_metrics_parse_with_the_prometheus_parser(app, logged_in):
+    parser = pytest.importorskip("prometheus_client.parser")
+    call(app, "GET", "/verify", headers={"Cookie": logged_in})
+    families = {f.name: f for f in parser.text_string_to_metric_families(call(app, "GET", "/metrics").text)}
+    assert families["forward_auth_verify"].type == "counter"
+    assert families["forward_auth_logins"].type == "counter"
+    assert families["forward_auth_rate_limited"].type == "counter"
+    assert families["forward_auth_users"].type == "gauge"
+    assert families["forward_auth_verify_duration_seconds"].type == "histogram"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("forward_auth_verify_total", (("result", "allow"),))] == 1
+    assert samples[("forward_auth_logins_total", (("result", "success"),))] == 1
