@@ -1700,6 +1700,8 @@ def test_the_systemd_unit_verifies_and_is_hardened(tmp_path):
         pytest.skip("systemd-analyze is not installed: apt-get install -y systemd")
     root = tmp_path / "root"
     (root / "etc/systemd/system").mkdir(parents=True)
+    system_units = "/usr/lib/systemd/system" if os.path.isdir("/usr/lib/systemd/system") else "/lib/systemd/system"
+    shutil.copytree(system_units, root / "usr/lib/systemd/system", symlinks=True)
     (root / "opt/forward-auth/venv/bin").mkdir(parents=True)
     entry = root / "opt/forward-auth/venv/bin/forward-auth"
     entry.write_text("#!/bin/sh\n")
@@ -1740,8 +1742,8 @@ def test_the_container_image_runs_read_only_as_its_entry_command_says(tmp_path):
     shutil.copy(os.path.join(HERE, "forward_auth.py"), app_dir)
     app_dir.chmod(0o555)
     port = free_port()
-    run_env = dict(os.environ, **env, DB_PATH=str(data_dir / "auth.db"), HOST="127.0.0.1", PORT=str(port),
-                   PYTHONDONTWRITEBYTECODE="1")
+    run_env = {**os.environ, **env}
+    run_env.update(DB_PATH=str(data_dir / "auth.db"), HOST="127.0.0.1", PORT=str(port), PYTHONDONTWRITEBYTECODE="1")
     command = [sys.executable if part == "python" else part for part in entry]
     command = [str(app_dir / "forward_auth.py") if part == "/app/forward_auth.py" else part for part in command]
     process = subprocess.Popen(command, cwd=app_dir, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
