@@ -569,10 +569,11 @@ def enrolment_uri(seed, name, app_name):
 
 
 class _Bucket:
-    __slots__ = ("failures", "last_trip", "locked_until", "lockout")
+    __slots__ = ("failures", "in_flight", "last_trip", "locked_until", "lockout")
 
     def __init__(self):
-        self.failures = collections.deque()
+        self.failures = collections.deque()  # times of failures within the window
+        self.in_flight = 0  # attempts let through and not yet decided
         self.locked_until = 0.0
         self.lockout = 0
         self.last_trip = None
@@ -584,8 +585,9 @@ class RateLimiter:
     A key (or the ceiling) that reaches its limit within `window` seconds trips:
     it is locked for one window, doubled for each trip within 24 h of the last,
     up to 24 h. Clients with a device cookie are counted per device only; all
-    others also share the global ceiling. At most `max_keys` keys are kept
-    (least recently failed first out), so memory stays bounded.
+    others also share the global ceiling. Attempts in flight count toward the
+    limit, so parallel guesses cannot slip past it. At most `max_keys` keys
+    are kept (least recently used first out), so memory stays bounded.
     """
 
     def __init__(self, max_attempts, window, global_max, *, max_keys=10_000, clock=time.time):
@@ -598,50 +600,83 @@ class RateLimiter:
         self._global = _Bucket()
         self._lock = threading.Lock()
 
+    def acquire(self, key, device=False):
+        """Start an attempt: 0 if it may go ahead (then release() it), else seconds to wait."""
+        now = self.clock()
+        with self._lock:
+            buckets = self._buckets_for(key, device)
+            wait = max(self._wait(bucket, limit, now) for bucket, limit in buckets)
+            if wait == 0:
+                for bucket, _ in buckets:
+                    bucket.in_flight += 1
+            return wait
+
+    def release(self, key, device=False, outcome="failure"):
+        """End an acquired attempt: "failure" counts, "success" resets its device or IP, "undecided" neither."""
+        now = self.clock()
+        with self._lock:
+            for bucket, limit in self._buckets_for(key, device):
+                bucket.in_flight = max(0, bucket.in_flight - 1)
+                if outcome == "failure":
+                    self._count(bucket, limit, now)
+            if outcome == "success":
+                self._buckets.pop(key, None)
+
     def retry_after(self, key, device=False):
         """Seconds until `key` may try again; 0 when it may try now."""
         now = self.clock()
         with self._lock:
-            bucket = self._buckets.get(key)
-            until = bucket.locked_until if bucket else 0.0
-            if not device:
-                until = max(until, self._global.locked_until)
-        return max(0, math.ceil(until - now))
+            return max(self._wait(bucket, limit, now) for bucket, limit in self._buckets_for(key, device))
 
     def failure(self, key, device=False):
+        """Count a failure that was not acquired."""
         now = self.clock()
         with self._lock:
-            bucket = self._buckets.pop(key, None) or _Bucket()
-            self._buckets[key] = bucket  # most recent last
-            self._count(bucket, self.max_attempts, now)
-            if not device:
-                self._count(self._global, self.global_max, now)
-            while len(self._buckets) > self.max_keys:
-                self._buckets.popitem(last=False)
+            for bucket, limit in self._buckets_for(key, device):
+                self._count(bucket, limit, now)
 
     def reset(self, key):
         with self._lock:
             self._buckets.pop(key, None)
 
-    def global_locked(self):
-        return self._global.locked_until > self.clock()
-
     def __len__(self):
         return len(self._buckets)
 
-    def _count(self, bucket, limit, now):
+    def _buckets_for(self, key, device):
+        bucket = self._buckets.pop(key, None) or _Bucket()
+        self._buckets[key] = bucket  # most recently used last
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        pairs = [(bucket, self.max_attempts)]
+        if not device:
+            pairs.append((self._global, self.global_max))
+        return pairs
+
+    def _wait(self, bucket, limit, now):
+        if bucket.locked_until > now:
+            # Never longer than the lockout itself, so a clock set back cannot stretch it.
+            return math.ceil(min(bucket.locked_until - now, bucket.lockout))
+        self._forget_old(bucket, now)
+        if len(bucket.failures) + bucket.in_flight >= limit:
+            return 1  # the attempts in flight may reach the limit: ask again in a second
+        return 0
+
+    def _forget_old(self, bucket, now):
         failures = bucket.failures
         while failures and failures[0] <= now - self.window:
             failures.popleft()
-        failures.append(now)
-        if len(failures) >= limit:
+
+    def _count(self, bucket, limit, now):
+        self._forget_old(bucket, now)
+        bucket.failures.append(now)
+        if len(bucket.failures) >= limit:
             # "Within 24 h of the last" counts from the end of the last lockout,
             # so a guesser who resumes as soon as a 24 h lockout ends stays at 24 h.
             recent = bucket.last_trip is not None and now - bucket.locked_until < MAX_LOCKOUT_SECONDS
             bucket.lockout = min(bucket.lockout * 2, MAX_LOCKOUT_SECONDS) if recent else self.window
             bucket.locked_until = now + bucket.lockout
             bucket.last_trip = now
-            failures.clear()
+            bucket.failures.clear()
 
 
 # --- Request helpers --------------------------------------------------------
@@ -1100,8 +1135,8 @@ class App:
         /verify calls this at most every REFRESH_SECONDS: one PRAGMA, no table
         read unless something changed, and never a wait for another thread.
         """
-        if not force and now < self._next_refresh:
-            return
+        if not force and self._next_refresh - REFRESH_SECONDS <= now < self._next_refresh:
+            return  # checked recently (a clock set back counts as due)
         if not self._refresh_lock.acquire(blocking=force):
             return  # another thread is already looking
         try:
@@ -1225,29 +1260,40 @@ class App:
         ip = client_ip(environ, self.trust)
         device = self._device(environ)
         key = f"device:{device}" if device else limiter_key_for_ip(ip)
-        wait = self.limiter.retry_after(key, device=bool(device))
+        wait = self.limiter.acquire(key, device=bool(device))
         if wait:
             self.metrics.count_login("limited")
             self._log_login("limited", None, ip)
             message = f"Too many attempts. Try again in {plural_minutes(wait)}."
             return self.form_response(environ, 429, next_value, message, [("Retry-After", str(wait))], True)
-        now = self.clock()
-        users = self.store.users()
-        found = match_code(form.get("otp", ""), users, now)
-        if found is None or not self.store.accept_step(found[0].name, found[1], now):
-            result = "failure" if found is None else "replay"
-            self.limiter.failure(key, device=bool(device))
-            self.metrics.count_login(result)
-            self._log_login(result, found[0].name if found else None, ip)
+        outcome = "undecided"
+        try:
+            now = self.clock()
+            user, result = self._check_code(form.get("otp", ""), now)
+            outcome = "success" if result == "success" else "failure"
+        except sqlite3.Error as error:
+            log.warning("login unavailable: database error: %s", error)
+            message = "Signing in is unavailable for a moment. Please try again."
+            return self.form_response(environ, 503, next_value, message, [("Retry-After", "5")])
+        finally:
+            self.limiter.release(key, device=bool(device), outcome=outcome)
+        self.metrics.count_login(result)
+        self._log_login(result, user, ip)
+        if result != "success":
             return self.form_response(environ, 401, next_value, "Wrong code. Try again.")
-        user = found[0]
-        self.limiter.reset(key)
-        self.metrics.count_login("success")
-        self._log_login("success", user.name, ip)
         self.refresh(now, force=True)  # the user may be new to this process's cache
-        return 302, self._login_cookies(user.name, now) + [
-            ("Location", self.safe_next(environ, next_value))
-        ], b""
+        location = self.safe_next(environ, next_value)
+        return 302, [*self._login_cookies(user, now), ("Location", location)], b""
+
+    def _check_code(self, code, now):
+        """(user name or None, "success" | "failure" | "replay"); a success's step is stored first."""
+        found = match_code(code, self.store.users(), now)
+        if found is None:
+            return None, "failure"
+        user, step = found
+        if not self.store.accept_step(user.name, step, now):  # RFC 6238 §5.2: one use per code
+            return user.name, "replay"
+        return user.name, "success"
 
     def _read_form(self, environ):
         try:

@@ -1622,7 +1622,7 @@ def test_backup_while_serving_logins_restores_and_serves(tmp_path, store, clock,
     logins = []
 
     def log_in_everyone():
-        for name, seed in seeds.items():
+        for seed in seeds.values():
             if stop.is_set():
                 return
             page = server.request("GET", "/login")
@@ -1733,8 +1733,8 @@ def test_the_container_image_runs_read_only_as_its_entry_command_says(tmp_path):
     assert "USER 1000:1000" in dockerfile and "VOLUME /data" in dockerfile
     env = dockerfile_env()
     assert env["DB_PATH"] == "/data/auth.db" and env["HOST"] == "0.0.0.0"
-    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))
-    health = json.loads(re.search(r"^\s+CMD (\[.*\])$", dockerfile, re.M).group(1))
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.MULTILINE).group(1))
+    health = json.loads(re.search(r"^\s+CMD (\[.*\])$", dockerfile, re.MULTILINE).group(1))
     # The image's layout: code in a read-only /app, state in /data (writable), nothing else.
     app_dir, data_dir = tmp_path / "app", tmp_path / "data"
     app_dir.mkdir()
