@@ -1833,3 +1833,318 @@ def test_metrics_parse_with_the_prometheus_parser(app, logged_in):
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("forward_auth_verify_total", (("result", "allow"),))] == 1
     assert samples[("forward_auth_logins_total", (("result", "success"),))] == 1
+
+
+# --- Load, faults and hostile input -----------------------------------------
+
+
+def wrong_code_for(*seeds, now=NOW):
+    codes = {code_at(seed, now, offset) for seed in seeds for offset in (-1, 0, 1)}
+    return next(c for c in ("000000", "111111", "222222", "333333") if c not in codes)
+
+
+def form_login(server, app, code, xff=None, csrf=None, cookie_extra=""):
+    """POST /login through a real server; `csrf` is (cookie, token) from an earlier GET."""
+    if csrf is None:
+        page = server.request("GET", "/login")
+        csrf = (f"{app.csrf_cookie}={page.cookie_value(app.csrf_cookie)}",
+                re.search(r'name="csrf" value="([^"]+)"', page.text).group(1))
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": csrf[0] + cookie_extra}
+    if xff:
+        headers["X-Forwarded-For"] = xff
+    return server.request("POST", "/login", body=urllib.parse.urlencode({"otp": code, "csrf": csrf[1]}),
+                          headers=headers)
+
+
+def parallel(function, arguments, workers=32):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(function, arguments))
+
+
+def test_200_parallel_guesses_from_many_addresses_stop_at_the_global_ceiling(store, alice, clock):
+    app = fa.make_app(settings(), store=store, clock=clock)
+    server = Server(app, threads=16)
+    try:
+        page = server.request("GET", "/login")
+        csrf = (f"{app.csrf_cookie}={page.cookie_value(app.csrf_cookie)}",
+                re.search(r'name="csrf" value="([^"]+)"', page.text).group(1))
+        wrong = wrong_code_for(alice, now=clock())
+        statuses = parallel(lambda i: form_login(server, app, wrong, f"198.51.{i // 250}.{i % 250}", csrf).status,
+                            range(200))
+        assert statuses.count(401) == 30 and statuses.count(429) == 170
+        assert form_login(server, app, code_at(alice, clock()), "203.0.113.1", csrf).status == 429
+        clock.advance(900)  # one window: the first trip locks for one window
+        r = form_login(server, app, code_at(alice, clock()), "203.0.113.2", csrf)
+        assert r.status == 302
+    finally:
+        server.stop()
+
+
+def test_parallel_guesses_from_one_address_stop_at_the_per_ip_limit(store, alice, clock):
+    app = fa.make_app(settings(global_max_failures=1000), store=store, clock=clock)
+    server = Server(app, threads=16)
+    try:
+        page = server.request("GET", "/login")
+        csrf = (f"{app.csrf_cookie}={page.cookie_value(app.csrf_cookie)}",
+                re.search(r'name="csrf" value="([^"]+)"', page.text).group(1))
+        wrong = wrong_code_for(alice, now=clock())
+        statuses = parallel(lambda i: form_login(server, app, wrong, "198.51.100.7", csrf).status, range(50))
+        assert statuses.count(401) == 5 and statuses.count(429) == 45
+        assert form_login(server, app, wrong, "198.51.100.8", csrf).status == 401  # another address is free
+    finally:
+        server.stop()
+
+
+def address(i):
+    return f"{10 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}.1"
+
+
+def test_the_limiter_stays_bounded_under_a_million_addresses(clock):
+    rl = limiter(clock)
+    for i in range(1_000_000):
+        rl.failure(address(i))
+    assert len(rl) == 10_000
+
+
+def test_the_limiter_weighs_a_few_megabytes_at_its_bound(clock):
+    import tracemalloc
+
+    tracemalloc.start()
+    rl = limiter(clock)
+    for i in range(30_000):  # three times the bound: eviction has run
+        rl.failure(address(i))
+    current, _peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(rl) == 10_000
+    assert current < 4 * 1024 * 1024, current  # measured: 3.2 MB for 10,000 remembered addresses
+
+
+def test_16_clients_log_in_and_verify_while_the_cli_adds_and_revokes_users(tmp_path, db_path, store, clock):
+    seeds = {f"c{i}": add_user(store, f"c{i}") for i in range(16)}
+    app = fa.make_app(settings(max_login_attempts=10**6, global_max_failures=10**6), store=store, clock=clock)
+    server = Server(app, threads=16)
+    clock_lock = threading.Lock()
+    stop = threading.Event()
+    problems, accepted = [], []
+    script = os.path.join(HERE, "forward_auth.py")
+    environ = dict(os.environ, DB_PATH=db_path)
+
+    def ticker():  # time moves one TOTP step every 100 ms
+        while not stop.wait(0.1):
+            with clock_lock:
+                clock.advance(fa.STEP)
+
+    def client(name):
+        seed, _last_step, cookie = seeds[name], None, None
+        while not stop.is_set():
+            now = clock()
+            step, code = fa.step_at(now), code_at(seed, now)
+            r = form_login(server, app, code, xff=f"10.1.0.{int(name[1:])}")
+            if r.status == 302:
+                accepted.append((name, code, step))
+                cookie = session_cookie(app, r)
+            elif r.status != 401:  # a replay, or a code the ticker made stale in flight
+                problems.append((name, r.status))
+            if cookie:
+                v = server.request("GET", "/verify", headers={"Cookie": cookie})
+                if v.status != 200 or v.header("Remote-User") != name:
+                    problems.append((name, "verify", v.status))
+
+    threads = [threading.Thread(target=ticker)] + [threading.Thread(target=client, args=(n,)) for n in seeds]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 6
+        rounds = 0
+        while time.monotonic() < deadline:
+            rounds += 1
+            name = f"temp{rounds}"
+            added = subprocess.run([sys.executable, script, "-generate", name], env=environ, capture_output=True,
+                                   text=True, timeout=20, check=False)
+            assert added.returncode == 0, added.stderr
+            seed = re.search(r"^Secret: (\S+)$", added.stdout, re.MULTILINE).group(1)
+            with clock_lock:
+                r = form_login(server, app, code_at(seed, clock()), xff="10.2.0.1")
+            assert r.status == 302, r.status  # every added user can log in at once
+            cookie = session_cookie(app, r)
+            revoked = subprocess.run([sys.executable, script, "-revoke", name], env=environ, capture_output=True,
+                                     text=True, timeout=20, check=False)
+            assert revoked.returncode == 0, revoked.stderr
+            revoked_at = time.monotonic()
+            while server.request("GET", "/verify", headers={"Cookie": cookie}).status == 200:
+                assert time.monotonic() - revoked_at < 1.0, "a revocation took more than a second"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        server.stop()
+    assert problems == []
+    assert rounds >= 3 and len(accepted) >= 16
+    assert len({(name, step) for name, _code, step in accepted}) == len(accepted)  # no code accepted twice
+
+
+def test_a_replay_is_refused_after_sigkill_in_a_burst_of_logins_and_cli_writes(tmp_path):
+    db = str(tmp_path / "auth.db")
+    store = fa.Store(db)
+    seeds = {f"k{i}": fa.new_seed() for i in range(90)}
+    for name, seed in seeds.items():
+        store.add_user(name, seed, time.time() - 60)
+    store.close()
+    script = os.path.join(HERE, "forward_auth.py")
+    names = iter(seeds)
+    generated, accepted = [], []
+    for iteration in range(30):
+        process, port, environ = start_process(tmp_path, MAX_LOGIN_ATTEMPTS="1000", GLOBAL_MAX_FAILURES="100000")
+        writer = subprocess.Popen([sys.executable, script, "-generate", f"g{iteration}"], env=environ,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name in (next(names), next(names), next(names)):
+            code = code_at(seeds[name], time.time())
+            try:
+                page = http_get(port, "/login")
+                cookie = f"auth_token_csrf={page.cookie_value('auth_token_csrf')}"
+                token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("POST", "/login", body=urllib.parse.urlencode({"otp": code, "csrf": token}),
+                             headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie})
+                if conn.getresponse().status == 302:
+                    accepted.append((name, code))
+                conn.close()
+            except OSError:
+                pass
+        process.kill()  # SIGKILL, right after the burst, while the CLI may still write
+        process.wait()
+        if writer.wait(20) == 0:
+            generated.append(f"g{iteration}")
+        check = sqlite3.connect(db)
+        assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        names_now = {row[0] for row in check.execute("SELECT name FROM users")}
+        check.close()
+        assert set(generated) <= names_now
+    assert len(accepted) >= 60
+    # After all those crashes, every accepted code is refused: its step was stored before the cookie.
+    process, port, _ = start_process(tmp_path)
+    try:
+        page = http_get(port, "/login")
+        cookie = f"auth_token_csrf={page.cookie_value('auth_token_csrf')}"
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        for name, code in accepted[-5:]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("POST", "/login", body=urllib.parse.urlencode({"otp": code, "csrf": token}),
+                         headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie})
+            assert conn.getresponse().status == 401, name
+            conn.close()
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    store = fa.Store(db)
+    assert all(u.last_step > 0 for u in store.users() if u.name in dict(accepted))
+    store.close()
+
+
+class FailingConnection:
+    """A sqlite3 connection whose every statement fails, as on a full or read-only disk."""
+
+    def __init__(self, message="disk I/O error"):
+        self.message = message
+
+    def execute(self, *args):
+        raise sqlite3.OperationalError(self.message)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("message", ["database is locked", "disk I/O error", "attempt to write a readonly database"])
+def test_database_failures_keep_sessions_and_answer_503_then_recover(app, alice, logged_in, store, clock, caplog,
+                                                                     message):
+    real_conn, real_watch = store._conn, store._watch
+    store._conn, store._watch = FailingConnection(message), FailingConnection(message)
+    try:
+        clock.advance(1)
+        assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 200
+        assert call(app, "GET", "/health").status == 503
+        r = login(app, code_at(alice, clock()))
+        assert r.status == 503 and "unavailable" in r.text and r.header("Retry-After") == "5"
+        assert "auth_token" not in r.cookies()
+    finally:
+        store._conn, store._watch = real_conn, real_watch
+    assert call(app, "GET", "/health").status == 200
+    clock.advance(fa.STEP)
+    assert login(app, code_at(alice, clock())).status == 302
+    assert "Traceback" not in caplog.text
+
+
+def test_a_lock_held_by_another_process_delays_a_login_but_not_verify(app, alice, logged_in, db_path, clock):
+    holder = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(1.0, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        started = time.monotonic()
+        assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 200
+        assert time.monotonic() - started < 0.5
+        assert call(app, "GET", "/health").status == 200  # WAL readers are not blocked
+        clock.advance(fa.STEP)
+        assert login(app, code_at(alice, clock())).status == 302  # waits for the lock, then succeeds
+    finally:
+        release.join()
+        holder.close()
+
+
+def test_a_deleted_database_file_keeps_sessions_and_health_says_503(app, logged_in, db_path, clock):
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db_path + suffix):
+            os.remove(db_path + suffix)
+    clock.advance(1)
+    assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 200
+    assert call(app, "GET", "/health").status == 503
+
+
+def test_idle_and_slow_clients_do_not_stop_verify(served, logged_in):
+    sockets = []
+    try:
+        for i in range(300):
+            s = socket.create_connection(("127.0.0.1", served.port), timeout=5)
+            if i % 3 == 0:  # slowloris: a request line and half a header, never finished
+                s.sendall(b"GET /verify HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            sockets.append(s)
+        started = time.monotonic()
+        for _ in range(20):
+            r = served.request("GET", "/verify", headers={"Cookie": logged_in})
+            assert r.status == 200
+        assert time.monotonic() - started < 2.0
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_a_clock_set_back_accepts_no_old_code_and_locks_nobody_out(app, alice, logged_in, db_path, clock):
+    used = code_at(alice, clock() - fa.STEP)  # the code of the step before the login
+    clock.advance(-3600)
+    old = code_at(alice, clock())  # valid for the new "now", an hour before the last login
+    for code in (used, old):
+        assert login(app, code).status == 401
+    assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 200  # sessions hold
+    cli = fa.Store(db_path)
+    cli.delete_user("alice")
+    cli.close()
+    clock.advance(fa.REFRESH_SECONDS)  # a jump back does not postpone the next look by an hour
+    assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 302
+
+
+def test_a_clock_set_back_does_not_stretch_a_lockout(clock):
+    rl = limiter(clock, max_attempts=1, window=900)
+    rl.failure("ip")
+    clock.advance(-86400)
+    assert rl.retry_after("ip") == 900
+
+
+def test_a_clock_that_jumps_forward_and_back_still_lets_people_in(app, alice, clock):
+    clock.advance(86400)
+    assert login(app, code_at(alice, clock())).status == 302  # the code of the (new) now
+    clock.advance(-86400 + fa.STEP)
+    # The future step is now stored: until real time passes it, codes are replays.
+    # That only happens when someone held a code of the future; the phones did not.
+    assert login(app, code_at(alice, clock())).status == 401
