@@ -333,9 +333,9 @@ def test_a_client_sent_remote_user_never_reaches_the_upstream(proxy):
     assert page.seen["remote_user"] == ["bob"]
 
 
+# nginx turns every 401 into the login redirect by design (error_page 401 =302): Caddy only.
+@pytest.mark.parametrize("proxy", ["caddy"], indirect=True)
 def test_a_non_browser_client_gets_401_through_caddy(proxy):
-    if proxy.kind != "caddy":
-        pytest.skip("nginx turns every 401 into the login redirect by design (error_page 401 =302)")
     r = proxy.request("GET", "app.localhost", "/api/items", headers={"Accept": "application/json"})
     assert r.status == 401 and r.header("Location") is None
     r = proxy.request("POST", "app.localhost", "/api/items", headers={"Accept": "text/html"}, body=b"{}")
@@ -438,9 +438,8 @@ def test_a_wrong_code_shows_a_message_in_chromium(proxy, browser):
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 @pytest.mark.parametrize("width, height", [(1280, 800), (390, 844)])
+@pytest.mark.parametrize("proxy", ["caddy"], indirect=True)  # one set of screenshots is enough
 def test_login_page_screenshots(proxy, browser, scheme, width, height):
-    if proxy.kind != "caddy":
-        pytest.skip("one set of screenshots is enough")
     context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=scheme)
     page = context.new_page()
     problems = []

@@ -1981,6 +1981,7 @@ def test_16_clients_log_in_and_verify_while_the_cli_adds_and_revokes_users(tmp_p
             t.join(10)
         server.stop()
     assert problems == []
+    print(f"\n{rounds} CLI rounds, {len(accepted)} logins accepted")
     assert rounds >= 3 and len(accepted) >= 16
     assert len({(name, step) for name, _code, step in accepted}) == len(accepted)  # no code accepted twice
 
