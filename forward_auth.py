@@ -1250,6 +1250,7 @@ class App:
         next_value = form.get("next", query.get("next", query.get("redirect_uri", "")))
         if self._cross_site(environ):
             self.metrics.count_login("csrf")
+            self._log_login("cross-site", None, client_ip(environ, self.trust))
             raise HTTPError(403, b"Cross-site login refused\n")
         nonce = parse_cookies(environ.get("HTTP_COOKIE", "")).get(self.csrf_cookie, "")
         given = form.get("csrf", "").encode("utf-8")  # bytes: compare_digest refuses non-ASCII str
@@ -1425,6 +1426,9 @@ class _UsageError(Exception):
     pass
 
 
+NEXT_FREE_NAME = object()  # -generate without a NAME: user, user2, ...
+
+
 def build_parser():
     parser = _Parser(
         prog="forward_auth.py",
@@ -1432,7 +1436,9 @@ def build_parser():
         epilog="Without a command it serves. Settings come from environment variables (see README).",
     )
     commands = parser.add_mutually_exclusive_group()
-    commands.add_argument("-generate", "--generate", nargs="?", const="", metavar="NAME", help="add a user and print its enrolment")
+    commands.add_argument(
+        "-generate", "--generate", nargs="?", const=NEXT_FREE_NAME, metavar="NAME", help="add a user and print its enrolment"
+    )
     commands.add_argument("-list", "--list", action="store_true", help="list users")
     commands.add_argument("-revoke", "--revoke", metavar="NAME", help="delete a user and end their sessions")
     commands.add_argument("-backup", "--backup", metavar="FILE", help="write an online backup of the database")
@@ -1459,10 +1465,11 @@ def next_free_name(store):
     return next(f"user{n}" for n in range(2, len(taken) + 3) if f"user{n}" not in taken)
 
 
-def cmd_generate(store, settings, name, clock=time.time):
-    if name and not USER_NAME.fullmatch(name):
+def cmd_generate(store, settings, name=NEXT_FREE_NAME, clock=time.time):
+    if name is NEXT_FREE_NAME:
+        name = next_free_name(store)
+    elif not USER_NAME.fullmatch(name):
         raise _UsageError(f"invalid user name {name!r}: use 1-64 of A-Z a-z 0-9 . _ @ -")
-    name = name or next_free_name(store)
     seed = new_seed()
     if not store.add_user(name, seed, clock()):
         raise RuntimeError(f"user {name!r} already exists")
@@ -1549,7 +1556,7 @@ def create_server(app, settings, **overrides):
 def serve(settings, store):
     configure_logging(settings)
     if not store.users():
-        cmd_generate(store, settings, "")
+        cmd_generate(store, settings)
     app = make_app(settings, store=store)
     server = create_server(app, settings)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -292,7 +292,9 @@ def test_trust_proxy_values(value, expected):
 
 
 def test_database_is_created_private_and_in_wal_mode(db_path, store):
-    assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
+    store.add_user("alice", fa.new_seed(), NOW)  # a write, so the -wal and -shm files exist
+    for suffix in ("", "-wal", "-shm"):
+        assert stat.S_IMODE(os.stat(db_path + suffix).st_mode) == 0o600, suffix
     conn = sqlite3.connect(db_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == fa.SCHEMA_VERSION
@@ -1373,7 +1375,7 @@ def test_generate_refuses_an_existing_name(db_path, capsys):
     assert code == 1 and out == "" and err.count("\n") == 1 and "exists" in err
 
 
-@pytest.mark.parametrize("name", ["a b", "x" * 65, "alice/..", "émile", "a;b"])
+@pytest.mark.parametrize("name", ["a b", "x" * 65, "alice/..", "émile", "a;b", "", "a\nb"])
 def test_generate_refuses_a_bad_name_as_a_usage_error(db_path, capsys, name):
     code, out, err = run_main(["-generate", name], db_path, capsys)
     assert code == 2 and out == "" and err.count("\n") == 1
