@@ -1184,10 +1184,9 @@ class App:
     def verify(self, environ):
         """Caddy/Traefik: 200 + Remote-User, a 302 to the login page for a browser, else 401."""
         started = time.perf_counter()
-        claims = self.session(environ)
-        if claims is not None:
-            self.metrics.observe_verify("allow", time.perf_counter() - started)
-            return 200, [("Remote-User", claims["sub"])], b""
+        allowed = self._allow(environ, started)
+        if allowed:
+            return allowed
         trusted = environ.get("REMOTE_ADDR", "") in self.trust
         method = (environ.get("HTTP_X_FORWARDED_METHOD") if trusted else None) or environ.get("REQUEST_METHOD")
         if not wants_html(environ, method.upper()):
@@ -1200,10 +1199,9 @@ class App:
     def auth(self, environ):
         """nginx auth_request: 200 + Remote-User, else 401 with the absolute login URL in Location."""
         started = time.perf_counter()
-        claims = self.session(environ)
-        if claims is not None:
-            self.metrics.observe_verify("allow", time.perf_counter() - started)
-            return 200, [("Remote-User", claims["sub"])], b""
+        allowed = self._allow(environ, started)
+        if allowed:
+            return allowed
         original = original_url(environ, self.trust)
         location = self.login_location(original)
         if location.startswith("/"):
@@ -1216,6 +1214,14 @@ class App:
             location = base + location
         self.metrics.observe_verify("deny", time.perf_counter() - started)
         return 401, [("Location", location)], b"Unauthorized\n"
+
+    def _allow(self, environ, started):
+        """200 with Remote-User (always set, so a client's copy never passes) for a valid session, else None."""
+        claims = self.session(environ)
+        if claims is None:
+            return None
+        self.metrics.observe_verify("allow", time.perf_counter() - started)
+        return 200, [("Remote-User", claims["sub"])], b""
 
     def login_location(self, original):
         if original is None:

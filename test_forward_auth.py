@@ -1627,13 +1627,7 @@ def test_backup_while_serving_logins_restores_and_serves(tmp_path, store, clock,
         for seed in seeds.values():
             if stop.is_set():
                 return
-            page = server.request("GET", "/login")
-            nonce = page.cookie_value(app.csrf_cookie)
-            token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
-            body = urllib.parse.urlencode({"otp": code_at(seed, clock()), "csrf": token})
-            r = server.request("POST", "/login", body=body, headers={
-                "Content-Type": "application/x-www-form-urlencoded", "Cookie": f"{app.csrf_cookie}={nonce}"})
-            logins.append(r.status)
+            logins.append(form_login(server, app, code_at(seed, clock())).status)
 
     worker = threading.Thread(target=log_in_everyone)
     worker.start()
