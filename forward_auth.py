@@ -59,7 +59,8 @@ MAX_QUERY_FIELDS = 32
 DEVICE_COOKIE_SECONDS = 400 * 86400  # the longest Max-Age browsers keep (RFC 6265bis)
 MAX_LOCKOUT_SECONDS = 86400
 REFRESH_SECONDS = 0.5  # how often /verify looks for changes made by another process
-TOKEN_CACHE_SIZE = 4096
+TOKEN_CACHE_SIZE = 1024  # entries; at most TOKEN_CACHE_KEY_BYTES each, so 4 MB at worst
+TOKEN_CACHE_KEY_BYTES = 4096
 SCHEMA_VERSION = 1
 
 HS256_HEADER = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"  # b64url('{"alg":"HS256","typ":"JWT"}')
@@ -1165,9 +1166,10 @@ class App:
             claims, _reason = verify_token(token, self.session_key, now)
             if claims is None:
                 return None
-            if len(self._tokens) >= TOKEN_CACHE_SIZE:
-                self._tokens.clear()
-            self._tokens[header] = claims
+            if len(header) <= TOKEN_CACHE_KEY_BYTES:  # a valid session padded with junk cookies stays uncached
+                if len(self._tokens) >= TOKEN_CACHE_SIZE:
+                    self._tokens.clear()
+                self._tokens[header] = claims
         # Checked on every request, cached or not: expiry, revocation, the user.
         created = self._users.get(claims["sub"])
         if (
@@ -1386,6 +1388,7 @@ class App:
         if claims is not None:
             self._revoked[claims["jti"]] = claims["exp"]  # this process: at once
             self.store.revoke(claims["jti"], claims["exp"])  # other processes, restarts
+            self.store.purge_revoked(self.clock())  # expired tokens need no revocation
             self.refresh(self.clock(), force=True)  # so a refresh running now cannot drop it
             log.info("logout user=%s ip=%s", claims["sub"], client_ip(environ, self.trust))
         expired = self._cookie(self.settings.cookie_name, "", 0, self.settings.same_site)

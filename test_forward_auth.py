@@ -1086,6 +1086,22 @@ def test_logout_revokes_the_session_and_expires_the_cookie(store, alice, clock):
     assert call(app, "GET", "/verify", headers={"Cookie": cookie}).status == 302
 
 
+def test_expired_revocations_are_purged(app, alice, store, clock):
+    first = session_cookie(app, login(app, code_at(alice, clock())))
+    call(app, "GET", "/logout", headers={"Cookie": first})
+    clock.advance(app.settings.session_ttl + fa.STEP)
+    second = session_cookie(app, login(app, code_at(alice, clock())))
+    call(app, "GET", "/logout", headers={"Cookie": second})
+    assert len(store._query("SELECT jti FROM revoked")) == 1
+
+
+def test_junk_cookies_do_not_grow_the_token_cache(app, logged_in):
+    for i in range(50):
+        header = f"{logged_in}; junk{i}={'x' * 5000}"
+        assert call(app, "GET", "/verify", headers={"Cookie": header}).status == 200
+    assert all(len(key) <= fa.TOKEN_CACHE_KEY_BYTES for key in app._tokens)
+
+
 def test_a_logout_is_seen_by_another_process(store, alice, clock, db_path):
     app = fa.make_app(settings(), store=store, clock=clock)
     cookie = session_cookie(app, login(app, code_at(alice, clock())))
