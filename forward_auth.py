@@ -336,7 +336,10 @@ class Store:
 
     def __init__(self, path):
         self.path = path
-        _create_private_file(path)
+        try:
+            _create_private_file(path)
+        except OSError as error:
+            raise RuntimeError(f"cannot open the database {path}: {error.strerror}") from None
         self._conn = self._connect()
         self._lock = threading.Lock()
         self._migrate()

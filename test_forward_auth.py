@@ -2161,3 +2161,16 @@ def test_a_clock_that_jumps_forward_and_back_still_lets_people_in(app, alice, cl
     # The future step is now stored: until real time passes it, codes are replays.
     # That only happens when someone held a code of the future; the phones did not.
     assert login(app, code_at(alice, clock())).status == 401
+
+
+def test_the_readme_documents_every_setting():
+    readme = read("README.md")
+    for _field, name, _default, _convert in fa.SETTINGS:
+        assert f"`{name}`" in readme, name
+
+
+def test_any_wsgi_server_can_load_forward_auth_app(tmp_path):
+    code = "import forward_auth; app = forward_auth.app; print(type(app).__name__, app.settings.port)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=20,
+                            env=dict(os.environ, DB_PATH=str(tmp_path / "a.db"), PORT="3999"), check=False)
+    assert result.stdout == "App 3999\n", result.stderr
