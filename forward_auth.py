@@ -492,7 +492,7 @@ def verify_token(token, key, now):
     if len(parts) != 3:
         return None, "malformed"
     header, payload, signature = parts
-    if header != HS256_HEADER:  # our one header: no `none`, no other alg, no key hints
+    if header != HS256_HEADER and not _plain_hs256_header(header):
         return None, "algorithm"
     if not B64URL.fullmatch(payload) or not B64URL.fullmatch(signature) or not hmac.compare_digest(
         signature, _signature(f"{header}.{payload}", key)
@@ -507,6 +507,23 @@ def verify_token(token, key, now):
     if claims["exp"] <= now:
         return None, "expired"
     return claims, None
+
+
+def _plain_hs256_header(segment):
+    """A header another HS256 signer may write: alg HS256, typ JWT or absent, nothing else.
+
+    No `none`, no other alg, and no key hints (kid, jku, jwk, x5u, crit) to follow.
+    """
+    try:
+        header = json.loads(_b64decode(segment))
+    except ValueError:
+        return False
+    return (
+        isinstance(header, dict)
+        and header.get("alg") == "HS256"
+        and header.get("typ", "JWT") == "JWT"
+        and set(header) <= {"alg", "typ"}
+    )
 
 
 def _claims_well_formed(claims):

@@ -364,6 +364,12 @@ def _tampered_tokens():
         ("alg none", forge({"alg": "none", "typ": "JWT"}, GOOD, signature=""), "algorithm"),
         ("alg none unsigned", f"{forge({'alg': 'none'}, GOOD).rsplit('.', 1)[0]}.", "algorithm"),
         ("alg HS512", forge({"alg": "HS512", "typ": "JWT"}, GOOD), "algorithm"),
+        ("alg hs256", forge({"alg": "hs256", "typ": "JWT"}, GOOD), "algorithm"),
+        ("kid", forge({"alg": "HS256", "typ": "JWT", "kid": "../../key"}, GOOD), "algorithm"),
+        ("jwk", forge({"alg": "HS256", "jwk": {"k": "x"}}, GOOD), "algorithm"),
+        ("crit", forge({"alg": "HS256", "crit": ["exp"]}, GOOD), "algorithm"),
+        ("typ other", forge({"alg": "HS256", "typ": "at+jwt"}, GOOD), "algorithm"),
+        ("header list", forge(["HS256"], GOOD), "algorithm"),
         ("bad signature", f"{h}.{p}.{s[:-2]}AA", "signature"),
         ("other key", fa.sign_token(GOOD, b"x" * 32), "signature"),
         ("padding", f"{h}.{p}.{s}=", "signature"),
@@ -386,6 +392,12 @@ def _tampered_tokens():
 @pytest.mark.parametrize("label, token, reason", _tampered_tokens(), ids=[t[0] for t in _tampered_tokens()])
 def test_a_tampered_token_is_refused(label, token, reason):
     assert fa.verify_token(token, KEY, NOW) == (None, reason)
+
+
+@pytest.mark.parametrize("header", [{"alg": "HS256"}, {"typ": "JWT", "alg": "HS256"}, {"alg": "HS256", "typ": "JWT"}])
+def test_a_plain_hs256_header_from_another_signer_is_accepted(header):
+    token = forge(header, GOOD)
+    assert fa.verify_token(token, KEY, NOW) == (GOOD, None)
 
 
 def test_non_canonical_base64_is_refused():
