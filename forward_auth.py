@@ -323,6 +323,8 @@ SCHEMA = (
         last_step INTEGER NOT NULL DEFAULT 0)""",
     "CREATE TABLE revoked (jti TEXT PRIMARY KEY, expires INTEGER NOT NULL)",
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # When a name was last deleted: its older sessions stay dead if the name comes back.
+    "CREATE TABLE deleted (name TEXT PRIMARY KEY, at INTEGER NOT NULL)",
 )
 
 
@@ -397,8 +399,19 @@ class Store:
             return False
         return True
 
-    def delete_user(self, name):
-        return self._write("DELETE FROM users WHERE name = ?", (name,)) == 1
+    def delete_user(self, name, now):
+        """True if the user existed; their tokens issued until `now` stay refused."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                gone = self._conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 1
+                if gone:
+                    self._conn.execute("INSERT OR REPLACE INTO deleted VALUES (?, ?)", (name, int(now)))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            return gone
 
     def users(self):
         rows = self._query("SELECT name, seed, created, last_login, last_step FROM users ORDER BY created, name")
@@ -419,17 +432,18 @@ class Store:
         self._write("DELETE FROM revoked WHERE expires <= ?", (int(now),))
 
     def snapshot(self):
-        """(data_version, {name: created}, {jti: expires}) read through the watch connection."""
+        """(data_version, {user names}, {deleted name: when}, {jti: expires}) read through the watch connection."""
         with self._watch_lock:
             conn = self._watch
             (version,) = conn.execute("PRAGMA data_version").fetchone()
             conn.execute("BEGIN")
             try:
-                users = dict(conn.execute("SELECT name, created FROM users"))
+                users = {name for (name,) in conn.execute("SELECT name FROM users")}
+                deleted = dict(conn.execute("SELECT name, at FROM deleted"))
                 revoked = dict(conn.execute("SELECT jti, expires FROM revoked"))
             finally:
                 conn.execute("COMMIT")
-            return version, users, revoked
+            return version, users, deleted, revoked
 
     def data_version(self):
         with self._watch_lock:
@@ -1084,7 +1098,8 @@ class App:
         self.device_cookie = settings.cookie_name + "_device"
         self.csrf_cookie = settings.cookie_name + "_csrf"
         self._tokens = {}  # Cookie header -> verified session claims (HMAC done once)
-        self._users = {}  # name -> created
+        self._users = set()  # current user names
+        self._deleted = {}  # name -> when it was last deleted
         self._revoked = {}  # jti -> expires
         self._version = None
         self._next_refresh = 0.0
@@ -1163,8 +1178,8 @@ class App:
         try:
             self._next_refresh = now + REFRESH_SECONDS
             if force or self.store.data_version() != self._version:
-                self._version, users, revoked = self.store.snapshot()
-                self._users = users
+                self._version, users, deleted, revoked = self.store.snapshot()
+                self._users, self._deleted = users, deleted
                 self._revoked = {jti: exp for jti, exp in revoked.items() if exp > now}
         except sqlite3.Error as error:
             log.warning("cannot refresh from the database, serving from memory: %s", error)
@@ -1191,15 +1206,14 @@ class App:
                     self._tokens.clear()
                 self._tokens[header] = claims
         # Checked on every request, cached or not: expiry, revocation, the user.
-        created = self._users.get(claims["sub"])
-        if (
-            created is None
-            or claims["iat"] < created
-            or claims["exp"] <= now
-            or claims["jti"] in self._revoked
-        ):
+        if claims["exp"] <= now or claims["jti"] in self._revoked or not self._user_current(claims):
             return None
         return claims
+
+    def _user_current(self, claims):
+        """The token's user exists and was not deleted since the token was issued."""
+        sub = claims["sub"]
+        return sub in self._users and claims["iat"] > self._deleted.get(sub, -1)
 
     # -- Check endpoints --
 
@@ -1357,7 +1371,7 @@ class App:
         if not token:
             return None
         claims, _ = verify_token(token, self.device_key, self.clock())
-        if claims is None or claims["sub"] not in self._users:
+        if claims is None or not self._user_current(claims):
             return None
         return claims["jti"]
 
@@ -1517,7 +1531,7 @@ def cmd_list(store):
 
 
 def cmd_revoke(store, name):
-    if not store.delete_user(name):
+    if not store.delete_user(name, time.time()):
         raise RuntimeError(f"no user named {name!r}")
     print(f"revoked {name}: their sessions stop working within a second")
     return 0

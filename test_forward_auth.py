@@ -1128,14 +1128,23 @@ def test_a_logout_is_seen_by_another_process(store, alice, clock, db_path):
 
 def test_a_deleted_user_loses_every_session_within_a_second(app, logged_in, db_path, clock):
     cli = fa.Store(db_path)  # as the CLI would, another connection
-    assert cli.delete_user("alice")
+    assert cli.delete_user("alice", clock())
     cli.close()
     clock.advance(1)
     assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 302
 
 
+def test_a_token_issued_before_the_user_was_created_still_counts(app, alice, store, clock):
+    # Only a deletion kills older tokens: a token minted with the key, backdated, is valid until exp.
+    app.refresh(clock(), force=True)
+    token = fa.sign_token({"sub": "alice", "iat": int(clock()) - 86400 * 30, "exp": int(clock()) + 60, "jti": "j"},
+                          app.session_key)
+    r = call(app, "GET", "/verify", headers={"Cookie": f"auth_token={token}"})
+    assert (r.status, r.header("Remote-User")) == (200, "alice")
+
+
 def test_a_recreated_user_does_not_inherit_old_sessions(app, logged_in, store, clock):
-    store.delete_user("alice")
+    store.delete_user("alice", clock())
     clock.advance(5)
     store.add_user("alice", fa.new_seed(), clock())
     clock.advance(1)
@@ -2153,7 +2162,7 @@ def test_a_clock_set_back_accepts_no_old_code_and_locks_nobody_out(app, alice, l
         assert login(app, code).status == 401
     assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 200  # sessions hold
     cli = fa.Store(db_path)
-    cli.delete_user("alice")
+    cli.delete_user("alice", clock())
     cli.close()
     clock.advance(fa.REFRESH_SECONDS)  # a jump back does not postpone the next look by an hour
     assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 302
