@@ -718,9 +718,14 @@ class RateLimiter:
 
 
 def parse_ip(text):
-    """An ipaddress object (IPv4-mapped IPv6 unwrapped), or None."""
+    """An ipaddress object (IPv4-mapped IPv6 unwrapped), or None; a port some proxies append is dropped."""
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [2001:db8::1]:443
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # 198.51.100.7:443
+        text = text.partition(":")[0]
     try:
-        address = ipaddress.ip_address(text.strip().strip("[]"))
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
     if address.version == 6 and address.ipv4_mapped:
