@@ -1494,16 +1494,37 @@ def build_parser():
     return parser
 
 
+HALF_BLOCKS = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
+
+
 def print_enrolment(name, seed, app_name, out=None):
     """The enrolment block: secret, otpauth URL and a QR code for the terminal."""
-    import segno  # only here: the server process does not carry it
-
     out = out or sys.stdout
     uri = enrolment_uri(seed, name, app_name)
     out.write(f"User: {name}\nSecret: {seed}\nOTPAuth URL: {uri}\n")
+    out.write(draw_qr(uri, colours=out.isatty()))
     out.flush()
-    segno.make(uri, error="m").terminal(out=out, compact=True)
-    out.flush()
+
+
+def draw_qr(text, colours):
+    """`text` as a QR code in half blocks, two module rows per line.
+
+    With `colours`, dark modules are drawn black on white whatever the
+    terminal's own colours, so light and dark terminals both scan. Without
+    (a pipe, the journal), light modules are the blocks, which scans on the
+    dark background most terminals and log viewers have.
+    """
+    import segno  # only here: the serving process does not carry its ~4 MB
+
+    rows = [[bool(module) for module in row] for row in segno.make(text, error="m").matrix_iter(border=4)]
+    rows.append([False] * len(rows[0]))  # an even number of rows; the quiet zone is light
+    lines = []
+    for top, bottom in zip(rows[0::2], rows[1::2]):
+        if colours:
+            lines.append("\x1b[30;47m" + "".join(HALF_BLOCKS[pair] for pair in zip(top, bottom)) + "\x1b[0m")
+        else:
+            lines.append("".join(HALF_BLOCKS[(not a, not b)] for a, b in zip(top, bottom)))
+    return "\n".join(lines) + "\n"
 
 
 def next_free_name(store):

@@ -1403,6 +1403,28 @@ def test_generate_prints_the_enrolment_block(db_path, capsys):
     s.close()
 
 
+def read_qr(drawing, colours):
+    """The module matrix a drawing shows (dark = True), for comparing with segno's own."""
+    chars = {v: k for k, v in fa.HALF_BLOCKS.items()}
+    rows = []
+    for line in drawing.splitlines():
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        pairs = [chars[c] if colours else tuple(not m for m in chars[c]) for c in line]
+        rows += [[top for top, _ in pairs], [bottom for _, bottom in pairs]]
+    return rows
+
+
+@pytest.mark.parametrize("colours", [True, False])
+def test_the_qr_code_drawn_is_the_enrolment_url(colours):
+    import segno
+
+    url = "otpauth://totp/Forward%20Auth:alice?secret=JBSWY3DPEHPK3PXP&issuer=Forward%20Auth"
+    expected = [[bool(m) for m in row] for row in segno.make(url, error="m").matrix_iter(border=4)]
+    drawn = read_qr(fa.draw_qr(url, colours), colours)
+    assert drawn[: len(expected)] == expected
+    assert not any(module for row in drawn[len(expected) :] for module in row)  # padding is quiet zone
+
+
 def test_generate_names_users_user_user2_and_so_on(db_path, capsys):
     for expected in ("user", "user2", "user3"):
         code, out, _ = run_main(["--generate"], db_path, capsys)
