@@ -92,6 +92,23 @@ class ConfigError(ValueError):
 # --- Settings ---------------------------------------------------------------
 
 
+def normalise_host(host, scheme):
+    """`host[:port]` lower-cased, without a trailing dot or the scheme's default port; None if malformed."""
+    match = HOST_PORT.fullmatch(host or "")
+    if not match:
+        return None
+    name = match["host"].lower().rstrip(".")
+    port = match["port"]
+    if not name or ".." in name:
+        return None
+    if port is not None:
+        if not 0 < int(port) <= 65535:
+            return None
+        if int(port) != DEFAULT_PORTS.get(scheme):
+            return f"{name}:{int(port)}"
+    return name
+
+
 def as_bool(value):
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -197,7 +214,7 @@ def as_login_url(value):
             raise ValueError("expected a path such as /login")
         return value
     parts = urllib.parse.urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+    if parts.scheme not in DEFAULT_PORTS or "@" in parts.netloc or normalise_host(parts.netloc, parts.scheme) is None:
         raise ValueError("expected /path or an absolute http(s) URL")
     if parts.query or parts.fragment:
         raise ValueError("must not carry a query or fragment")
@@ -262,6 +279,11 @@ class Settings:
             object.__setattr__(self, field, value)
         if self.same_site == "None" and not self.secure_cookies:
             raise ConfigError("SAME_SITE: none needs SECURE_COOKIES=true (browsers refuse it otherwise)")
+        login = urllib.parse.urlsplit(self.login_url)
+        domain = (self.cookie_domain or "").lstrip(".")
+        if domain and login.hostname and not (login.hostname == domain or login.hostname.endswith("." + domain)):
+            # The browser would drop the session cookie the login host sets.
+            raise ConfigError(f"COOKIE_DOMAIN: the login host {login.hostname} is not inside {self.cookie_domain}")
 
     def __setattr__(self, name, value):
         raise AttributeError("Settings are frozen")
@@ -778,23 +800,6 @@ def limiter_key_for_ip(ip_text):
     if ip is not None and ip.version == 6:
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return ip_text
-
-
-def normalise_host(host, scheme):
-    """`host[:port]` lower-cased, without a trailing dot or the scheme's default port; None if malformed."""
-    match = HOST_PORT.fullmatch(host or "")
-    if not match:
-        return None
-    name = match["host"].lower().rstrip(".")
-    port = match["port"]
-    if not name or ".." in name:
-        return None
-    if port is not None:
-        if not 0 < int(port) <= 65535:
-            return None
-        if int(port) != DEFAULT_PORTS.get(scheme):
-            return f"{name}:{int(port)}"
-    return name
 
 
 def _has_unsafe_characters(text):

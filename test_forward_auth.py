@@ -229,6 +229,9 @@ def test_settings_defaults_are_the_tables_and_settings_are_frozen():
         ("LOGIN_URL", "login"),
         ("LOGIN_URL", "//evil.com/login"),
         ("LOGIN_URL", "ftp://auth.example.com/login"),
+        ("LOGIN_URL", "https://auth.example.com:99999/login"),
+        ("LOGIN_URL", "https://user@auth.example.com/login"),
+        ("LOGIN_URL", "https://auth.example.com/login?x=1"),
         ("ALLOWED_REDIRECT_HOSTS", "a b.com"),
         ("MAX_LOGIN_ATTEMPTS", "0"),
         ("RATE_LIMIT_WINDOW_SECONDS", "x"),
@@ -241,6 +244,13 @@ def test_settings_defaults_are_the_tables_and_settings_are_frozen():
 def test_an_invalid_value_names_its_variable(name, value):
     with pytest.raises(fa.ConfigError, match=f"^{name}: "):
         fa.Settings.from_env({name: value})
+
+
+def test_a_cookie_domain_must_contain_the_login_host():
+    with pytest.raises(fa.ConfigError, match="^COOKIE_DOMAIN: "):
+        fa.Settings.from_env({"COOKIE_DOMAIN": ".example.com", "LOGIN_URL": "https://auth.example.net/login"})
+    s = fa.Settings.from_env({"COOKIE_DOMAIN": ".example.com", "LOGIN_URL": "https://auth.example.com/login"})
+    assert s.cookie_domain == ".example.com"
 
 
 def test_same_site_none_needs_secure_cookies():
