@@ -1290,6 +1290,7 @@ class App:
         if not re.fullmatch(r"[A-Za-z0-9_-]{43}", nonce, re.ASCII):
             nonce = secrets.token_urlsafe(32)
             headers.append(("Set-Cookie", self._cookie(self.csrf_cookie, nonce, None, "Lax", domain=False)))
+        next_value = self.safe_next(environ, next_value)  # the page never carries an unsafe target
         page = render_login(self.settings.app_name, next_value, self._csrf_token(nonce), message, disabled)
         return status, headers, page
 

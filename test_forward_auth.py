@@ -874,8 +874,10 @@ def test_escape_matches_the_standard_library(text):
 def test_every_value_in_the_page_is_escaped(store, clock):
     app = fa.make_app(settings(app_name='<script>alert("x")</script>'), store=store, clock=clock)
     r = call(app, "GET", "/login", query="next=" + urllib.parse.quote('"><script>alert(1)</script>'))
-    assert "<script>" not in r.text
-    assert "&lt;script&gt;" in r.text and "&quot;&gt;&lt;script&gt;" in r.text
+    assert "<script>" not in r.text and "alert(1)" not in r.text  # the unsafe next is not even echoed
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in r.text
+    safe_but_odd = call(app, "GET", "/login", query="next=" + urllib.parse.quote('/x?q="><b>'))
+    assert 'name="next" value="/x?q=&quot;&gt;&lt;b&gt;"' in safe_but_odd.text
 
 
 def test_redirect_uri_is_an_alias_for_next(app):
