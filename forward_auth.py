@@ -24,10 +24,10 @@ guessing limits; the README gives the arithmetic.
 
 __version__ = "1.0.0"
 
-import argparse
 import base64
 import bisect
 import collections
+import gc
 import hashlib
 import hmac
 import ipaddress
@@ -42,8 +42,8 @@ import sqlite3
 import sys
 import threading
 import time
+import types
 import urllib.parse
-from http import HTTPStatus
 
 import pyotp
 
@@ -71,7 +71,20 @@ HOST_PORT = re.compile(
 DEFAULT_PORTS = {"http": 80, "https": 443}
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 
-STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
+STATUS_LINES = {  # the statuses this service answers (http.HTTPStatus would cost an import)
+    200: "200 OK",
+    302: "302 Found",
+    400: "400 Bad Request",
+    401: "401 Unauthorized",
+    403: "403 Forbidden",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    413: "413 Content Too Large",
+    415: "415 Unsupported Media Type",
+    429: "429 Too Many Requests",
+    500: "500 Internal Server Error",
+    503: "503 Service Unavailable",
+}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -1471,11 +1484,6 @@ def __getattr__(name):
 # --- CLI --------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(message)
-
-
 class _UsageError(Exception):
     pass
 
@@ -1484,7 +1492,13 @@ NEXT_FREE_NAME = object()  # -generate without a NAME: user, user2, ...
 
 
 def build_parser():
-    parser = _Parser(
+    import argparse  # here, not at the top: serving without arguments never needs it
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise _UsageError(message)
+
+    parser = Parser(
         prog="forward_auth.py",
         description="TOTP-only forward authentication for Caddy, nginx and Traefik.",
         epilog="Without a command it serves. Settings come from environment variables (see README).",
@@ -1653,6 +1667,7 @@ def _return_freed_memory():
     Python compiles this script afresh at every start (__main__ gets no .pyc)
     and glibc keeps what the compiler freed; malloc_trim returns it.
     """
+    gc.collect()
     try:
         import ctypes
 
@@ -1665,10 +1680,14 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+SERVE = types.SimpleNamespace(generate=None, list=False, revoke=None, backup=None, version=False)  # no arguments
+
+
 def main(argv=None, environ=None):
     """Run the command line; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(argv) if argv else SERVE
     except _UsageError as error:
         print(f"forward_auth: {error}", file=sys.stderr)
         return 2

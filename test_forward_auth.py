@@ -1810,12 +1810,14 @@ def test_the_container_image_runs_read_only_as_its_entry_command_says(tmp_path):
     app_dir.mkdir()
     data_dir.mkdir()
     shutil.copy(os.path.join(HERE, "forward_auth.py"), app_dir)
-    app_dir.chmod(0o555)
     port = free_port()
     run_env = {**os.environ, **env}
     run_env.update(DB_PATH=str(data_dir / "auth.db"), HOST="127.0.0.1", PORT=str(port), PYTHONDONTWRITEBYTECODE="1")
+    assert re.search(r"^WORKDIR /app$", dockerfile, re.M) and "RUN python -m compileall -q /app" in dockerfile
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(app_dir)], check=True,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+    app_dir.chmod(0o555)
     command = [sys.executable if part == "python" else part for part in entry]
-    command = [str(app_dir / "forward_auth.py") if part == "/app/forward_auth.py" else part for part in command]
     process = subprocess.Popen(command, cwd=app_dir, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
@@ -1828,7 +1830,7 @@ def test_the_container_image_runs_read_only_as_its_entry_command_says(tmp_path):
             assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
             time.sleep(0.05)  # waiting for the process to listen
         assert stat.S_IMODE(os.stat(data_dir / "auth.db").st_mode) == 0o600
-        assert sorted(os.listdir(app_dir)) == ["forward_auth.py"]
+        assert sorted(os.listdir(app_dir)) == ["__pycache__", "forward_auth.py"]
     finally:
         process.terminate()
         out, err = process.communicate(timeout=10)
