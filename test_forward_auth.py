@@ -1813,7 +1813,7 @@ def test_the_container_image_runs_read_only_as_its_entry_command_says(tmp_path):
     port = free_port()
     run_env = {**os.environ, **env}
     run_env.update(DB_PATH=str(data_dir / "auth.db"), HOST="127.0.0.1", PORT=str(port), PYTHONDONTWRITEBYTECODE="1")
-    assert re.search(r"^WORKDIR /app$", dockerfile, re.M) and "RUN python -m compileall -q /app" in dockerfile
+    assert re.search(r"^WORKDIR /app$", dockerfile, re.MULTILINE) and "RUN python -m compileall -q /app" in dockerfile
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(app_dir)], check=True,
                    env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
     app_dir.chmod(0o555)
