@@ -287,7 +287,7 @@ def follow_to_login(proxy, host, path, source="127.0.0.1"):
     return location, r
 
 
-def login_through(proxy, host, login_path, code, source="127.0.0.1", cookie=""):
+def login_through(proxy, host, login_path, code, source="127.0.0.1", cookie="", forged_for=None):
     page = proxy.request("GET", host, login_path, headers={"Accept": "text/html", "Cookie": cookie}, source=source)
     assert page.status == 200, page.status
     csrf_cookie = page.cookie(proxy.single.app.csrf_cookie)
@@ -297,11 +297,15 @@ def login_through(proxy, host, login_path, code, source="127.0.0.1", cookie=""):
 
     form = urllib.parse.urlencode({"otp": code, "next": html.unescape(next_value), "csrf": token})
     cookies = "; ".join(c for c in (csrf_cookie, cookie) if c)
-    return proxy.request("POST", host, urllib.parse.urlsplit(login_path).path, body=form, source=source, headers={
+    headers = {
         "Content-Type": "application/x-www-form-urlencoded",
         "Cookie": cookies,
         "Origin": f"http://{host}:{proxy.port}",
-    })
+    }
+    if forged_for:
+        headers["X-Forwarded-For"] = forged_for
+    return proxy.request("POST", host, urllib.parse.urlsplit(login_path).path, body=form, source=source,
+                         headers=headers)
 
 
 def login_path_of(location):
@@ -378,7 +382,9 @@ def test_the_rate_limit_counts_real_client_addresses_not_the_proxy(proxy):
     path = login_path_of(location)
     right = proxy.single.code()
     wrong = "000000" if right != "000000" else "111111"
-    statuses = [login_through(proxy, "app.localhost", path, wrong, source=first).status for _ in range(6)]
+    # Each guess claims another address: the proxy's own X-Forwarded-For entry decides.
+    statuses = [login_through(proxy, "app.localhost", path, wrong, source=first, forged_for=f"203.0.113.{i}").status
+                for i in range(6)]
     assert statuses == [401] * 5 + [429]
     limited = login_through(proxy, "app.localhost", path, right, source=first)
     assert limited.status == 429 and int(limited.header("Retry-After")) > 0
