@@ -337,6 +337,15 @@ def test_a_client_sent_remote_user_never_reaches_the_upstream(proxy):
     assert page.seen["remote_user"] == ["bob"]
 
 
+def test_a_client_cannot_choose_the_original_url_the_proxy_reports(proxy):
+    forged = {"X-Original-URL": "http://evil.example.net/steal", "X-Forwarded-Host": "evil.example.net",
+              "X-Forwarded-Uri": "/steal", "X-Forwarded-Proto": "https", "Accept": "text/html"}
+    r = proxy.request("GET", "app.localhost", "/real?x=1", headers=forged)
+    assert r.status == 302
+    location = urllib.parse.urlsplit(r.header("Location"))
+    assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url("app.localhost", "/real?x=1")]
+
+
 # nginx turns every 401 into the login redirect by design (error_page 401 =302): Caddy only.
 @pytest.mark.parametrize("proxy", ["caddy"], indirect=True)
 def test_a_non_browser_client_gets_401_through_caddy(proxy):
