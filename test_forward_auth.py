@@ -1877,10 +1877,9 @@ def test_traefik_example_points_at_verify():
 
 def test_pip_installs_a_forward_auth_command_that_is_main(tmp_path):
     wheel_dir = tmp_path / "wheel"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), HERE],
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(wheel_dir), HERE],
                            capture_output=True, text=True, timeout=300, check=False)
-    if build.returncode != 0 and "No matching distribution" in build.stderr:
-        pytest.skip("setuptools cannot be fetched for the build")
     assert build.returncode == 0, build.stderr
     (wheel,) = wheel_dir.glob("forward_auth-*.whl")
     assert wheel.name.startswith(f"forward_auth-{fa.__version__}-")
