@@ -30,10 +30,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRED = os.environ.get("FORWARD_AUTH_REQUIRE_E2E") == "1"
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 SCREENSHOTS = os.environ.get("FORWARD_AUTH_SCREENSHOTS", os.path.join(HERE, "test-artifacts", "screenshots"))
+# Host names under a reserved test domain: Chromium maps them to 127.0.0.1 (below), HTTP
+# clients send them as Host, and unlike *.localhost a cookie Domain=.example.test is kept.
+DOMAIN = "example.test"
+APP, APP1, APP2, AUTH = (f"{name}.{DOMAIN}" for name in ("app", "app1", "app2", "auth"))
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--host-resolver-rules=MAP *.localhost 127.0.0.1",
+    f"--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1",
 ]
 
 
@@ -133,7 +137,7 @@ def caddy_config(port, single, shared, upstream):
     second = second.replace("127.0.0.1:3000", f"127.0.0.1:{shared}")
     text = first + second
     text = re.sub(r"127\.0\.0\.1:809\d", f"127.0.0.1:{upstream}", text)
-    text = re.sub(r"^([a-z0-9]+)\.example\.com \{", rf"http://\1.localhost:{port} {{", text, flags=re.MULTILINE)
+    text = re.sub(r"^([a-z0-9]+)\.example\.com \{", rf"http://\1.{DOMAIN}:{port} {{", text, flags=re.MULTILINE)
     return "{\n\tadmin off\n\tauto_https off\n}\n" + text
 
 
@@ -147,7 +151,7 @@ def nginx_config(tmp, port, single, shared, upstream):
     text = common + shared_upstream + first + second
     text = re.sub(r"127\.0\.0\.1:809\d", f"127.0.0.1:{upstream}", text)
     text = text.replace("listen 80;", f"listen 127.0.0.1:{port};")
-    text = re.sub(r"([a-z0-9]+)\.example\.com", r"\1.localhost", text)
+    text = re.sub(r"([a-z0-9]+)\.example\.com", rf"\1.{DOMAIN}", text)
     temp = "\n".join(f"    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"""worker_processes 1;
 pid {tmp}/nginx.pid;
@@ -255,7 +259,7 @@ def single(tmp):
 
 def shared_factory(tmp):
     def build(proxy_port):
-        return ForwardAuth(tmp, login_url=f"http://auth.localhost:{proxy_port}/login", cookie_domain=".localhost")
+        return ForwardAuth(tmp, login_url=f"http://{AUTH}:{proxy_port}/login", cookie_domain="." + DOMAIN)
     return build
 
 
@@ -316,88 +320,88 @@ def login_path_of(location):
 
 
 def test_browser_request_lands_on_login_and_returns_to_the_exact_url(proxy):
-    location, _ = follow_to_login(proxy, "app.localhost", "/some/path?x=1")
-    assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url("app.localhost", "/some/path?x=1")]
-    r = login_through(proxy, "app.localhost", login_path_of(location), proxy.single.code())
+    location, _ = follow_to_login(proxy, APP, "/some/path?x=1")
+    assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url(APP, "/some/path?x=1")]
+    r = login_through(proxy, APP, login_path_of(location), proxy.single.code())
     assert r.status == 302
-    assert r.header("Location") == proxy.url("app.localhost", "/some/path?x=1")
+    assert r.header("Location") == proxy.url(APP, "/some/path?x=1")
     cookie = r.cookie("auth_token")
-    page = proxy.request("GET", "app.localhost", "/some/path?x=1", headers={"Cookie": cookie})
+    page = proxy.request("GET", APP, "/some/path?x=1", headers={"Cookie": cookie})
     assert page.status == 200
     assert page.seen["path"] == "/some/path?x=1"
     assert page.seen["remote_user"] == ["alice"]
 
 
 def test_a_client_sent_remote_user_never_reaches_the_upstream(proxy):
-    r = proxy.request("GET", "app.localhost", "/x", headers={"Remote-User": "admin", "Accept": "text/html"})
+    r = proxy.request("GET", APP, "/x", headers={"Remote-User": "admin", "Accept": "text/html"})
     assert r.status == 302 and b"admin" not in r.body
-    location, _ = follow_to_login(proxy, "app.localhost", "/x")
-    cookie = login_through(proxy, "app.localhost", login_path_of(location), proxy.single.code("bob")).cookie("auth_token")
-    page = proxy.request("GET", "app.localhost", "/x", headers={"Cookie": cookie, "Remote-User": "admin"})
+    location, _ = follow_to_login(proxy, APP, "/x")
+    cookie = login_through(proxy, APP, login_path_of(location), proxy.single.code("bob")).cookie("auth_token")
+    page = proxy.request("GET", APP, "/x", headers={"Cookie": cookie, "Remote-User": "admin"})
     assert page.seen["remote_user"] == ["bob"]
 
 
 def test_a_client_cannot_choose_the_original_url_the_proxy_reports(proxy):
     forged = {"X-Original-URL": "http://evil.example.net/steal", "X-Forwarded-Host": "evil.example.net",
               "X-Forwarded-Uri": "/steal", "X-Forwarded-Proto": "https", "Accept": "text/html"}
-    r = proxy.request("GET", "app.localhost", "/real?x=1", headers=forged)
+    r = proxy.request("GET", APP, "/real?x=1", headers=forged)
     assert r.status == 302
     location = urllib.parse.urlsplit(r.header("Location"))
-    assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url("app.localhost", "/real?x=1")]
+    assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url(APP, "/real?x=1")]
 
 
 # nginx turns every 401 into the login redirect by design (error_page 401 =302): Caddy only.
 @pytest.mark.parametrize("proxy", ["caddy"], indirect=True)
 def test_a_non_browser_client_gets_401_through_caddy(proxy):
-    r = proxy.request("GET", "app.localhost", "/api/items", headers={"Accept": "application/json"})
+    r = proxy.request("GET", APP, "/api/items", headers={"Accept": "application/json"})
     assert r.status == 401 and r.header("Location") is None
-    r = proxy.request("POST", "app.localhost", "/api/items", headers={"Accept": "text/html"}, body=b"{}")
+    r = proxy.request("POST", APP, "/api/items", headers={"Accept": "text/html"}, body=b"{}")
     assert r.status == 401
 
 
 def test_logout_through_the_proxy_ends_the_session(proxy):
-    location, _ = follow_to_login(proxy, "app.localhost", "/")
-    cookie = login_through(proxy, "app.localhost", login_path_of(location), proxy.single.code()).cookie("auth_token")
-    assert proxy.request("GET", "app.localhost", "/", headers={"Cookie": cookie}).status == 200
-    out = proxy.request("GET", "app.localhost", "/logout", headers={"Cookie": cookie})
+    location, _ = follow_to_login(proxy, APP, "/")
+    cookie = login_through(proxy, APP, login_path_of(location), proxy.single.code()).cookie("auth_token")
+    assert proxy.request("GET", APP, "/", headers={"Cookie": cookie}).status == 200
+    out = proxy.request("GET", APP, "/logout", headers={"Cookie": cookie})
     assert out.status == 302 and out.cookie("auth_token") == "auth_token="
-    again = proxy.request("GET", "app.localhost", "/", headers={"Cookie": cookie, "Accept": "text/html"})
+    again = proxy.request("GET", APP, "/", headers={"Cookie": cookie, "Accept": "text/html"})
     assert again.status == 302 and "/login" in again.header("Location")
 
 
 def test_a_shared_login_host_serves_two_apps_with_one_login(proxy):
-    location, _ = follow_to_login(proxy, "app1.localhost", "/dash?tab=2")
-    assert location.netloc == f"auth.localhost:{proxy.port}" and location.path == "/login"
-    assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url("app1.localhost", "/dash?tab=2")]
-    r = login_through(proxy, "auth.localhost", login_path_of(location), proxy.shared.code())
-    assert r.status == 302 and r.header("Location") == proxy.url("app1.localhost", "/dash?tab=2")
+    location, _ = follow_to_login(proxy, APP1, "/dash?tab=2")
+    assert location.netloc == f"{AUTH}:{proxy.port}" and location.path == "/login"
+    assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url(APP1, "/dash?tab=2")]
+    r = login_through(proxy, AUTH, login_path_of(location), proxy.shared.code())
+    assert r.status == 302 and r.header("Location") == proxy.url(APP1, "/dash?tab=2")
     set_cookie = next(v for k, v in r.headers if k.lower() == "set-cookie" and v.startswith("auth_token="))
-    assert "Domain=.localhost" in set_cookie
+    assert f"Domain=.{DOMAIN}" in set_cookie
     cookie = r.cookie("auth_token")
-    for host in ("app1.localhost", "app2.localhost"):
+    for host in (APP1, APP2):
         page = proxy.request("GET", host, "/", headers={"Cookie": cookie})
         assert page.status == 200 and page.seen["remote_user"] == ["alice"], host
 
 
 def test_a_shared_login_refuses_a_next_outside_the_domain(proxy):
     path = "/login?next=" + urllib.parse.quote("http://evil.example.net/steal", safe="")
-    r = login_through(proxy, "auth.localhost", path, proxy.shared.code("bob"))
+    r = login_through(proxy, AUTH, path, proxy.shared.code("bob"))
     assert r.status == 302 and r.header("Location") == "/"
 
 
 def test_the_rate_limit_counts_real_client_addresses_not_the_proxy(proxy):
     first, second = ("127.0.0.2", "127.0.0.3") if proxy.kind == "caddy" else ("127.0.0.4", "127.0.0.5")
-    location, _ = follow_to_login(proxy, "app.localhost", "/", source=first)
+    location, _ = follow_to_login(proxy, APP, "/", source=first)
     path = login_path_of(location)
     right = proxy.single.code()
     wrong = "000000" if right != "000000" else "111111"
     # Each guess claims another address: the proxy's own X-Forwarded-For entry decides.
-    statuses = [login_through(proxy, "app.localhost", path, wrong, source=first, forged_for=f"203.0.113.{i}").status
+    statuses = [login_through(proxy, APP, path, wrong, source=first, forged_for=f"203.0.113.{i}").status
                 for i in range(6)]
     assert statuses == [401] * 5 + [429]
-    limited = login_through(proxy, "app.localhost", path, right, source=first)
+    limited = login_through(proxy, APP, path, right, source=first)
     assert limited.status == 429 and int(limited.header("Retry-After")) > 0
-    ok = login_through(proxy, "app.localhost", path, right, source=second)
+    ok = login_through(proxy, APP, path, right, source=second)
     assert ok.status == 302
 
 
@@ -423,7 +427,7 @@ def test_a_person_logs_in_and_out_in_chromium(proxy, browser):
     problems = []
     page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
     page.on("pageerror", lambda e: problems.append(str(e)))
-    target = proxy.url("app.localhost", "/some/path?x=1")
+    target = proxy.url(APP, "/some/path?x=1")
     page.goto(target)
     assert "/login?next=" in page.url
     assert page.title() == "Sign in · Forward Auth"
@@ -433,7 +437,7 @@ def test_a_person_logs_in_and_out_in_chromium(proxy, browser):
     page.wait_for_url(target)
     seen = json.loads(page.text_content("#seen"))
     assert seen["remote_user"] == ["alice"] and seen["path"] == "/some/path?x=1"
-    page.goto(proxy.url("app.localhost", "/logout"))
+    page.goto(proxy.url(APP, "/logout"))
     assert urllib.parse.urlsplit(page.url).path == "/login"
     page.goto(target)
     assert "/login?next=" in page.url
@@ -441,10 +445,30 @@ def test_a_person_logs_in_and_out_in_chromium(proxy, browser):
     context.close()
 
 
+def test_one_login_on_the_shared_login_host_opens_both_apps_in_chromium(proxy, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    target = proxy.url(APP1, "/dash?tab=2")
+    page.goto(target)
+    assert urllib.parse.urlsplit(page.url).netloc == f"{AUTH}:{proxy.port}"
+    page.fill("#otp", proxy.shared.code())
+    page.click("button[type=submit]")
+    page.wait_for_url(target)
+    assert json.loads(page.text_content("#seen"))["remote_user"] == ["alice"]
+    page.goto(proxy.url(APP2, "/"))  # no second login
+    assert json.loads(page.text_content("#seen"))["remote_user"] == ["alice"]
+    cookie = next(c for c in context.cookies() if c["name"] == "auth_token")
+    assert cookie["domain"] == f".{DOMAIN}" and cookie["httpOnly"]
+    page.goto(proxy.url(AUTH, "/logout"))
+    page.goto(proxy.url(APP2, "/"))
+    assert urllib.parse.urlsplit(page.url).path == "/login"
+    context.close()
+
+
 def test_a_wrong_code_shows_a_message_in_chromium(proxy, browser):
     context = browser.new_context()
     page = context.new_page()
-    page.goto(proxy.url("app.localhost", "/"))
+    page.goto(proxy.url(APP, "/"))
     page.fill("#otp", "12345")  # too short: the browser's own pattern check stops it
     page.click("button[type=submit]")
     assert page.evaluate("document.querySelector('#otp').validity.valid") is False
@@ -459,7 +483,7 @@ def test_login_page_screenshots(proxy, browser, scheme, width, height):
     page = context.new_page()
     problems = []
     page.on("console", lambda m: problems.append(m.text))
-    page.goto(proxy.url("app.localhost", "/"))
+    page.goto(proxy.url(APP, "/"))
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert (background == "rgb(17, 19, 24)") is (scheme == "dark")
     os.makedirs(SCREENSHOTS, exist_ok=True)
