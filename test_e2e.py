@@ -468,10 +468,19 @@ def test_one_login_on_the_shared_login_host_opens_both_apps_in_chromium(proxy, b
 def test_a_wrong_code_shows_a_message_in_chromium(proxy, browser):
     context = browser.new_context()
     page = context.new_page()
-    page.goto(proxy.url(APP, "/"))
+    target = proxy.url(APP, "/after-a-typo")
+    page.goto(target)
     page.fill("#otp", "12345")  # too short: the browser's own pattern check stops it
     page.click("button[type=submit]")
     assert page.evaluate("document.querySelector('#otp').validity.valid") is False
+    right = proxy.single.code()
+    page.fill("#otp", "000000" if right != "000000" else "111111")
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    assert page.text_content("[role=alert]") == "Wrong code. Try again."
+    page.fill("#otp", right)  # the form kept `next`: the right code still goes to the page asked for
+    page.click("button[type=submit]")
+    page.wait_for_url(target)
     context.close()
 
 
