@@ -705,10 +705,6 @@ class RateLimiter:
             for bucket, limit in self._buckets_for(key, device):
                 self._count(bucket, limit, now)
 
-    def reset(self, key):
-        with self._lock:
-            self._buckets.pop(key, None)
-
     def __len__(self):
         return len(self._buckets)
 

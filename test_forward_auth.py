@@ -521,10 +521,32 @@ def test_a_trip_a_day_after_the_last_starts_again_at_one_window(clock):
 
 def test_a_success_resets_the_key(clock):
     rl = limiter(clock)
-    for _ in range(5):
+    for _ in range(4):
         rl.failure("ip")
-    rl.reset("ip")
+    assert rl.acquire("ip") == 0
+    rl.release("ip", outcome="success")
+    for _ in range(4):
+        rl.failure("ip")
     assert rl.retry_after("ip") == 0
+
+
+def test_attempts_in_flight_count_toward_the_limit(clock):
+    rl = limiter(clock)
+    assert [rl.acquire("ip") for _ in range(6)] == [0, 0, 0, 0, 0, 1]
+    for _ in range(5):
+        rl.release("ip")  # all five failed: the key trips
+    assert rl.retry_after("ip") == 900
+
+
+def test_an_undecided_attempt_neither_counts_nor_resets(clock):
+    rl = limiter(clock)
+    for _ in range(4):
+        rl.failure("ip")
+    assert rl.acquire("ip") == 0
+    rl.release("ip", outcome="undecided")  # e.g. the database was busy
+    assert rl.retry_after("ip") == 0
+    rl.failure("ip")
+    assert rl.retry_after("ip") == 900
 
 
 def test_the_global_ceiling_locks_clients_without_a_device_only(clock):
