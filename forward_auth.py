@@ -3,16 +3,22 @@
 The proxy (Caddy ``forward_auth``, nginx ``auth_request``, Traefik
 ``forwardAuth``) asks this service, on every request, whether the browser is
 logged in: ``/verify`` (Caddy, Traefik) and ``/auth`` (nginx) answer ``200``
-with ``Remote-User`` from a signed session cookie, or send the browser to
-``/login``, where a person types the 6-digit code from an authenticator app.
+with ``Remote-User`` from a signed session cookie or an app token, ``403``
+when that user may not open the host, or send the browser to ``/login``,
+where a person types the 6-digit code from an authenticator app.
 
 Usage::
 
-    python forward_auth.py                  # serve (creates a first user if none)
-    python forward_auth.py -generate alice  # add a user, print secret + QR code
-    python forward_auth.py -list            # name, created, last login
-    python forward_auth.py -revoke alice    # delete a user, end their sessions
-    python forward_auth.py -backup FILE     # consistent online copy of the database
+    python forward_auth.py                      # serve (creates a first user in a new database)
+    python forward_auth.py -invite alice        # a single-use enrolment link for alice
+    python forward_auth.py -generate alice      # add a user, print secret + QR code here
+    python forward_auth.py -allow alice 'wiki.example.com' '*.media.example.com'
+    python forward_auth.py -token alice backup  # an app token for a script
+    python forward_auth.py -list                # users, their hosts, last login
+    python forward_auth.py -sessions            # live sessions
+    python forward_auth.py -logout alice        # end alice's sessions
+    python forward_auth.py -revoke alice        # delete a user, end their sessions
+    python forward_auth.py -backup FILE         # consistent online copy of the database
 
 Configuration is read from environment variables (see ``SETTINGS``), each with
 a ``*_FILE`` variant for Docker/systemd secrets.
@@ -22,11 +28,14 @@ no second factor. One factor, the TOTP code, guarded by replay protection and
 guessing limits; the README gives the arithmetic.
 """
 
-__version__ = "1.0.0"
+__version__ = "2.0.0"
 
 import base64
 import bisect
 import collections
+import contextlib
+import enum
+import functools
 import gc
 import hashlib
 import hmac
@@ -50,7 +59,6 @@ import pyotp
 # --- Constants and errors ---------------------------------------------------
 
 STEP = 30  # RFC 6238 §4: time step X, in seconds
-DIGITS = 6  # RFC 4226 §5.3: 6-digit HOTP values
 WINDOW = (-1, 0, 1)  # RFC 6238 §5.2: accept one step of clock skew either way
 CODE_SHAPE = re.compile(r"[0-9]{6}", re.ASCII)  # str.isdigit() admits full-width digits
 USER_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}", re.ASCII)
@@ -59,15 +67,26 @@ MAX_QUERY_FIELDS = 32
 DEVICE_COOKIE_SECONDS = 400 * 86400  # the longest Max-Age browsers keep (RFC 6265bis)
 MAX_LOCKOUT_SECONDS = 86400
 REFRESH_SECONDS = 0.5  # how often /verify looks for changes made by another process
+LAST_USED_SECONDS = 60  # app tokens' last-used times are written at most this often
+LOG_EVERY_SECONDS = 60  # a repeated refusal (forbidden host, bad app token) is logged once a minute
 TOKEN_CACHE_SIZE = 1024  # entries; at most TOKEN_CACHE_KEY_BYTES each, so 4 MB at worst
 TOKEN_CACHE_KEY_BYTES = 4096
-SCHEMA_VERSION = 1
+MAX_HEADER_SEGMENT = 256  # a JWT header longer than this is not one we would accept
+USER_AGENT_CHARS = 120
+SCHEMA_VERSION = 2
 
 HS256_HEADER = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"  # b64url('{"alg":"HS256","typ":"JWT"}')
 B64URL = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
+APP_TOKEN_PREFIX = "fat_"  # GitHub-style: a prefix makes a leaked token recognisable
+APP_TOKEN_SHAPE = re.compile(r"fat_[A-Za-z0-9_-]{43}", re.ASCII)  # 256 random bits
+INVITE_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}", re.ASCII)  # 256 random bits
 HOST_PORT = re.compile(
     r"(?P<host>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?", re.ASCII
 )
+HOST_PATTERN = re.compile(
+    r"(?P<wild>\*\.)?(?P<host>[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?", re.ASCII
+)
+EVERY_HOST = "*"
 DEFAULT_PORTS = {"http": 80, "https": 443}
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 
@@ -79,6 +98,7 @@ STATUS_LINES = {  # the statuses this service answers (http.HTTPStatus would cos
     403: "403 Forbidden",
     404: "404 Not Found",
     405: "405 Method Not Allowed",
+    410: "410 Gone",
     413: "413 Content Too Large",
     415: "415 Unsupported Media Type",
     429: "429 Too Many Requests",
@@ -86,6 +106,30 @@ STATUS_LINES = {  # the statuses this service answers (http.HTTPStatus would cos
     503: "503 Service Unavailable",
 }
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Verdict(enum.Enum):
+    """What a check decides; the values are the metrics' labels."""
+
+    ALLOW = "allow"
+    FORBIDDEN = "forbidden"  # a valid user who may not open this host
+    DENY = "deny"  # no valid session
+    BAD_TOKEN = "bad_token"  # a forward-auth app token that is not (or no longer) valid
+
+
+class Outcome(enum.Enum):
+    """How a login attempt ended, for the limiter, the metrics and the log."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    REPLAY = "replay"
+    LIMITED = "limited"
+    CSRF = "csrf"
+    CROSS_SITE = "cross-site"
+    UNDECIDED = "undecided"  # the database failed: neither counted nor reset
+
+
+log = logging.getLogger("forward_auth")
 
 
 class HTTPError(Exception):
@@ -112,7 +156,7 @@ def normalise_host(host, scheme):
         return None
     name = match["host"].lower().rstrip(".")
     port = match["port"]
-    if not name or ".." in name:
+    if not name or ".." in name or name.startswith("."):
         return None
     if port is not None:
         if not 0 < int(port) <= 65535:
@@ -247,6 +291,21 @@ def as_host_patterns(value):
     return tuple(hosts)
 
 
+def as_host_pattern(value):
+    """A host pattern of -allow or --hosts, lower-cased: `*`, `host[:port]` or `*.domain[:port]`."""
+    pattern = value.strip().lower()
+    if pattern == EVERY_HOST:
+        return pattern
+    if pattern.endswith(".") and not pattern.endswith("*."):
+        pattern = pattern[:-1]  # a trailing dot names the same host
+    match = HOST_PATTERN.fullmatch(pattern)
+    if not match or ".." in pattern:
+        raise ValueError(f"{value!r} is not a host pattern (host, *.domain or *, with an optional :port)")
+    if match["port"] is not None and not 0 < int(match["port"]) <= 65535:
+        raise ValueError(f"{value!r}: the port must be from 1 to 65535")
+    return pattern
+
+
 def as_log_format(value):
     lowered = value.strip().lower()
     if lowered not in ("text", "json"):
@@ -274,6 +333,7 @@ SETTINGS = (
     ("app_name", "APP_NAME", "Forward Auth", as_text),
     ("log_format", "LOG_FORMAT", "text", as_log_format),
     ("threads", "THREADS", "8", as_threads),
+    ("invite_ttl", "INVITE_TTL_SECONDS", "259200", as_seconds),
 )
 
 
@@ -346,29 +406,80 @@ def _read_variable(environ, name, default):
 # --- Storage ----------------------------------------------------------------
 
 
-User = collections.namedtuple("User", "name seed created last_login last_step")
+User = collections.namedtuple("User", "name seed created last_login last_step hosts", defaults=(EVERY_HOST,))
+AppToken = collections.namedtuple("AppToken", "user label hosts created expires last_used")
+Invite = collections.namedtuple("Invite", "user seed expires")
+Session = collections.namedtuple("Session", "created user ip agent")
+# What the check path holds of a user: its host patterns (None: every host), and
+# when its sessions were last ended (-logout, or a reset by -invite).
+Rule = collections.namedtuple("Rule", "hosts sessions_after")
+Snapshot = collections.namedtuple("Snapshot", "version rules deleted revoked app_tokens")
+
+# Each version's statements; a database at version N runs those above N, in one transaction.
+MIGRATIONS = {
+    1: (
+        """CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            seed TEXT NOT NULL,
+            created INTEGER NOT NULL,
+            last_login INTEGER,
+            last_step INTEGER NOT NULL DEFAULT 0)""",
+        "CREATE TABLE revoked (jti TEXT PRIMARY KEY, expires INTEGER NOT NULL)",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        # When a name was last deleted: its older sessions stay dead if the name comes back.
+        "CREATE TABLE deleted (name TEXT PRIMARY KEY, at INTEGER NOT NULL)",
+    ),
+    2: (
+        # Space-separated host patterns; `*` is every host, as in 1.0.
+        "ALTER TABLE users ADD COLUMN hosts TEXT NOT NULL DEFAULT '*'",
+        # Sessions issued before this second are over (-logout, a reset by -invite).
+        "ALTER TABLE users ADD COLUMN sessions_after INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE app_tokens (
+            hash TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            label TEXT NOT NULL,
+            hosts TEXT NOT NULL,
+            created INTEGER NOT NULL,
+            expires INTEGER,
+            last_used INTEGER,
+            UNIQUE (user, label))""",
+        # A pending seed per user; users.seed is '' until a new user's link is used.
+        """CREATE TABLE invites (
+            user TEXT PRIMARY KEY,
+            hash TEXT NOT NULL UNIQUE,
+            seed TEXT NOT NULL,
+            expires INTEGER NOT NULL)""",
+        """CREATE TABLE sessions (
+            jti TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            created INTEGER NOT NULL,
+            expires INTEGER NOT NULL,
+            ip TEXT NOT NULL,
+            agent TEXT NOT NULL)""",
+        # A database that ever had a user never gets a fresh first user at start.
+        """INSERT OR IGNORE INTO meta SELECT 'had_user', '1'
+            WHERE EXISTS (SELECT 1 FROM users) OR EXISTS (SELECT 1 FROM deleted)""",
+    ),
+}
 
 
-SCHEMA = (
-    """CREATE TABLE users (
-        name TEXT PRIMARY KEY,
-        seed TEXT NOT NULL,
-        created INTEGER NOT NULL,
-        last_login INTEGER,
-        last_step INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE TABLE revoked (jti TEXT PRIMARY KEY, expires INTEGER NOT NULL)",
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    # When a name was last deleted: its older sessions stay dead if the name comes back.
-    "CREATE TABLE deleted (name TEXT PRIMARY KEY, at INTEGER NOT NULL)",
-)
+def _hosts_text(patterns):
+    return " ".join(patterns) if patterns else EVERY_HOST
+
+
+def _hosts_rule(text):
+    """The stored host list as the check uses it: None for every host, else a tuple of patterns."""
+    patterns = tuple(text.split())
+    return None if EVERY_HOST in patterns or not patterns else patterns
 
 
 class Store:
-    """The SQLite database: users, revoked sessions and the generated cookie key.
+    """The SQLite database: users, sessions, app tokens, invitations and the cookie key.
 
     One connection for queries and writes, one for noticing changes other
-    processes commit (``PRAGMA data_version`` only moves for other connections).
-    Each is guarded by a lock because waitress serves from several threads.
+    processes commit (``PRAGMA data_version`` only moves for other connections)
+    and for writes that must not wait. Each is guarded by a lock because
+    waitress serves from several threads.
     """
 
     def __init__(self, path):
@@ -381,7 +492,7 @@ class Store:
         self._lock = threading.Lock()
         self._migrate()
         self._watch = self._connect()
-        # The watch connection is read from /verify: never let it wait long.
+        # The watch connection is used from /verify and /logout: never let it wait long.
         self._watch.execute("PRAGMA busy_timeout = 100")
         self._watch_lock = threading.Lock()
 
@@ -393,21 +504,28 @@ class Store:
         conn.execute("PRAGMA synchronous = FULL")
         return conn
 
-    def _migrate(self):
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+    @contextlib.contextmanager
+    def _transaction(self, quick=False):
+        """One write transaction on the main connection (or the quick one, which waits 100 ms at most)."""
+        conn, lock = (self._watch, self._watch_lock) if quick else (self._conn, self._lock)
+        with lock:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                (version,) = self._conn.execute("PRAGMA user_version").fetchone()
-                if version > SCHEMA_VERSION:
-                    raise sqlite3.DatabaseError(f"database schema {version} is newer than this program")
-                if version < 1:
-                    for statement in SCHEMA:
-                        self._conn.execute(statement)
-                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                self._conn.execute("COMMIT")
+                yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
+
+    def _migrate(self):
+        with self._transaction() as conn:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"database schema {version} is newer than this program")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _query(self, sql, params=()):
         with self._lock:
@@ -426,59 +544,210 @@ class Store:
         self._write("INSERT OR IGNORE INTO meta VALUES ('cookie_key', ?)", (secrets.token_hex(32),))
         return bytes.fromhex(self._query("SELECT value FROM meta WHERE key = 'cookie_key'")[0][0])
 
+    # -- Users --
+
     def add_user(self, name, seed, now):
-        """True if added, False if the name is taken."""
+        """True if added, False if the name is taken. `seed` '' adds a pending user."""
         try:
-            self._write("INSERT INTO users (name, seed, created) VALUES (?, ?, ?)", (name, seed, int(now)))
+            with self._transaction() as conn:
+                conn.execute("INSERT INTO users (name, seed, created) VALUES (?, ?, ?)", (name, seed, int(now)))
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('had_user', '1')")
         except sqlite3.IntegrityError:
             return False
         return True
 
+    def had_user(self):
+        """Whether this database ever held a user (a first user is created only in one that never did)."""
+        return bool(self._query("SELECT 1 FROM meta WHERE key = 'had_user'"))
+
     def delete_user(self, name, now):
-        """True if the user existed; their tokens issued until `now` stay refused."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                gone = self._conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 1
-                if gone:
-                    self._conn.execute("INSERT OR REPLACE INTO deleted VALUES (?, ?)", (name, int(now)))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        """True if the user existed; their sessions issued until `now`, tokens and invitation go too."""
+        with self._transaction() as conn:
+            gone = conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 1
+            if gone:
+                conn.execute("INSERT OR REPLACE INTO deleted VALUES (?, ?)", (name, int(now)))
+                for table in ("app_tokens", "invites", "sessions"):
+                    conn.execute(f"DELETE FROM {table} WHERE user = ?", (name,))  # the table names are fixed
             return gone
 
     def users(self):
-        rows = self._query("SELECT name, seed, created, last_login, last_step FROM users ORDER BY created, name")
+        rows = self._query(
+            "SELECT name, seed, created, last_login, last_step, hosts FROM users ORDER BY created, name"
+        )
         return [User(*row) for row in rows]
 
+    def active_users(self):
+        """Users who can log in (a pending user has no seed yet)."""
+        return [user for user in self.users() if user.seed]
+
+    def user(self, name):
+        rows = self._query("SELECT name, seed, created, last_login, last_step, hosts FROM users WHERE name = ?", (name,))
+        return User(*rows[0]) if rows else None
+
+    def set_hosts(self, name, patterns):
+        """Replace NAME's host patterns; False if there is no such user."""
+        return self._write("UPDATE users SET hosts = ? WHERE name = ?", (_hosts_text(patterns), name)) == 1
+
+    # -- Logins and sessions --
+
+    def accept_login(self, name, step, session):
+        """Record a login at TOTP step `step` and its session; False if that step or a later one was used.
+
+        One transaction: the step is stored before any cookie is sent (RFC 6238 §5.2).
+        """
+        with self._transaction() as conn:
+            changed = conn.execute(
+                "UPDATE users SET last_step = ?, last_login = ? WHERE name = ? AND last_step < ? AND seed != ''",
+                (step, session.created, name, step),
+            ).rowcount
+            if changed == 1:
+                self._record_session(conn, session)
+            return changed == 1
+
     def accept_step(self, name, step, now):
-        """Record a login at TOTP step `step`; False if that step or a later one was used."""
-        changed = self._write(
+        """Record a login at `step` without a session row (for tests and tools)."""
+        return self._write(
             "UPDATE users SET last_step = ?, last_login = ? WHERE name = ? AND last_step < ?",
             (step, int(now), name, step),
-        )
-        return changed == 1
+        ) == 1
 
-    def revoke(self, jti, expires):
-        self._write("INSERT OR REPLACE INTO revoked VALUES (?, ?)", (jti, int(expires)))
+    @staticmethod
+    def _record_session(conn, session):
+        conn.execute("DELETE FROM sessions WHERE expires <= ?", (session.created,))
+        conn.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)", session.row())
+
+    def end_sessions(self, name, now):
+        """End every session of NAME issued until now; False if there is no such user."""
+        with self._transaction() as conn:
+            return self._end_sessions(conn, name, now)
+
+    @staticmethod
+    def _end_sessions(conn, name, now):
+        # sessions_after covers sessions without a row (issued by 1.0); the
+        # revocations cover those issued earlier in this same second.
+        if conn.execute("UPDATE users SET sessions_after = ? WHERE name = ?", (int(now), name)).rowcount != 1:
+            return False
+        conn.execute(
+            "INSERT OR REPLACE INTO revoked SELECT jti, expires FROM sessions WHERE user = ? AND expires > ?",
+            (name, int(now)),
+        )
+        return True
+
+    def live_sessions(self, name, now):
+        """Sessions not expired and not ended, newest first."""
+        sql = """SELECT s.created, s.user, s.ip, s.agent FROM sessions s JOIN users u ON u.name = s.user
+                 WHERE s.expires > ? AND s.created >= u.sessions_after
+                 AND s.jti NOT IN (SELECT jti FROM revoked) AND (? IS NULL OR s.user = ?)
+                 ORDER BY s.created DESC, s.rowid DESC"""
+        return [Session(*row) for row in self._query(sql, (int(now), name, name))]
+
+    def revoke(self, revocations, quick=False):
+        """Store {jti: expires}; `quick` waits at most 100 ms for a lock (then sqlite3.Error)."""
+        with self._transaction(quick) as conn:
+            conn.executemany("INSERT OR REPLACE INTO revoked VALUES (?, ?)", revocations.items())
 
     def purge_revoked(self, now):
         self._write("DELETE FROM revoked WHERE expires <= ?", (int(now),))
 
+    # -- App tokens --
+
+    def add_app_token(self, name, label, digest, hosts, now, expires):
+        """Store a token's hash; RuntimeError for an unknown user or a label in use."""
+        try:
+            with self._transaction() as conn:
+                if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
+                    raise RuntimeError(f"no user named {name!r}")
+                conn.execute(
+                    "INSERT INTO app_tokens VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                    (digest, name, label, _hosts_text(hosts), int(now), expires),
+                )
+        except sqlite3.IntegrityError:
+            raise RuntimeError(f"{name!r} already has a token labelled {label!r}") from None
+
+    def app_tokens(self, name=None):
+        sql = """SELECT user, label, hosts, created, expires, last_used FROM app_tokens
+                 WHERE ? IS NULL OR user = ? ORDER BY user, created, label"""
+        return [AppToken(*row) for row in self._query(sql, (name, name))]
+
+    def delete_app_token(self, name, label):
+        return self._write("DELETE FROM app_tokens WHERE user = ? AND label = ?", (name, label)) == 1
+
+    def touch_app_tokens(self, last_used):
+        """Write a batch of {hash: last used}."""
+        with self._transaction(quick=True) as conn:
+            conn.executemany(
+                "UPDATE app_tokens SET last_used = max(coalesce(last_used, 0), ?) WHERE hash = ?",
+                [(int(when), digest) for digest, when in last_used.items()],
+            )
+
+    # -- Invitations --
+
+    def create_invite(self, name, digest, seed, now, expires):
+        """A pending seed for NAME; a new NAME is created pending, an existing one is reset.
+
+        Returns True for a new user. A reset ends the current seed and every
+        session now; the host list and app tokens stay. An earlier invitation is void.
+        """
+        with self._transaction() as conn:
+            new = conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None
+            if new:
+                conn.execute("INSERT INTO users (name, seed, created) VALUES (?, '', ?)", (name, int(now)))
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('had_user', '1')")
+            else:
+                conn.execute("UPDATE users SET seed = '' WHERE name = ?", (name,))
+                self._end_sessions(conn, name, now)
+            conn.execute("INSERT OR REPLACE INTO invites VALUES (?, ?, ?, ?)", (name, digest, seed, int(expires)))
+            return new
+
+    def invite(self, digest, now):
+        """The live invitation with this hash, or None."""
+        rows = self._query("SELECT user, seed, expires FROM invites WHERE hash = ? AND expires > ?", (digest, int(now)))
+        return Invite(*rows[0]) if rows else None
+
+    def invites(self):
+        """{user: expires} of every invitation, live or not."""
+        return dict(self._query("SELECT user, expires FROM invites"))
+
+    def accept_invite(self, digest, step, session):
+        """Activate the invitation's seed at `step`, end it, and record the session; False if it is gone."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT user, seed FROM invites WHERE hash = ? AND expires > ?", (digest, session.created)
+            ).fetchone()
+            if row is None:
+                return False
+            conn.execute(
+                "UPDATE users SET seed = ?, last_step = ?, last_login = ? WHERE name = ?",
+                (row[1], step, session.created, row[0]),
+            )
+            conn.execute("DELETE FROM invites WHERE hash = ?", (digest,))
+            self._record_session(conn, session)
+            return True
+
+    # -- What the check path reads --
+
     def snapshot(self):
-        """(data_version, {user names}, {deleted name: when}, {jti: expires}) read through the watch connection."""
+        """The Snapshot the check path works from, read through the watch connection."""
         with self._watch_lock:
             conn = self._watch
             (version,) = conn.execute("PRAGMA data_version").fetchone()
             conn.execute("BEGIN")
             try:
-                users = {name for (name,) in conn.execute("SELECT name FROM users")}
+                rules = {
+                    name: Rule(_hosts_rule(hosts), after)
+                    for name, hosts, after in conn.execute("SELECT name, hosts, sessions_after FROM users")
+                }
                 deleted = dict(conn.execute("SELECT name, at FROM deleted"))
                 revoked = dict(conn.execute("SELECT jti, expires FROM revoked"))
+                app_tokens = {
+                    digest: AppToken(user, label, _hosts_rule(hosts), created, expires, None)
+                    for digest, user, label, hosts, created, expires in conn.execute(
+                        "SELECT hash, user, label, hosts, created, expires FROM app_tokens"
+                    )
+                }
             finally:
                 conn.execute("COMMIT")
-            return version, users, deleted, revoked
+            return Snapshot(version, rules, deleted, revoked, app_tokens)
 
     def data_version(self):
         with self._watch_lock:
@@ -499,10 +768,22 @@ class Store:
         self._watch.close()
 
 
+class SessionRecord(collections.namedtuple("SessionRecord", "jti user created expires ip agent")):
+    """A login as the sessions table keeps it."""
+
+    def row(self):
+        return (self.jti, self.user, int(self.created), int(self.expires), self.ip, self.agent[:USER_AGENT_CHARS])
+
+
 def _create_private_file(path, exclusive=False):
     """Create `path` with mode 0600 before SQLite opens it (SQLite would use the umask)."""
     flags = os.O_CREAT | os.O_WRONLY | (os.O_EXCL if exclusive else 0)
     os.close(os.open(path, flags, 0o600))
+
+
+def digest(token):
+    """How app tokens and invitations are stored: SHA-256, hex (the token has 256 random bits)."""
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
 
 
 # --- Tokens -----------------------------------------------------------------
@@ -548,8 +829,8 @@ def verify_token(token, key, now):
     ):
         return None, "signature"
     try:
-        claims = json.loads(_b64decode(payload))
-    except ValueError:
+        claims = json.loads(_b64decode(payload))  # signed by us: no hostile nesting past this point
+    except (ValueError, RecursionError):
         return None, "malformed"
     if not _claims_well_formed(claims):
         return None, "claims"
@@ -562,10 +843,13 @@ def _plain_hs256_header(segment):
     """A header another HS256 signer may write: alg HS256, typ JWT or absent, nothing else.
 
     No `none`, no other alg, and no key hints (kid, jku, jwk, x5u, crit) to follow.
+    A long segment is refused unread: json.loads of "[[[[…" raises RecursionError.
     """
+    if len(segment) > MAX_HEADER_SEGMENT:
+        return False
     try:
         header = json.loads(_b64decode(segment))
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return (
         isinstance(header, dict)
@@ -623,6 +907,8 @@ def match_code(code, users, now):
     step = step_at(now)
     matches = []
     for user in users:
+        if not user.seed:
+            continue  # pending: enrolment not finished
         totp = pyotp.TOTP(user.seed)
         for offset in WINDOW:
             if hmac.compare_digest(totp.generate_otp(step + offset).encode("ascii"), given):
@@ -670,9 +956,9 @@ class RateLimiter:
         self._global = _Bucket()
         self._lock = threading.Lock()
 
-    def acquire(self, key, device=False):
+    def acquire(self, key, device=False, now=None):
         """Start an attempt: 0 if it may go ahead (then release() it), else seconds to wait."""
-        now = self.clock()
+        now = self.clock() if now is None else now
         with self._lock:
             buckets = self._buckets_for(key, device)
             wait = max(self._wait(bucket, limit, now) for bucket, limit in buckets)
@@ -681,15 +967,16 @@ class RateLimiter:
                     bucket.in_flight += 1
             return wait
 
-    def release(self, key, device=False, outcome="failure"):
-        """End an acquired attempt: "failure" counts, "success" resets its device or IP, "undecided" neither."""
-        now = self.clock()
+    def release(self, key, device=False, outcome=Outcome.FAILURE, now=None):
+        """End an acquired attempt: a success resets its device or IP, an undecided one neither
+        counts nor resets, anything else (a wrong code, a replay) counts as a failure."""
+        now = self.clock() if now is None else now
         with self._lock:
             for bucket, limit in self._buckets_for(key, device):
                 bucket.in_flight = max(0, bucket.in_flight - 1)
-                if outcome == "failure":
+                if outcome not in (Outcome.SUCCESS, Outcome.UNDECIDED):
                     self._count(bucket, limit, now)
-            if outcome == "success":
+            if outcome is Outcome.SUCCESS:
                 self._buckets.pop(key, None)
 
     def retry_after(self, key, device=False):
@@ -745,7 +1032,10 @@ class RateLimiter:
             bucket.failures.clear()
 
 
-# --- Request helpers --------------------------------------------------------
+# --- Request ----------------------------------------------------------------
+# The rules are pure functions over values (addresses, header values, URLs);
+# `Request` reads the environ once and hands them the values. Nothing below
+# this section touches the environ.
 
 
 def parse_ip(text):
@@ -786,88 +1076,125 @@ class Trust:
         return any(ip.version == n.version and ip in n for n in self.networks)
 
 
-def client_ip(environ, trust):
-    """The client's address: the peer, or from a trusted peer the right-most untrusted X-Forwarded-For hop."""
-    peer = environ.get("REMOTE_ADDR", "")
-    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-    if not forwarded or peer not in trust:
-        return str(parse_ip(peer) or peer)
+def client_ip(peer, forwarded_for, trust):
+    """The client's address: the peer, or from a trusted peer the right-most untrusted X-Forwarded-For hop.
+
+    An ipaddress object; the peer's own text when it is not an address (a unix socket).
+    """
     chosen = parse_ip(peer)
-    for hop in reversed(forwarded.split(",")):
+    if not forwarded_for or peer not in trust:
+        return chosen or peer
+    for hop in reversed(forwarded_for.split(",")):
         ip = parse_ip(hop)
         if ip is None:
             break  # a malformed hop: nothing left of it can be believed
         chosen = ip
         if ip not in trust:
             break
-    return str(chosen)
+    return chosen
 
 
-def limiter_key_for_ip(ip_text):
+def limiter_key(ip):
     """IPv6 clients are grouped by /64, since one host usually holds a whole /64."""
-    ip = parse_ip(ip_text)
-    if ip is not None and ip.version == 6:
+    if isinstance(ip, ipaddress.IPv6Address):
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return ip_text
+    return str(ip)
 
 
 def _has_unsafe_characters(text):
     return any(c <= " " or c == "\x7f" or c == "\\" or not c.isascii() for c in text)
 
 
-def request_origin(environ, trust):
-    """(scheme, host) the browser used, from trusted X-Forwarded-* or the request itself."""
-    trusted = environ.get("REMOTE_ADDR", "") in trust
-    scheme = environ.get("HTTP_X_FORWARDED_PROTO") if trusted else None
-    host = environ.get("HTTP_X_FORWARDED_HOST") if trusted else None
-    scheme = (scheme or environ.get("wsgi.url_scheme", "http")).strip().lower()
-    host = host or environ.get("HTTP_HOST") or environ.get("SERVER_NAME", "")
+def request_origin(scheme, host):
+    """(scheme, normalised host) the browser used; ValueError for a bad one."""
+    scheme = scheme.strip().lower()
     if scheme not in DEFAULT_PORTS or "," in host or "@" in host:
-        raise HTTPError(400, b"Bad forwarded scheme or host\n")
+        raise ValueError("bad forwarded scheme or host")
     normal = normalise_host(host.strip(), scheme)
     if normal is None:
-        raise HTTPError(400, b"Bad forwarded host\n")
+        raise ValueError("bad forwarded host")
     return scheme, normal
 
 
-def original_url(environ, trust):
-    """The URL the proxy was asked for, or None when no trusted proxy told us.
+def original_url(x_original_url, proto, host, uri, own_scheme, own_host):
+    """The URL the proxy was asked for, rebuilt from a trusted proxy's headers; None if they name none.
 
-    X-Original-URL (nginx) wins over X-Forwarded-Proto/Host/Uri (Caddy,
-    Traefik). Anything malformed raises HTTPError(400): it is never echoed.
+    X-Original-URL (nginx) and X-Forwarded-Host/-Uri/-Proto (Caddy, Traefik).
+    Each proxy passes a client's own header of the other family through, so
+    when both name a host and the hosts differ there is no original URL: never
+    pick one of the two. ValueError for anything malformed: it is never echoed.
     """
-    if environ.get("REMOTE_ADDR", "") not in trust:
+    forwarded = None
+    if host is not None or uri is not None:
+        scheme, netloc = request_origin(proto or own_scheme, host or own_host)
+        uri = "/" if uri is None else uri
+        if not uri.startswith("/") or uri.startswith("//") or _has_unsafe_characters(uri):
+            raise ValueError("bad forwarded URI")
+        forwarded = f"{scheme}://{netloc}{uri}"
+    if x_original_url is None:
+        return forwarded
+    full = _checked_absolute_url(x_original_url)
+    if host is not None and url_host(full) != url_host(forwarded):
         return None
-    full = environ.get("HTTP_X_ORIGINAL_URL")
-    if full is not None:
-        return _checked_absolute_url(full)
-    if "HTTP_X_FORWARDED_HOST" not in environ and "HTTP_X_FORWARDED_URI" not in environ:
-        return None
-    scheme, host = request_origin(environ, trust)
-    uri = environ.get("HTTP_X_FORWARDED_URI", "/")
-    if not uri.startswith("/") or uri.startswith("//") or _has_unsafe_characters(uri):
-        raise HTTPError(400, b"Bad forwarded URI\n")
-    return f"{scheme}://{host}{uri}"
+    return full
 
 
 def _checked_absolute_url(url):
     if _has_unsafe_characters(url):
-        raise HTTPError(400, b"Bad original URL\n")
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        raise HTTPError(400, b"Bad original URL\n") from None
+        raise ValueError("bad original URL")
+    parts = urllib.parse.urlsplit(url)  # ValueError for a bad IPv6 literal
     host = normalise_host(parts.netloc, parts.scheme) if "@" not in parts.netloc else None
     if parts.scheme not in DEFAULT_PORTS or host is None or "," in parts.netloc:
-        raise HTTPError(400, b"Bad original URL\n")
+        raise ValueError("bad original URL")
     path = parts.path or "/"
     if path.startswith("//"):
-        raise HTTPError(400, b"Bad original URL\n")
+        raise ValueError("bad original URL")
     query = f"?{parts.query}" if parts.query else ""
     return f"{parts.scheme}://{host}{path}{query}"
 
 
-def host_allowed(host, login_host, settings):
+def url_host(url):
+    """The normalised host[:port] of an absolute URL this module built."""
+    return url.split("/", 3)[2]
+
+
+def url_base(url):
+    """scheme://host of an absolute URL this module built."""
+    return url[: url.index("/", url.index("//") + 2)] if url.count("/") > 2 else url
+
+
+def host_and_port(url):
+    """(host name, port) of an absolute URL this module built; the port is the scheme's default if none."""
+    scheme, _, rest = url.partition("://")
+    return split_host(rest.split("/", 1)[0], DEFAULT_PORTS[scheme])
+
+
+def split_host(host, default_port=None):
+    """("name", port or default_port) of a normalised `host[:port]` (IPv6 in brackets)."""
+    name, sep, port = host.rpartition(":")
+    if not sep or name.endswith("[") or (host.startswith("[") and not name.endswith("]")):
+        return host, default_port
+    return name, int(port)
+
+
+def host_matches(host, port, pattern):
+    """Whether (host, port) is matched by a host pattern.
+
+    `*` matches every host; `*.example.com` any depth of subdomain, never
+    example.com itself (on a dot boundary, so not evilexample.com); a pattern
+    without a port any port. Hosts are normalised (lower case, no trailing dot).
+    """
+    if pattern == EVERY_HOST:
+        return True
+    name, wanted_port = split_host(pattern)
+    if wanted_port is not None and wanted_port != port:
+        return False
+    if name.startswith("*."):
+        return host.endswith(name[1:]) and len(host) > len(name) - 1
+    return host == name
+
+
+def redirect_allowed(host, login_host, settings):
     """Whether a redirect may go to `host` (normalised host[:port])."""
     if host == login_host:
         return True
@@ -904,26 +1231,44 @@ def safe_next(value, login_host, settings):
     if parts.scheme not in allowed_schemes or not parts.netloc or "@" in parts.netloc:
         return "/"
     host = normalise_host(parts.netloc, parts.scheme)
-    if host is None or not host_allowed(host, login_host, settings):
+    if host is None or not redirect_allowed(host, login_host, settings):
         return "/"
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path or "/", parts.query, parts.fragment))
 
 
-def wants_html(environ, method):
+def wants_html(method, accept, requested_with):
     """A browser navigation: GET/HEAD, Accept absent or with text/html, not XHR."""
-    if method not in ("GET", "HEAD") or "HTTP_X_REQUESTED_WITH" in environ:
+    if method not in ("GET", "HEAD") or requested_with is not None:
         return False
-    accept = environ.get("HTTP_ACCEPT")
     return accept is None or "text/html" in accept
 
 
+def is_cross_site(sec_fetch_site, origin, own_origin):
+    """A request another site made the browser send (Fetch Metadata, then Origin).
+
+    `Origin: null` proves nothing (privacy modes send it): the CSRF token decides.
+    An Origin that cannot be parsed is cross-site.
+    """
+    if (sec_fetch_site or "").lower() == "cross-site":
+        return True
+    if origin is None or origin == "null":
+        return False
+    try:
+        parts = urllib.parse.urlsplit(origin)
+        host = normalise_host(parts.netloc, parts.scheme)
+    except ValueError:
+        return True
+    return own_origin is None or parts.scheme not in DEFAULT_PORTS or host != own_origin[1]
+
+
 def parse_cookies(header):
-    """{name: value} for a Cookie header; the first of a repeated name wins."""
+    """{name: [values]} for a Cookie header: a name sent twice keeps every value (a sibling
+    subdomain can plant `auth_token=junk` beside the real one)."""
     cookies = {}
     for part in header.split(";"):
         name, sep, value = part.strip().partition("=")
-        if sep and name not in cookies:
-            cookies[name] = value.strip().strip('"')
+        if sep:
+            cookies.setdefault(name, []).append(value.strip().strip('"'))
     return cookies
 
 
@@ -939,14 +1284,168 @@ def parse_form(text):
     return form
 
 
+def presented_app_token(authorization):
+    """(token, Basic user name or None) if the Authorization header carries a forward-auth app token.
+
+    Only credentials with the `fat_` prefix are ours: an app's own `Bearer
+    glsa_…` or `MediaBrowser …` is left to the app, and the cookie decides.
+    """
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    scheme, value = scheme.lower(), value.strip()
+    if scheme == "bearer" and value.startswith(APP_TOKEN_PREFIX):
+        return value, None
+    if scheme == "basic":
+        try:
+            user, sep, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if sep and password.startswith(APP_TOKEN_PREFIX):
+            return password, user
+    return None
+
+
 def _wsgi_text(raw):
     """WSGI hands us latin-1 decoded bytes; take them back as UTF-8 (U+FFFD for junk)."""
     return raw.encode("latin-1", "replace").decode("utf-8", "replace")
 
 
-# --- Pages ------------------------------------------------------------------
+class Request:
+    """The facts of one request, read once from the WSGI environ.
 
-LOGIN_CSS = """
+    What every request needs is read at once; what only some handlers need
+    (client address, original URL, query, form) is worked out on first use
+    and kept. `now` is the one clock reading of the request.
+    """
+
+    def __init__(self, environ, trust, now):
+        self._environ = environ
+        self._trust = trust
+        self.now = now
+        self.method = environ.get("REQUEST_METHOD", "GET")
+        self.path = environ.get("PATH_INFO", "")
+        self.peer = environ.get("REMOTE_ADDR", "")
+        self.cookie_header = environ.get("HTTP_COOKIE", "")
+        self.authorization = environ.get("HTTP_AUTHORIZATION")
+
+    def _header(self, name):
+        return self._environ.get(name)
+
+    def _forwarded(self, name):
+        """A proxy header, only from a trusted peer."""
+        return self._environ.get(name) if self.trusted else None
+
+    @functools.cached_property
+    def trusted(self):
+        return self.peer in self._trust
+
+    @functools.cached_property
+    def cookies(self):
+        return parse_cookies(self.cookie_header)
+
+    def cookie_values(self, name):
+        return self.cookies.get(name, ())
+
+    @functools.cached_property
+    def ip(self):
+        return client_ip(self.peer, self._header("HTTP_X_FORWARDED_FOR"), self._trust)
+
+    @functools.cached_property
+    def original_method(self):
+        """The method the client used: X-Forwarded-Method from a trusted proxy, else this request's."""
+        return (self._forwarded("HTTP_X_FORWARDED_METHOD") or self.method).upper()
+
+    @functools.cached_property
+    def wants_html(self):
+        return wants_html(self.original_method, self._header("HTTP_ACCEPT"), self._header("HTTP_X_REQUESTED_WITH"))
+
+    @functools.cached_property
+    def origin(self):
+        """(scheme, host) the browser used, from trusted X-Forwarded-* or the request itself; None if bad."""
+        scheme = self._forwarded("HTTP_X_FORWARDED_PROTO") or self._environ.get("wsgi.url_scheme", "http")
+        host = self._forwarded("HTTP_X_FORWARDED_HOST") or self.own_host
+        try:
+            return request_origin(scheme, host)
+        except ValueError:
+            return None
+
+    @functools.cached_property
+    def own_host(self):
+        return self._header("HTTP_HOST") or self._environ.get("SERVER_NAME", "")
+
+    @functools.cached_property
+    def _original(self):
+        """(original URL or None, why it is unusable or None)."""
+        if not self.trusted:
+            return None, None
+        try:
+            url = original_url(
+                self._header("HTTP_X_ORIGINAL_URL"),
+                self._header("HTTP_X_FORWARDED_PROTO"),
+                self._header("HTTP_X_FORWARDED_HOST"),
+                self._header("HTTP_X_FORWARDED_URI"),
+                self._environ.get("wsgi.url_scheme", "http"),
+                self.own_host,
+            )
+        except ValueError as error:
+            return None, str(error)
+        return url, None
+
+    @property
+    def original_url(self):
+        return self._original[0]
+
+    @property
+    def original_problem(self):
+        return self._original[1]
+
+    @functools.cached_property
+    def original_host(self):
+        """(host name, port) of the original URL, or None when it is unknown."""
+        url = self.original_url
+        return host_and_port(url) if url else None
+
+    @functools.cached_property
+    def query(self):
+        return parse_form(_wsgi_text(self._environ.get("QUERY_STRING", "")))
+
+    @property
+    def user_agent(self):
+        return self._header("HTTP_USER_AGENT") or ""
+
+    @property
+    def origin_header(self):
+        return self._header("HTTP_ORIGIN")
+
+    @property
+    def sec_fetch_site(self):
+        return self._header("HTTP_SEC_FETCH_SITE")
+
+    @property
+    def has_form(self):
+        content_type = (self._environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
+        return content_type == "application/x-www-form-urlencoded"
+
+    @functools.cached_property
+    def form(self):
+        """The urlencoded body: 400 for a bad length, 413 over 8 KiB, 415 for another type."""
+        try:
+            length = int(self._environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            raise HTTPError(400, b"Bad Content-Length\n") from None
+        if length > MAX_FORM_BYTES:
+            raise HTTPError(413, b"Form too large\n")
+        if not self.has_form:
+            raise HTTPError(415, b"Expected application/x-www-form-urlencoded\n")
+        body = self._environ["wsgi.input"].read(length) if length > 0 else b""
+        return parse_form(body.decode("utf-8", "replace"))
+
+
+# --- Pages ------------------------------------------------------------------
+# Inline HTML, no script. One style sheet, allowed by its hash in the CSP.
+
+PAGE_CSS = """
 :root{color-scheme:light dark;--bg:#f4f5f7;--card:#fff;--fg:#1d2330;--muted:#5b6475;
 --line:#c9ced8;--accent:#2451c7;--accent-fg:#fff;--error:#b3261e;--error-bg:#fdecea}
 @media (prefers-color-scheme:dark){:root{--bg:#111318;--card:#1c1f26;--fg:#e6e8ee;
@@ -955,8 +1454,9 @@ LOGIN_CSS = """
 body{margin:0;min-height:100vh;display:flex;align-items:center;justify-content:center;
 background:var(--bg);color:var(--fg);font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
 main{width:100%;max-width:24rem;margin:1rem;padding:2rem 1.5rem;background:var(--card);
-border:1px solid var(--line);border-radius:12px}
+border:1px solid var(--line);border-radius:12px;box-shadow:0 8px 24px rgba(0,0,0,.08)}
 h1{font-size:1.35rem;margin:0 0 1.25rem;text-align:center}
+.sub{color:var(--muted);margin:-1rem 0 1.25rem;text-align:center;overflow-wrap:anywhere}
 label{display:block;font-weight:600;margin-bottom:.5rem}
 input[name=otp]{width:100%;padding:.7rem;font-size:1.6rem;letter-spacing:.4em;text-align:center;
 font-variant-numeric:tabular-nums;border:1px solid var(--line);border-radius:8px;
@@ -964,44 +1464,110 @@ background:transparent;color:inherit}
 input[name=otp]:focus{outline:3px solid var(--accent);outline-offset:1px}
 button{width:100%;margin-top:1rem;padding:.75rem;font-size:1rem;font-weight:600;border:0;
 border-radius:8px;background:var(--accent);color:var(--accent-fg);cursor:pointer}
+button.quiet{background:transparent;color:var(--accent);border:1px solid var(--line);margin-top:.75rem}
+a{color:var(--accent)}
 .message{margin:0 0 1rem;padding:.6rem .8rem;border-radius:8px;background:var(--error-bg);color:var(--error)}
 .hint{color:var(--muted);font-size:.875rem;margin:.75rem 0 0;text-align:center}
+.qr{display:flex;justify-content:center;margin:0 0 1rem}
+.qr svg{background:#fff;border-radius:8px;width:min(100%,14rem);height:auto}
+.secret{font:1.05rem/1.6 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;text-align:center;
+word-spacing:.3em;overflow-wrap:anywhere;user-select:all;margin:0 0 1rem}
 """
-LOGIN_CSS_HASH = base64.b64encode(hashlib.sha256(LOGIN_CSS.encode()).digest()).decode()
+PAGE_CSS_HASH = base64.b64encode(hashlib.sha256(PAGE_CSS.encode()).digest()).decode()
 
-LOGIN_PAGE = """<!doctype html>
+PAGE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
-<title>Sign in · {app_name}</title>
+<title>{title}</title>
 <link rel="icon" href="data:,">
 <style>{css}</style>
 </head>
 <body>
 <main>
-<h1>{app_name}</h1>
-{message}<form method="post">
-<label for="otp">Code from your authenticator app</label>
-<input id="otp" name="otp" type="text" inputmode="numeric" pattern="[0-9]{{6}}" minlength="6"
- maxlength="6" autocomplete="one-time-code" autofocus required{disabled}>
-<input type="hidden" name="next" value="{next}">
-<input type="hidden" name="csrf" value="{csrf}">
-<button type="submit"{disabled}>Sign in</button>
-</form>
-<p class="hint">Enter the 6-digit code your app shows for {app_name}.</p>
-</main>
+{body}</main>
 </body>
 </html>
 """
 
+LOGIN_FORM = """<h1>{app_name}</h1>
+{subtitle}{message}<form method="post">
+<label for="otp">Code from your authenticator app</label>
+<input id="otp" name="otp" type="text" inputmode="numeric" pattern="[0-9]{{6}}" minlength="6"
+ maxlength="6" autocomplete="one-time-code" placeholder="123456" autofocus required{disabled}>
+<input type="hidden" name="next" value="{next}">
+<input type="hidden" name="csrf" value="{csrf}">
+<button type="submit"{disabled}>Sign in</button>
+</form>
+{forget}"""
+
+FORGET_DEVICE = """<form method="post">
+<input type="hidden" name="action" value="forget">
+<input type="hidden" name="next" value="{next}">
+<input type="hidden" name="csrf" value="{csrf}">
+<button type="submit" class="quiet">Not {name}?</button>
+</form>
+"""
+
+SIGNED_IN = """<h1>{app_name}</h1>
+<p class="sub">Signed in as <strong>{name}</strong></p>
+<form method="post" action="{logout}">
+<input type="hidden" name="csrf" value="{csrf}">
+<button type="submit">Sign out</button>
+</form>
+<form method="post" action="{logout}">
+<input type="hidden" name="csrf" value="{csrf}">
+<input type="hidden" name="all" value="1">
+<button type="submit" class="quiet">Sign out everywhere</button>
+</form>
+<p class="hint">Everywhere: every browser and device signed in as {name}.</p>
+"""
+
+FORBIDDEN_PAGE = """<h1>Not allowed</h1>
+<p>Signed in as <strong>{name}</strong>, who may not open <strong>{host}</strong>.</p>
+<p class="hint"><a href="{logout}">Sign in as someone else</a></p>
+"""
+
+INVITE_START = """<h1>Set up your authenticator for {app_name}</h1>
+<p>This link adds <strong>{name}</strong>. Have your authenticator app ready
+(Google Authenticator, Aegis, 1Password…), then continue.</p>
+<form method="post">
+<input type="hidden" name="invite" value="{invite}">
+<input type="hidden" name="csrf" value="{csrf}">
+<button type="submit">Show my setup code</button>
+</form>
+<p class="hint">Expires {expires}. It works once.</p>
+"""
+
+INVITE_SETUP = """<h1>Set up your authenticator for {app_name}</h1>
+{message}<p>Scan this with your authenticator app, or
+<a href="{uri}">open it in the app</a> on this phone.</p>
+<div class="qr">{qr}</div>
+<p class="hint">Or type this key:</p>
+<p class="secret">{secret}</p>
+<form method="post">
+<label for="otp">The code your app now shows for {app_name}</label>
+<input id="otp" name="otp" type="text" inputmode="numeric" pattern="[0-9]{{6}}" minlength="6"
+ maxlength="6" autocomplete="one-time-code" placeholder="123456" required{disabled}>
+<input type="hidden" name="invite" value="{invite}">
+<input type="hidden" name="csrf" value="{csrf}">
+<button type="submit"{disabled}>Finish and sign in</button>
+</form>
+"""
+
+INVITE_GONE = """<h1>This link no longer works</h1>
+<p>An invitation works once and expires. Ask whoever sent it for a new link.</p>
+"""
+
 MESSAGE = '<p class="message" role="alert">{}</p>\n'
+SUBTITLE = '<p class="sub">to continue to {}</p>\n'
 
 # No form-action: Chromium applies it to the redirect after the POST, which
 # would block returning to another host of a shared login (COOKIE_DOMAIN).
 PAGE_CSP = (
-    f"default-src 'none'; style-src 'sha256-{LOGIN_CSS_HASH}'; img-src data:; "
+    f"default-src 'none'; style-src 'sha256-{PAGE_CSS_HASH}'; img-src data:; "
     "base-uri 'none'; frame-ancestors 'none'"
 )
 EMPTY_BODY = [("Content-Length", "0"), ("Content-Type", "text/plain")]  # validators want a type
@@ -1021,15 +1587,48 @@ def escape(text):
     )
 
 
-def render_login(app_name, next_url, csrf, message="", disabled=False):
-    return LOGIN_PAGE.format(
-        app_name=escape(app_name),
-        css=LOGIN_CSS,
-        message=MESSAGE.format(escape(message)) if message else "",
-        next=escape(next_url),
-        csrf=escape(csrf),
-        disabled=" disabled" if disabled else "",
-    ).encode("utf-8")
+def render_page(title, template, **values):
+    """A whole page: `template` filled with `values`, each HTML-escaped unless it is markup (a Markup)."""
+    filled = {name: value if isinstance(value, Markup) else escape(str(value)) for name, value in values.items()}
+    return PAGE.format(title=escape(title), css=PAGE_CSS, body=template.format(**filled)).encode("utf-8")
+
+
+class Markup(str):
+    """Text that is already HTML (made here from escaped parts): render_page does not escape it again."""
+
+
+def message_markup(message):
+    return Markup(MESSAGE.format(escape(message)) if message else "")
+
+
+def render_login(app_name, next_url, csrf, message="", disabled=False, device_user=None):
+    host = url_host(next_url) if next_url.startswith(("http://", "https://")) else ""
+    forget = FORGET_DEVICE.format(next=escape(next_url), csrf=escape(csrf), name=escape(device_user or ""))
+    subtitle = f"Signing in as {device_user}" if device_user else ""
+    return render_page(
+        f"Sign in · {app_name}",
+        LOGIN_FORM,
+        app_name=app_name,
+        subtitle=Markup((SUBTITLE.format(escape(host)) if host else "") + (
+            f'<p class="sub">{escape(subtitle)}</p>\n' if subtitle else "")),
+        message=message_markup(message),
+        next=next_url,
+        csrf=csrf,
+        disabled=Markup(" disabled" if disabled else ""),
+        forget=Markup(forget if device_user else ""),
+    )
+
+
+def group_secret(seed):
+    """A base32 secret in groups of four, as people copy it: ABCD EFGH …"""
+    return " ".join(seed[i : i + 4] for i in range(0, len(seed), 4))
+
+
+def qr_svg(text):
+    """`text` as an inline SVG QR code (no script, no data: URL, so the CSP stays strict)."""
+    import segno  # only here and in the CLI: the serving process loads it on the first enrolment
+
+    return segno.make(text, error="m").svg_inline(scale=4, dark="#000", light="#fff", border=4)
 
 
 def plural_minutes(seconds):
@@ -1037,9 +1636,208 @@ def plural_minutes(seconds):
     return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
-# --- App --------------------------------------------------------------------
+def format_time(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else "never"
 
-log = logging.getLogger("forward_auth")
+
+# --- Gate -------------------------------------------------------------------
+# What a check decides from, all in memory: users and their host lists,
+# deletions, revocations, app tokens. This is the hot path: a few dictionary
+# lookups, no database access unless another process changed it.
+
+# `token`: the credential was an app token; `basic`: it came as HTTP Basic.
+Decision = collections.namedtuple("Decision", "verdict user host token basic", defaults=(None, None, False, False))
+DENIED = Decision(Verdict.DENY)
+
+
+class Throttle:
+    """Says whether a key (a user and host, a client address) is due another log line; bounded."""
+
+    def __init__(self, every=LOG_EVERY_SECONDS, max_keys=10_000):
+        self.every = every
+        self.max_keys = max_keys
+        self._last = {}
+        self._lock = threading.Lock()
+
+    def due(self, key, now):
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and 0 <= now - last < self.every:
+                return False
+            if len(self._last) >= self.max_keys:
+                self._last.clear()  # a stranger's many addresses: forget, at worst log a line again
+            self._last[key] = now
+            return True
+
+
+class Gate:
+    """Turns a Request into a Decision, from memory refreshed when the database changes.
+
+    Revocations that could not be written yet (the database was locked) are
+    kept in memory, merged into every refresh and written when it lets us.
+    """
+
+    def __init__(self, store, session_key, cookie_name):
+        self.store = store
+        self.session_key = session_key
+        self.cookie_name = cookie_name
+        self._claims = {}  # Cookie header -> claims of its session cookies whose signature holds
+        self._rules = {}  # user name -> Rule
+        self._deleted = {}  # name -> when it was last deleted
+        self._revoked = {}  # jti -> expires
+        self._unwritten = {}  # jti -> expires: revocations the database has not taken yet
+        self._app_tokens = {}  # SHA-256 -> AppToken
+        self._last_used = {}  # SHA-256 -> when, written in batches
+        self._next_flush = 0.0
+        self._version = None
+        self._next_refresh = 0.0
+        self._lock = threading.Lock()
+
+    # -- Keeping up with the database --
+
+    def refresh(self, now, force=False):
+        """Reload if any connection changed the database.
+
+        /verify calls this at most every REFRESH_SECONDS: one PRAGMA, no table
+        read unless something changed, and never a wait for another thread.
+        """
+        if not force and self._next_refresh - REFRESH_SECONDS <= now < self._next_refresh:
+            return  # checked recently (a clock set back counts as due)
+        if not self._lock.acquire(blocking=force):
+            return  # another thread is already looking
+        try:
+            self._next_refresh = now + REFRESH_SECONDS
+            self._write_unwritten()
+            if force or self.store.data_version() != self._version:
+                self._load(self.store.snapshot(), now)
+            self._flush_if_due(now)
+        except sqlite3.Error as error:
+            log.warning("cannot refresh from the database, serving from memory: %s", error)
+        finally:
+            self._lock.release()
+
+    def _load(self, snapshot, now):
+        self._version = snapshot.version
+        self._rules, self._deleted, self._app_tokens = snapshot.rules, snapshot.deleted, snapshot.app_tokens
+        revoked = {jti: exp for jti, exp in snapshot.revoked.items() if exp > now}
+        revoked.update(self._unwritten)
+        self._revoked = revoked
+
+    def _write_unwritten(self):
+        if self._unwritten:
+            pending = dict(self._unwritten)
+            self.store.revoke(pending, quick=True)
+            for jti in pending:
+                self._unwritten.pop(jti, None)
+
+    def revoke(self, jti, expires):
+        """End one session: at once in this process, in the database as soon as it lets us."""
+        self._revoked[jti] = expires
+        self._unwritten[jti] = expires
+        try:
+            self._write_unwritten()
+        except sqlite3.Error as error:
+            log.warning("logout kept in memory until the database answers: %s", error)
+
+    def flush_last_used(self):
+        """Write the app tokens' last-used times collected so far."""
+        batch, self._last_used = self._last_used, {}
+        if batch:
+            try:
+                self.store.touch_app_tokens(batch)
+            except sqlite3.Error:
+                for key, when in batch.items():
+                    self._last_used.setdefault(key, when)  # try again next time
+
+    def _flush_if_due(self, now):
+        if self._last_used and not self._next_flush - LAST_USED_SECONDS <= now < self._next_flush:
+            self._next_flush = now + LAST_USED_SECONDS
+            # Off the request's thread: the write may wait for a lock.
+            threading.Thread(target=self.flush_last_used, daemon=True).start()
+
+    def user_count(self):
+        return len(self._rules)
+
+    # -- Sessions --
+
+    def session(self, request):
+        """The claims of a valid session cookie of this request, or None; every value of the name is judged."""
+        header = request.cookie_header
+        if not header:
+            return None
+        self.refresh(request.now)
+        signed = self._claims.get(header)
+        if signed is None:
+            signed = self._signed_sessions(request)
+        for claims in signed:
+            # Checked on every request, cached or not: expiry, revocation, the user.
+            if claims["exp"] > request.now and claims["jti"] not in self._revoked and self.user_current(claims):
+                return claims
+        return None
+
+    def _signed_sessions(self, request):
+        signed = []
+        for token in request.cookie_values(self.cookie_name):
+            claims, _reason = verify_token(token, self.session_key, request.now)
+            if claims is not None:
+                signed.append(claims)
+        header = request.cookie_header
+        if signed and len(header) <= TOKEN_CACHE_KEY_BYTES:  # a valid session padded with junk stays uncached
+            if len(self._claims) >= TOKEN_CACHE_SIZE:
+                self._claims.clear()
+            self._claims[header] = signed
+        return signed
+
+    def user_current(self, claims):
+        """The token's user exists, was not deleted since, and their sessions were not ended since."""
+        rule = self._rules.get(claims["sub"])
+        if rule is None:
+            return False
+        iat = claims["iat"]
+        return iat > self._deleted.get(claims["sub"], -1) and iat >= rule.sessions_after
+
+    # -- The decision --
+
+    def decide(self, request):
+        """ALLOW (user), FORBIDDEN (user, host), DENY, or BAD_TOKEN for a failed app token."""
+        presented = presented_app_token(request.authorization)
+        if presented is not None:
+            self.refresh(request.now)
+            return self._decide_app_token(request, *presented)
+        claims = self.session(request)
+        if claims is None:
+            return DENIED
+        name = claims["sub"]
+        return self._by_host(request, name, self._rules[name].hosts)
+
+    def _decide_app_token(self, request, token, basic_user):
+        key = digest(token) if APP_TOKEN_SHAPE.fullmatch(token) else None
+        entry = self._app_tokens.get(key)
+        basic = basic_user is not None
+        if (
+            entry is None
+            or entry.user not in self._rules
+            or (entry.expires is not None and entry.expires <= request.now)
+            or (basic and basic_user != entry.user)
+        ):
+            return Decision(Verdict.BAD_TOKEN, token=True, basic=basic)
+        self._last_used[key] = request.now
+        decision = self._by_host(request, entry.user, self._rules[entry.user].hosts, entry.hosts)
+        return decision._replace(token=True)
+
+    @staticmethod
+    def _by_host(request, name, *host_lists):
+        """ALLOW unless a host list (None: every host) leaves out the original host; no host, no entry."""
+        for patterns in host_lists:
+            if patterns is None:
+                continue
+            host = request.original_host
+            if host is None or not any(host_matches(host[0], host[1], pattern) for pattern in patterns):
+                return Decision(Verdict.FORBIDDEN, name, host and url_host(request.original_url))
+        return Decision(Verdict.ALLOW, name)
+
+
+# --- App --------------------------------------------------------------------
 
 
 class Metrics:
@@ -1048,58 +1846,71 @@ class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
         self.verify = collections.Counter()
+        self.app_tokens = collections.Counter()
         self.logins = collections.Counter()
-        self.rate_limited = 0
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
 
-    def observe_verify(self, result, seconds):
+    def observe_verify(self, result, decision, seconds):
         with self._lock:
             self.verify[result] += 1
+            if decision.token:
+                self.app_tokens[decision.verdict.value] += 1
             self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             self.latency_sum += seconds
 
-    def count_login(self, result):
+    def count_login(self, outcome):
         with self._lock:
-            self.logins[result] += 1
-            if result == "limited":
-                self.rate_limited += 1
+            self.logins[Outcome.CSRF.value if outcome is Outcome.CROSS_SITE else outcome.value] += 1
 
     def render(self, users):
-        lines = [
-            "# HELP forward_auth_verify_total Verify and auth decisions by result.",
-            "# TYPE forward_auth_verify_total counter",
-        ]
         with self._lock:
-            for result in ("allow", "redirect", "deny"):
-                lines.append(f'forward_auth_verify_total{{result="{result}"}} {self.verify[result]}')
-            lines += [
-                "# HELP forward_auth_logins_total Login attempts by result.",
-                "# TYPE forward_auth_logins_total counter",
-            ]
-            for result in ("success", "failure", "replay", "limited", "csrf"):
-                lines.append(f'forward_auth_logins_total{{result="{result}"}} {self.logins[result]}')
-            lines += [
+            lines = [
+                *_counter("forward_auth_verify_total", "Verify and auth decisions by result.",
+                          ("allow", "redirect", "deny", "forbidden", "bad_token"), self.verify),
+                *_counter("forward_auth_app_tokens_total", "Checks that presented an app token, by result.",
+                          ("allow", "forbidden", "bad_token"), self.app_tokens),
+                *_counter("forward_auth_logins_total", "Login attempts by result.",
+                          ("success", "failure", "replay", "limited", "csrf"), self.logins),
                 "# HELP forward_auth_rate_limited_total Login attempts refused by the guessing limits.",
                 "# TYPE forward_auth_rate_limited_total counter",
-                f"forward_auth_rate_limited_total {self.rate_limited}",
+                f"forward_auth_rate_limited_total {self.logins[Outcome.LIMITED.value]}",
                 "# HELP forward_auth_users Enrolled users.",
                 "# TYPE forward_auth_users gauge",
                 f"forward_auth_users {users}",
-                "# HELP forward_auth_verify_duration_seconds Time to answer verify and auth.",
-                "# TYPE forward_auth_verify_duration_seconds histogram",
+                *self._histogram(),
             ]
-            total = 0
-            for bound, count in zip(LATENCY_BUCKETS + ("+Inf",), self.buckets):
-                total += count
-                lines.append(f'forward_auth_verify_duration_seconds_bucket{{le="{bound}"}} {total}')
-            lines.append(f"forward_auth_verify_duration_seconds_sum {self.latency_sum:.6f}")
-            lines.append(f"forward_auth_verify_duration_seconds_count {total}")
         return ("\n".join(lines) + "\n").encode()
+
+    def _histogram(self):
+        name = "forward_auth_verify_duration_seconds"
+        yield f"# HELP {name} Time to answer verify and auth."
+        yield f"# TYPE {name} histogram"
+        total = 0
+        for bound, count in zip(LATENCY_BUCKETS + ("+Inf",), self.buckets):
+            total += count
+            yield f'{name}_bucket{{le="{bound}"}} {total}'
+        yield f"{name}_sum {self.latency_sum:.6f}"
+        yield f"{name}_count {total}"
+
+
+def _counter(name, help_text, labels, counts):
+    yield f"# HELP {name} {help_text}"
+    yield f"# TYPE {name} counter"
+    for label in labels:
+        yield f'{name}{{result="{label}"}} {counts.get(label, 0)}'
+
+
+class _Refused(Exception):
+    """A login attempt refused: the form again with a message, rendered in one place."""
+
+    def __init__(self, status, message, headers=(), disabled=False):
+        super().__init__(message)
+        self.status, self.message, self.headers, self.disabled = status, message, list(headers), disabled
 
 
 class App:
-    """The WSGI application. Build it with make_app()."""
+    """The WSGI application: routes, handlers and the one way out. Build it with make_app()."""
 
     def __init__(self, settings, store, clock):
         self.settings = settings
@@ -1114,16 +1925,12 @@ class App:
             settings.max_login_attempts, settings.rate_limit_window, settings.global_max_failures, clock=clock
         )
         self.metrics = Metrics()
+        self.gate = Gate(store, key, settings.cookie_name)
+        self.gate.refresh(clock(), force=True)
         self.device_cookie = settings.cookie_name + "_device"
         self.csrf_cookie = settings.cookie_name + "_csrf"
-        self._tokens = {}  # Cookie header -> verified session claims (HMAC done once)
-        self._users = set()  # current user names
-        self._deleted = {}  # name -> when it was last deleted
-        self._revoked = {}  # jti -> expires
-        self._version = None
-        self._next_refresh = 0.0
-        self._refresh_lock = threading.Lock()
-        self.refresh(self.clock(), force=True)
+        self.forbidden_log = Throttle()
+        self.bad_token_log = Throttle()
         self.routes = {
             ("*", "/verify"): self.verify,
             ("*", "/auth"): self.auth,
@@ -1135,14 +1942,16 @@ class App:
             ("GET", "/metrics"): self.metrics_page,
         }
 
+    def refresh(self, now, force=False):
+        self.gate.refresh(now, force)
+
     # -- WSGI entry: every response leaves through _respond --
 
     def __call__(self, environ, start_response):
-        method = environ.get("REQUEST_METHOD", "GET")
-        path = environ.get("PATH_INFO", "")
+        request = Request(environ, self.trust, self.clock())
         try:
-            handler = self._route(method, path)
-            status, headers, body = handler(environ)
+            handler = self._route(request.method, request.path)
+            status, headers, body = handler(request)
         except HTTPError as error:
             status, headers, body = error.status, error.headers, error.body
         except (KeyboardInterrupt, SystemExit):
@@ -1151,9 +1960,9 @@ class App:
             log.warning("database error: %s", error)
             status, headers, body = 503, [("Retry-After", "5")], b"Database unavailable\n"
         except Exception:
-            log.exception("unexpected error on %s %s", method, path[:200])
+            log.exception("unexpected error on %s %s", request.method, request.path[:200])
             status, headers, body = 500, [], b"Internal error\n"
-        return self._respond(start_response, status, headers, body, method == "HEAD")
+        return self._respond(start_response, status, headers, body, request.method == "HEAD")
 
     def _route(self, method, path):
         handler = self.routes.get(("*", path)) or self.routes.get(("GET" if method == "HEAD" else method, path))
@@ -1182,223 +1991,248 @@ class App:
         start_response(STATUS_LINES.get(status, f"{status} Unknown"), headers + SECURITY_HEADERS)
         return [b"" if head else body]
 
-    # -- Sessions --
+    # -- Check endpoints: the Gate decides, these say it in each proxy's terms --
 
-    def refresh(self, now, force=False):
-        """Reload users and revocations if any connection changed the database.
+    def verify(self, request):
+        """Caddy/Traefik: 200 + Remote-User; 403; a 302 to the login page for a browser, else 401."""
+        return self._check(request, self._verify_denial)
 
-        /verify calls this at most every REFRESH_SECONDS: one PRAGMA, no table
-        read unless something changed, and never a wait for another thread.
-        """
-        if not force and self._next_refresh - REFRESH_SECONDS <= now < self._next_refresh:
-            return  # checked recently (a clock set back counts as due)
-        if not self._refresh_lock.acquire(blocking=force):
-            return  # another thread is already looking
-        try:
-            self._next_refresh = now + REFRESH_SECONDS
-            if force or self.store.data_version() != self._version:
-                self._version, users, deleted, revoked = self.store.snapshot()
-                self._users, self._deleted = users, deleted
-                self._revoked = {jti: exp for jti, exp in revoked.items() if exp > now}
-        except sqlite3.Error as error:
-            log.warning("cannot refresh from the database, serving from memory: %s", error)
-        finally:
-            self._refresh_lock.release()
+    def auth(self, request):
+        """nginx auth_request: 200 + Remote-User; 403; else 401 with the absolute login URL in Location."""
+        return self._check(request, self._auth_denial)
 
-    def session(self, environ):
-        """The valid session's claims for this request, or None."""
-        header = environ.get("HTTP_COOKIE")
-        if not header:
-            return None
-        now = self.clock()
-        self.refresh(now)
-        claims = self._tokens.get(header)
-        if claims is None:
-            token = parse_cookies(header).get(self.settings.cookie_name)
-            if not token:
-                return None
-            claims, _reason = verify_token(token, self.session_key, now)
-            if claims is None:
-                return None
-            if len(header) <= TOKEN_CACHE_KEY_BYTES:  # a valid session padded with junk cookies stays uncached
-                if len(self._tokens) >= TOKEN_CACHE_SIZE:
-                    self._tokens.clear()
-                self._tokens[header] = claims
-        # Checked on every request, cached or not: expiry, revocation, the user.
-        if claims["exp"] <= now or claims["jti"] in self._revoked or not self._user_current(claims):
-            return None
-        return claims
-
-    def _user_current(self, claims):
-        """The token's user exists and was not deleted since the token was issued."""
-        sub = claims["sub"]
-        return sub in self._users and claims["iat"] > self._deleted.get(sub, -1)
-
-    # -- Check endpoints --
-
-    def verify(self, environ):
-        """Caddy/Traefik: 200 + Remote-User, a 302 to the login page for a browser, else 401."""
+    def _check(self, request, denial):
+        """Decide, answer, and time and count the decision: the one place for both endpoints."""
         started = time.perf_counter()
-        allowed = self._allow(environ, started)
-        if allowed:
-            return allowed
-        trusted = environ.get("REMOTE_ADDR", "") in self.trust
-        method = (environ.get("HTTP_X_FORWARDED_METHOD") if trusted else None) or environ.get("REQUEST_METHOD")
-        if not wants_html(environ, method.upper()):
-            self.metrics.observe_verify("deny", time.perf_counter() - started)
-            return 401, [], b"Unauthorized\n"
-        location = self.login_location(original_url(environ, self.trust))
-        self.metrics.observe_verify("redirect", time.perf_counter() - started)
-        return 302, [("Location", location)], b""
+        decision = self.gate.decide(request)
+        verdict = decision.verdict
+        if verdict is Verdict.ALLOW:
+            # Remote-User always set, so a client's own copy never passes.
+            result, answer = "allow", (200, [("Remote-User", decision.user)], b"")
+        elif verdict is Verdict.FORBIDDEN:
+            result, answer = "forbidden", self._forbidden(request, decision)
+        elif verdict is Verdict.BAD_TOKEN:
+            result, answer = "bad_token", self._bad_token(request, decision)
+        else:
+            result, answer = denial(request)
+        self.metrics.observe_verify(result, decision, time.perf_counter() - started)
+        return answer
 
-    def auth(self, environ):
-        """nginx auth_request: 200 + Remote-User, else 401 with the absolute login URL in Location."""
-        started = time.perf_counter()
-        allowed = self._allow(environ, started)
-        if allowed:
-            return allowed
-        original = original_url(environ, self.trust)
+    def _verify_denial(self, request):
+        if not request.wants_html:
+            return "deny", (401, [], b"Unauthorized\n")
+        if request.original_problem:
+            raise HTTPError(400, b"Bad forwarded URL\n")  # refused, never echoed
+        return "redirect", (302, [("Location", self.login_location(request.original_url))], b"")
+
+    def _auth_denial(self, request):
+        # Never a redirect status and never 400: nginx turns both into a 500.
+        return "deny", (401, [("Location", self._absolute_login_location(request))], b"Unauthorized\n")
+
+    def _absolute_login_location(self, request):
+        """The login URL for nginx, absolute: nginx treats a relative Location as an internal redirect."""
+        original = request.original_url
         location = self.login_location(original)
-        if location.startswith("/"):
-            # nginx treats a relative Location as an internal redirect.
-            if original:
-                base = original[: original.index("/", original.index("//") + 2)]
-            else:
-                scheme, host = request_origin(environ, self.trust)
-                base = f"{scheme}://{host}"
-            location = base + location
-        self.metrics.observe_verify("deny", time.perf_counter() - started)
-        return 401, [("Location", location)], b"Unauthorized\n"
+        if not location.startswith("/"):
+            return location
+        if original:
+            return url_base(original) + location
+        # No usable original URL: this request's own Host, which nginx sets, never
+        # a client's X-Forwarded-Host that nginx passed through.
+        try:
+            scheme, host = request_origin(request.origin[0] if request.origin else "http", request.own_host)
+        except ValueError:
+            return location
+        return f"{scheme}://{host}{location}"
 
-    def _allow(self, environ, started):
-        """200 with Remote-User (always set, so a client's copy never passes) for a valid session, else None."""
-        claims = self.session(environ)
-        if claims is None:
-            return None
-        self.metrics.observe_verify("allow", time.perf_counter() - started)
-        return 200, [("Remote-User", claims["sub"])], b""
+    def _forbidden(self, request, decision):
+        if self.forbidden_log.due((decision.user, decision.host), request.now):
+            log.info("forbidden user=%s host=%s ip=%s", decision.user, decision.host or "-", request.ip)
+        if request.path == "/verify" and request.wants_html:
+            page = render_page(
+                f"Not allowed · {self.settings.app_name}",
+                FORBIDDEN_PAGE,
+                name=decision.user,
+                host=decision.host or "this address",
+                logout=self._logout_url(),
+            )
+            return 403, [("Content-Type", "text/html; charset=utf-8")], page
+        return 403, [], b""
+
+    def _bad_token(self, request, decision):
+        if self.bad_token_log.due(str(request.ip), request.now):
+            log.info("app-token result=refused ip=%s", request.ip)  # never the token
+        headers = [("WWW-Authenticate", f'Basic realm="{self._realm()}"')] if decision.basic else []
+        return 401, headers, b"Unauthorized\n"
+
+    def _realm(self):
+        return self.settings.app_name.replace("\\", "").replace('"', "")
 
     def login_location(self, original):
         if original is None:
             return self.settings.login_url
         return f"{self.settings.login_url}?next={urllib.parse.quote(original, safe='')}"
 
-    # -- Login --
+    def _logout_url(self):
+        login = self.settings.login_url
+        return url_base(login) + "/logout" if not login.startswith("/") else "/logout"
 
-    def login_page(self, environ):
-        query = parse_form(_wsgi_text(environ.get("QUERY_STRING", "")))
+    # -- Login page --
+
+    def login_page(self, request):
+        query = request.query
+        if "invite" in query:
+            return self.invite_page(request, query["invite"])
         next_value = query.get("next", query.get("redirect_uri", ""))
-        if self.session(environ) is not None:
-            return 302, [("Location", self.safe_next(environ, next_value))], b""
-        return self.form_response(environ, 200, next_value)
+        claims = self.gate.session(request)
+        if claims is None:
+            return self._login_form(request, 200, next_value)
+        if next_value:
+            return 302, [("Location", self.safe_next(request, next_value))], b""
+        return self._signed_in_page(request, claims)
 
-    def form_response(self, environ, status, next_value, message="", extra_headers=(), disabled=False):
-        """The login page with a CSRF token bound to the pre-login cookie (set if missing)."""
+    def _login_form(self, request, status, next_value, message="", extra_headers=(), disabled=False):
+        """The login page; the form carries only a validated next."""
+        csrf, headers = self._csrf(request, extra_headers)
+        device = self._device(request)
+        page = render_login(
+            self.settings.app_name, self.safe_next(request, next_value), csrf, message, disabled,
+            device["sub"] if device else None,
+        )
+        return status, headers, page
+
+    def _signed_in_page(self, request, claims):
+        csrf, headers = self._csrf(request)
+        page = render_page(
+            self.settings.app_name, SIGNED_IN, app_name=self.settings.app_name, name=claims["sub"], csrf=csrf,
+            logout=self._logout_url(),
+        )
+        return 200, headers, page
+
+    # -- CSRF: a token bound to a pre-login cookie --
+
+    def _csrf(self, request, extra_headers=()):
+        """(the form's token, page headers), setting the pre-login cookie if the browser has none."""
         headers = [("Content-Type", "text/html; charset=utf-8"), *extra_headers]
-        nonce = parse_cookies(environ.get("HTTP_COOKIE", "")).get(self.csrf_cookie, "")
-        if not re.fullmatch(r"[A-Za-z0-9_-]{43}", nonce, re.ASCII):
+        nonce = next((v for v in request.cookie_values(self.csrf_cookie) if INVITE_SHAPE.fullmatch(v)), None)
+        if nonce is None:
             nonce = secrets.token_urlsafe(32)
             headers.append(("Set-Cookie", self._cookie(self.csrf_cookie, nonce, None, "Lax", domain=False)))
-        next_value = self.safe_next(environ, next_value)  # the page never carries an unsafe target
-        page = render_login(self.settings.app_name, next_value, self._csrf_token(nonce), message, disabled)
-        return status, headers, page
+        return self._csrf_token(nonce), headers
 
     def _csrf_token(self, nonce):
         return _b64encode(hmac.new(self.csrf_key, nonce.encode(), hashlib.sha256).digest())
 
-    def login(self, environ):
-        form = self._read_form(environ)
-        query = parse_form(_wsgi_text(environ.get("QUERY_STRING", "")))
-        next_value = form.get("next", query.get("next", query.get("redirect_uri", "")))
-        if self._cross_site(environ):
-            self.metrics.count_login("csrf")
-            self._log_login("cross-site", None, client_ip(environ, self.trust))
-            raise HTTPError(403, b"Cross-site login refused\n")
-        nonce = parse_cookies(environ.get("HTTP_COOKIE", "")).get(self.csrf_cookie, "")
-        given = form.get("csrf", "").encode("utf-8")  # bytes: compare_digest refuses non-ASCII str
-        if not nonce or not hmac.compare_digest(self._csrf_token(nonce).encode(), given):
-            self.metrics.count_login("csrf")
-            self._log_login("csrf", None, client_ip(environ, self.trust))
-            return self.form_response(environ, 403, next_value, "This form expired. Please enter the code again.")
-        ip = client_ip(environ, self.trust)
-        device = self._device(environ)
-        key = f"device:{device}" if device else limiter_key_for_ip(ip)
-        wait = self.limiter.acquire(key, device=bool(device))
-        if wait:
-            self.metrics.count_login("limited")
-            self._log_login("limited", None, ip)
-            message = f"Too many attempts. Try again in {plural_minutes(wait)}."
-            return self.form_response(environ, 429, next_value, message, [("Retry-After", str(wait))], True)
-        outcome = "undecided"
+    def _csrf_valid(self, request, given):
+        given = given.encode("utf-8")  # bytes: compare_digest refuses non-ASCII str
+        return any(
+            hmac.compare_digest(self._csrf_token(nonce).encode(), given)
+            for nonce in request.cookie_values(self.csrf_cookie)
+            if nonce
+        )
+
+    def _guard_form(self, request, form):
+        """Refuse a cross-site POST (403, no form) and a bad CSRF token (_Refused 403)."""
+        if is_cross_site(request.sec_fetch_site, request.origin_header, request.origin):
+            self._count_login(Outcome.CROSS_SITE, None, request)
+            raise HTTPError(403, b"Cross-site request refused\n")
+        if not self._csrf_valid(request, form.get("csrf", "")):
+            self._count_login(Outcome.CSRF, None, request)
+            raise _Refused(403, "This form expired. Please enter the code again.")
+
+    # -- Login --
+
+    def login(self, request):
+        form = request.form
+        if "invite" in form:
+            return self.invite_post(request, form)
+        next_value = form.get("next", request.query.get("next", request.query.get("redirect_uri", "")))
+        self.gate.refresh(request.now)
         try:
-            now = self.clock()
-            user, result = self._check_code(form.get("otp", ""), now)
-            outcome = "success" if result == "success" else "failure"
+            self._guard_form(request, form)
+            if form.get("action") == "forget":
+                return self._forget_device(request, next_value)
+            device = self._device(request)
+            claims = self._attempt(request, device, lambda: self._judge_code(request, form.get("otp", ""), device))
+        except _Refused as refusal:
+            return self._login_form(
+                request, refusal.status, next_value, refusal.message, refusal.headers, refusal.disabled
+            )
+        return self._signed_in(request, claims, self.safe_next(request, next_value))
+
+    def _attempt(self, request, device, judge):
+        """Run `judge` within the guessing limits; the new session's claims, or _Refused."""
+        key = f"device:{device['jti']}" if device else limiter_key(request.ip)
+        is_device = device is not None
+        wait = self.limiter.acquire(key, device=is_device, now=request.now)
+        if wait:
+            self._count_login(Outcome.LIMITED, None, request)
+            message = f"Too many attempts. Try again in {plural_minutes(wait)}."
+            raise _Refused(429, message, [("Retry-After", str(wait))], disabled=True)
+        outcome, claims = Outcome.UNDECIDED, None
+        try:
+            outcome, claims = judge()
         except sqlite3.Error as error:
             log.warning("login unavailable: database error: %s", error)
-            message = "Signing in is unavailable for a moment. Please try again."
-            return self.form_response(environ, 503, next_value, message, [("Retry-After", "5")])
+            raise _Refused(503, "Signing in is unavailable for a moment. Please try again.", [("Retry-After", "5")])
         finally:
-            self.limiter.release(key, device=bool(device), outcome=outcome)
-        self.metrics.count_login(result)
-        self._log_login(result, user, ip)
-        if result != "success":
-            return self.form_response(environ, 401, next_value, "Wrong code. Try again.")
-        self.refresh(now, force=True)  # the user may be new to this process's cache
-        location = self.safe_next(environ, next_value)
-        return 302, [*self._login_cookies(user, now), ("Location", location)], b""
+            self.limiter.release(key, device=is_device, outcome=outcome, now=request.now)
+        self._count_login(outcome, claims and claims["sub"], request)
+        if outcome is Outcome.REPLAY:
+            raise _Refused(401, "That code was just used. Wait for the next one.")
+        if outcome is not Outcome.SUCCESS:
+            raise _Refused(401, "Wrong code. Try again.")
+        return claims
 
-    def _check_code(self, code, now):
-        """(user name or None, "success" | "failure" | "replay"); a success's step is stored first."""
-        found = match_code(code, self.store.users(), now)
+    def _judge_code(self, request, code, device):
+        """(outcome, claims). With a device cookie only its own user's seed is tried: an
+        enrolled user minting device cookies must not get unlimited guesses at others' codes."""
+        users = self.store.active_users()
+        if device is not None:
+            users = [user for user in users if user.name == device["sub"]]
+        found = match_code(code, users, request.now)
         if found is None:
-            return None, "failure"
+            return Outcome.FAILURE, None
         user, step = found
-        if not self.store.accept_step(user.name, step, now):  # RFC 6238 §5.2: one use per code
-            return user.name, "replay"
-        return user.name, "success"
+        claims = new_claims(user.name, request.now, self.settings.session_ttl)
+        if not self.store.accept_login(user.name, step, self._session_record(claims, request)):
+            return Outcome.REPLAY, claims  # RFC 6238 §5.2: one use per code
+        return Outcome.SUCCESS, claims
 
-    def _read_form(self, environ):
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            raise HTTPError(400, b"Bad Content-Length\n") from None
-        if length > MAX_FORM_BYTES:
-            raise HTTPError(413, b"Form too large\n")
-        content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
-        if content_type != "application/x-www-form-urlencoded":
-            raise HTTPError(415, b"Expected application/x-www-form-urlencoded\n")
-        body = environ["wsgi.input"].read(length) if length > 0 else b""
-        return parse_form(body.decode("utf-8", "replace"))
+    def _session_record(self, claims, request):
+        return SessionRecord(claims["jti"], claims["sub"], claims["iat"], claims["exp"], str(request.ip),
+                             request.user_agent)
 
-    def _cross_site(self, environ):
-        """A POST another site made the browser send (Fetch Metadata, then Origin)."""
-        if environ.get("HTTP_SEC_FETCH_SITE", "").lower() == "cross-site":
-            return True
-        origin = environ.get("HTTP_ORIGIN")
-        if origin is None or origin == "null":  # null: privacy modes send it; the token decides
-            return False
-        parts = urllib.parse.urlsplit(origin)
-        try:
-            _scheme, host = request_origin(environ, self.trust)
-        except HTTPError:
-            return True
-        return parts.scheme not in DEFAULT_PORTS or normalise_host(parts.netloc, parts.scheme) != host
+    def _signed_in(self, request, claims, location):
+        self.gate.refresh(request.now, force=True)  # the user may be new to this process's cache
+        return 302, [*self._login_cookies(claims), ("Location", location)], b""
 
-    def _device(self, environ):
-        """The device id of a valid device cookie of a current user, or None."""
-        token = parse_cookies(environ.get("HTTP_COOKIE", "")).get(self.device_cookie)
-        if not token:
-            return None
-        claims, _ = verify_token(token, self.device_key, self.clock())
-        if claims is None or not self._user_current(claims):
-            return None
-        return claims["jti"]
+    def _device(self, request):
+        """The claims of a valid device cookie of a current user, or None."""
+        for token in request.cookie_values(self.device_cookie):
+            claims, _ = verify_token(token, self.device_key, request.now)
+            if claims is not None and self.gate.user_current(claims):
+                return claims
+        return None
 
-    def _login_cookies(self, name, now):
+    def _forget_device(self, request, next_value):
+        """"Not NAME?": drop the device cookie; from then on the anonymous limits apply."""
+        expired = self._cookie(self.device_cookie, "", 0, "Strict")
+        target = self.safe_next(request, next_value)
+        location = self.settings.login_url + (f"?next={urllib.parse.quote(target, safe='')}" if target != "/" else "")
+        return 302, [("Set-Cookie", expired), ("Location", location)], b""
+
+    def _count_login(self, outcome, user, request):
+        self.metrics.count_login(outcome)
+        if self.settings.log_format == "json":
+            log.info(json.dumps({"event": "login", "result": outcome.value, "user": user or "-", "ip": str(request.ip)}))
+        else:
+            log.info("login result=%s user=%s ip=%s", outcome.value, user or "-", request.ip)
+
+    def _login_cookies(self, claims):
         s = self.settings
-        session = sign_token(new_claims(name, now, s.session_ttl), self.session_key)
-        device = sign_token(new_claims(name, now, DEVICE_COOKIE_SECONDS), self.device_key)
+        session = sign_token(claims, self.session_key)
+        device = sign_token(new_claims(claims["sub"], claims["iat"], DEVICE_COOKIE_SECONDS), self.device_key)
         return [
             ("Set-Cookie", self._cookie(s.cookie_name, session, s.session_ttl, s.same_site)),
             ("Set-Cookie", self._cookie(self.device_cookie, device, DEVICE_COOKIE_SECONDS, "Strict")),
@@ -1418,37 +2252,106 @@ class App:
         parts.append(f"SameSite={same_site}")
         return "; ".join(parts)
 
-    def safe_next(self, environ, value):
-        _scheme, login_host = self._login_origin(environ)
-        return safe_next(value, login_host, self.settings)
+    def safe_next(self, request, value):
+        return safe_next(value, self._login_host(request), self.settings)
 
-    def _login_origin(self, environ):
+    def _login_host(self, request):
         login_url = self.settings.login_url
-        if login_url.startswith("/"):
-            return request_origin(environ, self.trust)
-        parts = urllib.parse.urlsplit(login_url)
-        return parts.scheme, normalise_host(parts.netloc, parts.scheme)
+        if not login_url.startswith("/"):
+            parts = urllib.parse.urlsplit(login_url)
+            return normalise_host(parts.netloc, parts.scheme)
+        if request.origin is None:
+            raise HTTPError(400, b"Bad forwarded scheme or host\n")
+        return request.origin[1]
 
-    def _log_login(self, result, user, ip):
-        if self.settings.log_format == "json":
-            log.info(json.dumps({"event": "login", "result": result, "user": user or "-", "ip": ip}))
-        else:
-            log.info("login result=%s user=%s ip=%s", result, user or "-", ip)
+    # -- Invitations --
+
+    def _live_invite(self, token, now):
+        """The invitation of a link, or HTTPError 410 with the page that says to ask for a new one."""
+        invite = self.store.invite(digest(token), now) if INVITE_SHAPE.fullmatch(token) else None
+        if invite is None:
+            page = render_page(f"Link expired · {self.settings.app_name}", INVITE_GONE)
+            raise HTTPError(410, page, [("Content-Type", "text/html; charset=utf-8")])
+        return invite
+
+    def invite_page(self, request, token):
+        """The first step: one button, and no seed (chat apps fetch links to draw previews)."""
+        invite = self._live_invite(token, request.now)
+        csrf, headers = self._csrf(request)
+        page = render_page(
+            f"Set up · {self.settings.app_name}", INVITE_START, app_name=self.settings.app_name, name=invite.user,
+            invite=token, csrf=csrf, expires=format_time(invite.expires),
+        )
+        return 200, headers, page
+
+    def invite_post(self, request, form):
+        token = form.get("invite", "")
+        try:
+            self._guard_form(request, form)
+        except _Refused:
+            _status, headers, page = self.invite_page(request, token)
+            return 403, headers, page
+        invite = self._live_invite(token, request.now)
+        if "otp" not in form:
+            return self._invite_setup(request, token, invite, 200)
+        try:
+            claims = self._attempt(request, None, lambda: self._judge_invite(request, form["otp"], token, invite))
+        except _Refused as refusal:
+            return self._invite_setup(request, token, invite, refusal.status, refusal.message, refusal.headers,
+                                      refusal.disabled)
+        log.info("invite result=accepted user=%s ip=%s", invite.user, request.ip)
+        return self._signed_in(request, claims, "/")
+
+    def _judge_invite(self, request, code, token, invite):
+        pending = User(invite.user, invite.seed, 0, None, -1, EVERY_HOST)
+        found = match_code(code, [pending], request.now)
+        if found is None:
+            return Outcome.FAILURE, None
+        claims = new_claims(invite.user, request.now, self.settings.session_ttl)
+        if not self.store.accept_invite(digest(token), found[1], self._session_record(claims, request)):
+            return Outcome.FAILURE, None  # used or voided a moment ago
+        return Outcome.SUCCESS, claims
+
+    def _invite_setup(self, request, token, invite, status, message="", extra_headers=(), disabled=False):
+        """The second step: QR code, the secret in groups of four, the otpauth link, a field for the first code."""
+        csrf, headers = self._csrf(request, extra_headers)
+        uri = enrolment_uri(invite.seed, invite.user, self.settings.app_name)
+        page = render_page(
+            f"Set up · {self.settings.app_name}", INVITE_SETUP, app_name=self.settings.app_name,
+            message=message_markup(message), uri=uri, qr=Markup(qr_svg(uri)), secret=group_secret(invite.seed),
+            invite=token, csrf=csrf, disabled=Markup(" disabled" if disabled else ""),
+        )
+        return status, headers, page
 
     # -- Logout, health, metrics --
 
-    def logout(self, environ):
-        claims = self.session(environ)
+    def logout(self, request):
+        """End this session (or, with all=1 and a CSRF token, every session of its user); always expire the cookie."""
+        if is_cross_site(request.sec_fetch_site, request.origin_header, request.origin):
+            raise HTTPError(403, b"Cross-site logout refused\n")
+        form = request.form if request.method == "POST" and request.has_form else {}
+        everywhere = form.get("all") == "1"
+        if (everywhere or "csrf" in form) and not self._csrf_valid(request, form.get("csrf", "")):
+            raise HTTPError(403, b"This form expired; sign out again\n")
+        claims = self.gate.session(request)
         if claims is not None:
-            self._revoked[claims["jti"]] = claims["exp"]  # this process: at once
-            self.store.revoke(claims["jti"], claims["exp"])  # other processes, restarts
-            self.store.purge_revoked(self.clock())  # expired tokens need no revocation
-            self.refresh(self.clock(), force=True)  # so a refresh running now cannot drop it
-            log.info("logout user=%s ip=%s", claims["sub"], client_ip(environ, self.trust))
+            self._end_session(request, claims, everywhere)
         expired = self._cookie(self.settings.cookie_name, "", 0, self.settings.same_site)
         return 302, [("Set-Cookie", expired), ("Location", self.settings.login_url)], b""
 
-    def health(self, environ):
+    def _end_session(self, request, claims, everywhere):
+        self.gate.revoke(claims["jti"], claims["exp"])
+        if everywhere:
+            try:
+                self.store.end_sessions(claims["sub"], request.now)
+            except sqlite3.Error as error:
+                log.warning("sign out everywhere failed, this session is ended: %s", error)
+        with contextlib.suppress(sqlite3.Error):
+            self.store.purge_revoked(request.now)  # expired tokens need no revocation
+        self.gate.refresh(request.now, force=True)
+        log.info("logout user=%s everywhere=%s ip=%s", claims["sub"], "yes" if everywhere else "no", request.ip)
+
+    def health(self, request):
         headers = [("Content-Type", "application/json")]
         try:
             self.store.ping()
@@ -1458,9 +2361,9 @@ class App:
             return 503, headers, b'{"status":"unavailable"}'
         return 200, headers, b'{"status":"ok"}'
 
-    def metrics_page(self, environ):
-        self.refresh(self.clock())
-        body = self.metrics.render(len(self._users))
+    def metrics_page(self, request):
+        self.gate.refresh(request.now)
+        body = self.metrics.render(self.gate.user_count())
         return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], body
 
 
@@ -1485,6 +2388,7 @@ class _UsageError(Exception):
 
 
 NEXT_FREE_NAME = object()  # -generate without a NAME: user, user2, ...
+EVERYONE = object()  # -tokens / -sessions without a NAME
 
 
 def build_parser():
@@ -1498,27 +2402,48 @@ def build_parser():
         prog="forward_auth.py",
         description="TOTP-only forward authentication for Caddy, nginx and Traefik.",
         epilog="Without a command it serves. Settings come from environment variables (see README).",
+        allow_abbrev=False,
     )
     commands = parser.add_mutually_exclusive_group()
-    commands.add_argument(
-        "-generate", "--generate", nargs="?", const=NEXT_FREE_NAME, metavar="NAME", help="add a user and print its enrolment"
-    )
-    commands.add_argument("-list", "--list", action="store_true", help="list users")
-    commands.add_argument("-revoke", "--revoke", metavar="NAME", help="delete a user and end their sessions")
-    commands.add_argument("-backup", "--backup", metavar="FILE", help="write an online backup of the database")
-    commands.add_argument("-version", "--version", action="store_true", help="print the version")
+    for flag, kwargs in COMMANDS:
+        commands.add_argument(flag, "-" + flag, **kwargs)
+    parser.add_argument("--url", metavar="BASE", help="with -invite: the https://host the link starts with")
+    parser.add_argument("--hosts", metavar="PATTERN,...", help="with -token: hosts the token may open")
+    parser.add_argument("--days", metavar="N", help="with -token: expire after N days")
     return parser
+
+
+# (flag, argparse keywords): one row a command, in the order the help lists them.
+COMMANDS = (
+    ("-generate", {"nargs": "?", "const": NEXT_FREE_NAME, "metavar": "NAME", "help": "add a user and print its enrolment"}),
+    ("-invite", {"metavar": "NAME", "help": "print a single-use enrolment link (new user, or reset a lost phone)"}),
+    ("-list", {"action": "store_true", "help": "list users"}),
+    ("-allow", {"nargs": "+", "metavar": "NAME PATTERN", "help": "set the hosts NAME may open (* for every host)"}),
+    ("-token", {"nargs": 2, "metavar": ("NAME", "LABEL"), "help": "create an app token for scripts and monitors"}),
+    ("-tokens", {"nargs": "?", "const": EVERYONE, "metavar": "NAME", "help": "list app tokens"}),
+    ("-revoke-token", {"nargs": 2, "metavar": ("NAME", "LABEL"), "help": "delete an app token"}),
+    ("-sessions", {"nargs": "?", "const": EVERYONE, "metavar": "NAME", "help": "list live sessions"}),
+    ("-logout", {"metavar": "NAME", "help": "end every session of NAME (the user stays)"}),
+    ("-revoke", {"metavar": "NAME", "help": "delete a user and end their sessions"}),
+    ("-backup", {"metavar": "FILE", "help": "write an online backup of the database"}),
+    ("-version", {"action": "store_true", "help": "print the version"}),
+)
 
 
 HALF_BLOCKS = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
 
 
 def print_enrolment(name, seed, app_name, out=None):
-    """The enrolment block: secret, otpauth URL and a QR code for the terminal."""
+    """The enrolment block: what to do, the secret in groups of four, the otpauth URL, a QR code."""
     out = out or sys.stdout
     uri = enrolment_uri(seed, name, app_name)
-    out.write(f"User: {name}\nSecret: {seed}\nOTPAuth URL: {uri}\n")
+    out.write(
+        f"\nUser: {name}\nScan the QR code with an authenticator app, or type the secret; "
+        f"the app will show it as {app_name!r} (APP_NAME).\n"
+        f"Secret: {group_secret(seed)}\nOTPAuth URL: {uri}\n"
+    )
     out.write(draw_qr(uri, colours=out.isatty()))
+    out.write("\n")
     out.flush()
 
 
@@ -1528,11 +2453,13 @@ def draw_qr(text, colours):
     With `colours`, dark modules are drawn black on white whatever the
     terminal's own colours, so light and dark terminals both scan. Without
     (a pipe, the journal), light modules are the blocks, which scans on the
-    dark background most terminals and log viewers have.
+    dark background most terminals and log viewers have. A quiet zone of two
+    modules (ISO 18004 asks for four; readers cope) keeps a typical otpauth
+    URL within 24 terminal rows.
     """
     import segno  # only here: the serving process does not carry its ~4 MB
 
-    rows = [[bool(module) for module in row] for row in segno.make(text, error="m").matrix_iter(border=4)]
+    rows = [[bool(module) for module in row] for row in segno.make(text, error="m").matrix_iter(border=2)]
     rows.append([False] * len(rows[0]))  # an even number of rows; the quiet zone is light
     lines = []
     for top, bottom in zip(rows[0::2], rows[1::2]):
@@ -1550,11 +2477,14 @@ def next_free_name(store):
     return next(f"user{n}" for n in range(2, len(taken) + 3) if f"user{n}" not in taken)
 
 
+def _checked_name(name):
+    if not USER_NAME.fullmatch(name):
+        raise _UsageError(f"invalid name {name!r}: use 1-64 of A-Z a-z 0-9 . _ @ -")
+    return name
+
+
 def cmd_generate(store, settings, name=NEXT_FREE_NAME, clock=time.time):
-    if name is NEXT_FREE_NAME:
-        name = next_free_name(store)
-    elif not USER_NAME.fullmatch(name):
-        raise _UsageError(f"invalid user name {name!r}: use 1-64 of A-Z a-z 0-9 . _ @ -")
+    name = next_free_name(store) if name is NEXT_FREE_NAME else _checked_name(name)
     seed = new_seed()
     if not store.add_user(name, seed, clock()):
         raise RuntimeError(f"user {name!r} already exists")
@@ -1562,20 +2492,144 @@ def cmd_generate(store, settings, name=NEXT_FREE_NAME, clock=time.time):
     return 0
 
 
-def _format_time(epoch):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else "never"
-
-
-def cmd_list(store):
-    for user in store.users():
-        print(f"{user.name}\tcreated {_format_time(user.created)}\tlast login {_format_time(user.last_login)}")
+def cmd_list(store, clock=time.time):
+    users = store.users()
+    if not users:
+        print("no users")
+    invites = store.invites()
+    for user in users:
+        if user.seed:
+            state = f"created {format_time(user.created)}\tlast login {format_time(user.last_login)}"
+        else:
+            expires = invites.get(user.name)
+            ends = "expired" if expires is None or expires <= clock() else f"expires {format_time(expires)}"
+            state = f"pending (invite {ends})"
+        print(f"{user.name}\t{state}\thosts {user.hosts}")
     return 0
 
 
-def cmd_revoke(store, name):
-    if not store.delete_user(name, time.time()):
+def cmd_allow(store, name_and_patterns):
+    if len(name_and_patterns) < 2:
+        raise _UsageError("-allow needs a NAME and at least one PATTERN (* for every host)")
+    name, raw = name_and_patterns[0], name_and_patterns[1:]
+    patterns = _patterns(raw)
+    if not store.set_hosts(name, patterns):
         raise RuntimeError(f"no user named {name!r}")
-    print(f"revoked {name}: their sessions stop working within a second")
+    print(f"{name} may open: {_hosts_text(patterns)} (takes effect within a second)")
+    return 0
+
+
+def _patterns(raw):
+    """Validated, de-duplicated host patterns; `*` anywhere means every host."""
+    patterns = []
+    for text in raw:
+        try:
+            pattern = as_host_pattern(text)
+        except ValueError as error:
+            raise _UsageError(str(error)) from None
+        if pattern not in patterns:
+            patterns.append(pattern)
+    return (EVERY_HOST,) if EVERY_HOST in patterns else tuple(patterns)
+
+
+def cmd_invite(store, settings, name, base=None, clock=time.time):
+    _checked_name(name)
+    link_base = _invite_base(settings, base)
+    token = secrets.token_urlsafe(32)
+    now = clock()
+    expires = int(now) + settings.invite_ttl
+    new = store.create_invite(name, digest(token), new_seed(), now, expires)
+    path = urllib.parse.urlsplit(settings.login_url).path or "/login"
+    what = "a new user, who can sign in once the link is used" if new else (
+        "their old authenticator and every session stopped working now; hosts and app tokens are kept")
+    print(f"Invitation for {name}: {what}.")
+    print(f"Link: {link_base}{path}?invite={token}")
+    print(f"Expires: {format_time(expires)} (in {_duration(settings.invite_ttl)}); it works once.")
+    if not link_base:
+        print("Open it on the address of any protected app, e.g. https://app.example.com" + path + "?invite=…")
+    print(f"Send it to {name} directly (a message to them, not a group): whoever opens it first enrols.")
+    return 0
+
+
+def _invite_base(settings, base):
+    """scheme://host the link starts with: an absolute LOGIN_URL's, else --url, else '' (relative)."""
+    if not settings.login_url.startswith("/"):
+        return url_base(settings.login_url)
+    if base is None:
+        return ""
+    parts = urllib.parse.urlsplit(base.strip())
+    host = normalise_host(parts.netloc, parts.scheme) if parts.scheme in DEFAULT_PORTS else None
+    if host is None or "@" in parts.netloc or parts.path.strip("/") or parts.query:
+        raise _UsageError(f"--url {base!r}: expected https://host (the address of a protected app)")
+    return f"{parts.scheme}://{host}"
+
+
+def _duration(seconds):
+    if seconds % 86400 == 0 and seconds >= 86400 * 3:
+        return f"{seconds // 86400} days"
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} hours"
+    return plural_minutes(seconds)
+
+
+def cmd_token(store, name, label, hosts=None, days=None, clock=time.time):
+    _checked_name(name)
+    if not USER_NAME.fullmatch(label):
+        raise _UsageError(f"invalid label {label!r}: use 1-64 of A-Z a-z 0-9 . _ @ -")
+    patterns = _patterns(hosts.split(",")) if hosts is not None else (EVERY_HOST,)
+    expires = None
+    if days is not None:
+        try:
+            expires = int(clock()) + _as_int(days, 1, 3650) * 86400
+        except ValueError as error:
+            raise _UsageError(f"--days: {error}") from None
+    token = APP_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    store.add_app_token(name, label, digest(token), patterns, clock(), expires)
+    print(token)
+    ends = format_time(expires) if expires else "never"
+    print(f"App token {label!r} for {name} (hosts {_hosts_text(patterns)}, expires {ends}). "
+          "It is shown only now: store it where the script reads it.", file=sys.stderr)
+    return 0
+
+
+def cmd_tokens(store, name):
+    tokens = store.app_tokens(None if name is EVERYONE else name)
+    if not tokens:
+        print("no app tokens")
+    for t in tokens:
+        expires = format_time(t.expires) if t.expires else "never"
+        print(f"{t.user}\t{t.label}\thosts {t.hosts}\tcreated {format_time(t.created)}\texpires {expires}"
+              f"\tlast used {format_time(t.last_used)}")
+    return 0
+
+
+def cmd_revoke_token(store, name, label):
+    if not store.delete_app_token(name, label):
+        raise RuntimeError(f"{name!r} has no token labelled {label!r}")
+    print(f"deleted {name}'s token {label!r}: refused within a second")
+    return 0
+
+
+def cmd_sessions(store, name, clock=time.time):
+    sessions = store.live_sessions(None if name is EVERYONE else name, clock())
+    if not sessions:
+        print("no live sessions")
+    for s in sessions:
+        print(f"{format_time(s.created)}\t{s.user}\t{s.ip}\t{s.agent}")
+    return 0
+
+
+def cmd_logout(store, name, clock=time.time):
+    if not store.end_sessions(name, clock()):
+        raise RuntimeError(f"no user named {name!r}")
+    print(f"ended every session of {name} (within a second); they can sign in again")
+    return 0
+
+
+def cmd_revoke(store, name, clock=time.time):
+    if not store.delete_user(name, clock()):
+        raise RuntimeError(f"no user named {name!r}")
+    print(f"revoked {name}: their sessions and app tokens stop working within a second")
     return 0
 
 
@@ -1586,6 +2640,8 @@ def cmd_backup(store, destination):
         store.backup(destination)
     except FileExistsError:
         raise RuntimeError(f"{destination} exists; not overwriting it") from None
+    except OSError as error:
+        raise RuntimeError(f"cannot write {destination}: {error.strerror}") from None
     print(f"backup written to {destination}")
     return 0
 
@@ -1630,23 +2686,35 @@ SERVER_OPTIONS = {
 
 
 def create_server(app, settings, **overrides):
-    """A waitress server for `app`, listening but not yet running."""
+    """A waitress server for `app`, listening but not yet running; RuntimeError naming the address."""
     import waitress.server
 
     options = {"host": settings.host, "port": settings.port, "threads": settings.threads, **SERVER_OPTIONS}
     options.update(overrides)
-    return waitress.server.create_server(app, **options)
+    try:
+        return waitress.server.create_server(app, **options)
+    except OSError as error:
+        where = _listen_address(options["host"], options["port"])
+        raise RuntimeError(f"cannot listen on {where}: {error.strerror or error}") from None
+
+
+def _listen_address(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def serve(settings, store):
     configure_logging(settings)
-    if not store.users():
-        cmd_generate(store, settings)
     app = make_app(settings, store=store)
-    server = create_server(app, settings)
+    server = create_server(app, settings)  # listening first: a start that fails changes nothing
+    if not store.had_user():
+        cmd_generate(store, settings)
+        app.refresh(app.clock(), force=True)
+    elif not store.active_users():
+        log.info("no users: add one with `forward_auth.py -invite NAME` (or -generate NAME at this terminal)")
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     _return_freed_memory()
-    log.info("forward-auth %s listening on http://%s:%s", __version__, settings.host, server.effective_port)
+    where = _listen_address(settings.host, server.effective_port)
+    log.info("forward-auth %s listening on http://%s", __version__, where)
     try:
         server.run()
     except KeyboardInterrupt:
@@ -1676,7 +2744,34 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-SERVE = types.SimpleNamespace(generate=None, list=False, revoke=None, backup=None, version=False)  # no arguments
+SERVE = types.SimpleNamespace(**{flag.lstrip("-").replace("-", "_"): None for flag, _ in COMMANDS})
+
+
+def run_command(args, store, settings):
+    """The command `args` names, or serving; returns the exit code."""
+    if args.generate is not None:
+        return cmd_generate(store, settings, args.generate)
+    if args.invite is not None:
+        return cmd_invite(store, settings, args.invite, args.url)
+    if args.list:
+        return cmd_list(store)
+    if args.allow is not None:
+        return cmd_allow(store, args.allow)
+    if args.token is not None:
+        return cmd_token(store, *args.token, hosts=args.hosts, days=args.days)
+    if args.tokens is not None:
+        return cmd_tokens(store, args.tokens)
+    if args.revoke_token is not None:
+        return cmd_revoke_token(store, *args.revoke_token)
+    if args.sessions is not None:
+        return cmd_sessions(store, args.sessions)
+    if args.logout is not None:
+        return cmd_logout(store, args.logout)
+    if args.revoke is not None:
+        return cmd_revoke(store, args.revoke)
+    if args.backup is not None:
+        return cmd_backup(store, args.backup)
+    return serve(settings, store)
 
 
 def main(argv=None, environ=None):
@@ -1685,8 +2780,7 @@ def main(argv=None, environ=None):
     try:
         args = build_parser().parse_args(argv) if argv else SERVE
     except _UsageError as error:
-        print(f"forward_auth: {error}", file=sys.stderr)
-        return 2
+        return _fail(error, 2)
     except SystemExit as exit_:  # -h prints help and exits 0
         return exit_.code
     if args.version:
@@ -1695,29 +2789,27 @@ def main(argv=None, environ=None):
     try:
         settings = Settings.from_env(os.environ if environ is None else environ)
     except ConfigError as error:
-        print(f"forward_auth: {error}", file=sys.stderr)
-        return 2
+        return _fail(error, 2)
     store = None
     try:
         store = Store(settings.db_path)
-        if args.generate is not None:
-            return cmd_generate(store, settings, args.generate)
-        if args.list:
-            return cmd_list(store)
-        if args.revoke is not None:
-            return cmd_revoke(store, args.revoke)
-        if args.backup is not None:
-            return cmd_backup(store, args.backup)
-        return serve(settings, store)
+        return run_command(args, store, settings)
     except _UsageError as error:
-        print(f"forward_auth: {error}", file=sys.stderr)
-        return 2
+        return _fail(error, 2)
+    except BrokenPipeError:
+        # `-generate | head -3`: the reader has what it wanted; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (RuntimeError, OSError, sqlite3.Error) as error:
-        print(f"forward_auth: {error}", file=sys.stderr)
-        return 1
+        return _fail(error, 1)
     finally:
         if store is not None:
             store.close()
+
+
+def _fail(error, code):
+    print(f"forward_auth: {error}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
