@@ -473,8 +473,8 @@ def _hosts_rule(text):
     return None if EVERY_HOST in patterns or not patterns else patterns
 
 
-class Store:
-    """The SQLite database: users, sessions, app tokens, invitations and the cookie key.
+class Database:
+    """The SQLite file: connections, transactions, the schema and its migrations.
 
     One connection for queries and writes, one for noticing changes other
     processes commit (``PRAGMA data_version`` only moves for other connections)
@@ -538,6 +538,32 @@ class Store:
 
     def ping(self):
         self._query("SELECT count(*) FROM users")
+
+    def data_version(self):
+        with self._watch_lock:
+            return self._watch.execute("PRAGMA data_version").fetchone()[0]
+
+    def backup(self, destination):
+        """Copy the database with SQLite's online backup; the file must not exist."""
+        _create_private_file(destination, exclusive=True)
+        target = sqlite3.connect(destination)
+        try:
+            with self._lock:
+                self._conn.backup(target)
+        finally:
+            target.close()
+
+    def close(self):
+        self._conn.close()
+        self._watch.close()
+
+
+class Store(Database):
+    """What forward-auth keeps: users, sessions, app tokens, invitations and the cookie key.
+
+    One short method per query, returning plain tuples; a change that must be
+    whole is one transaction.
+    """
 
     def cookie_key(self):
         """The generated HMAC key, created once by whichever process asks first."""
@@ -748,25 +774,6 @@ class Store:
             finally:
                 conn.execute("COMMIT")
             return Snapshot(version, rules, deleted, revoked, app_tokens)
-
-    def data_version(self):
-        with self._watch_lock:
-            return self._watch.execute("PRAGMA data_version").fetchone()[0]
-
-    def backup(self, destination):
-        """Copy the database with SQLite's online backup; the file must not exist."""
-        _create_private_file(destination, exclusive=True)
-        target = sqlite3.connect(destination)
-        try:
-            with self._lock:
-                self._conn.backup(target)
-        finally:
-            target.close()
-
-    def close(self):
-        self._conn.close()
-        self._watch.close()
-
 
 class SessionRecord(collections.namedtuple("SessionRecord", "jti user created expires ip agent")):
     """A login as the sessions table keeps it."""
@@ -1909,17 +1916,288 @@ class _Refused(Exception):
         self.status, self.message, self.headers, self.disabled = status, message, list(headers), disabled
 
 
+class Cookies:
+    """The cookies this service sets and reads: the session, the device, the pre-login CSRF nonce."""
+
+    def __init__(self, settings, key):
+        self.settings = settings
+        self.session_key = key
+        self.device_key = derive_key(key, "device")  # a device cookie never passes as a session
+        self.csrf_key = derive_key(key, "csrf")
+        self.session_name = settings.cookie_name
+        self.device_name = settings.cookie_name + "_device"
+        self.csrf_name = settings.cookie_name + "_csrf"
+
+    def login(self, claims):
+        """Set-Cookie headers for a login: a fresh session, and the device cookie re-issued."""
+        s = self.settings
+        session = sign_token(claims, self.session_key)
+        device = sign_token(new_claims(claims["sub"], claims["iat"], DEVICE_COOKIE_SECONDS), self.device_key)
+        return [
+            ("Set-Cookie", self.header(self.session_name, session, s.session_ttl, s.same_site)),
+            ("Set-Cookie", self.header(self.device_name, device, DEVICE_COOKIE_SECONDS, "Strict")),
+        ]
+
+    def expired_session(self):
+        return ("Set-Cookie", self.header(self.session_name, "", 0, self.settings.same_site))
+
+    def expired_device(self):
+        return ("Set-Cookie", self.header(self.device_name, "", 0, "Strict"))
+
+    def header(self, name, value, max_age, same_site, domain=True):
+        parts = [f"{name}={value}", "Path=/"]
+        if max_age is not None:
+            parts.append(f"Max-Age={max_age}")
+            if max_age == 0:
+                parts.append("Expires=Thu, 01 Jan 1970 00:00:00 GMT")
+        if domain and self.settings.cookie_domain:
+            parts.append(f"Domain={self.settings.cookie_domain}")
+        parts.append("HttpOnly")
+        if self.settings.secure_cookies:
+            parts.append("Secure")
+        parts.append(f"SameSite={same_site}")
+        return "; ".join(parts)
+
+    def device(self, request, gate):
+        """The claims of a valid device cookie of a current user, or None; every value is judged."""
+        for token in request.cookie_values(self.device_name):
+            claims, _ = verify_token(token, self.device_key, request.now)
+            if claims is not None and gate.user_current(claims):
+                return claims
+        return None
+
+    def csrf(self, request, extra_headers=()):
+        """(the form's CSRF token, page headers), setting the pre-login cookie if the browser has none."""
+        headers = [("Content-Type", "text/html; charset=utf-8"), *extra_headers]
+        nonce = next((v for v in request.cookie_values(self.csrf_name) if INVITE_SHAPE.fullmatch(v)), None)
+        if nonce is None:
+            nonce = secrets.token_urlsafe(32)
+            headers.append(("Set-Cookie", self.header(self.csrf_name, nonce, None, "Lax", domain=False)))
+        return self.csrf_token(nonce), headers
+
+    def csrf_token(self, nonce):
+        return _b64encode(hmac.new(self.csrf_key, nonce.encode(), hashlib.sha256).digest())
+
+    def csrf_valid(self, request, given):
+        given = given.encode("utf-8")  # bytes: compare_digest refuses non-ASCII str
+        return any(
+            hmac.compare_digest(self.csrf_token(nonce).encode(), given)
+            for nonce in request.cookie_values(self.csrf_name)
+            if nonce
+        )
+
+
+class SignIn:
+    """The login page and form: codes judged within the guessing limits, devices, the signed-in page."""
+
+    def __init__(self, settings, *, store, gate, cookies, limiter, metrics):
+        self.settings = settings
+        self.store = store
+        self.gate = gate
+        self.cookies = cookies
+        self.limiter = limiter
+        self.metrics = metrics
+
+    def page(self, request):
+        """GET /login: the form; signed in, the page that offers to sign out, or on to `next`."""
+        next_value = request.query.get("next", request.query.get("redirect_uri", ""))
+        claims = self.gate.session(request)
+        if claims is None:
+            return self.form(request, 200, next_value)
+        if next_value:
+            return 302, [("Location", self.safe_next(request, next_value))], b""
+        csrf, headers = self.cookies.csrf(request)
+        name = self.settings.app_name
+        page = render_page(name, SIGNED_IN, app_name=name, name=claims["sub"], csrf=csrf, logout=self.logout_url())
+        return 200, headers, page
+
+    def form(self, request, status, next_value, message="", extra_headers=(), disabled=False):
+        """The login page; it carries only a validated next."""
+        csrf, headers = self.cookies.csrf(request, extra_headers)
+        device = self.cookies.device(request, self.gate)
+        page = render_login(
+            self.settings.app_name, self.safe_next(request, next_value), csrf, message, disabled,
+            device["sub"] if device else None,
+        )
+        return status, headers, page
+
+    def submit(self, request, form):
+        """POST /login: a code (or "Not NAME?"); 302 with cookies, or the form again with why not."""
+        next_value = form.get("next", request.query.get("next", request.query.get("redirect_uri", "")))
+        self.gate.refresh(request.now)
+        try:
+            self.guard(request, form)
+            if form.get("action") == "forget":
+                return self._forget_device(request, next_value)
+            device = self.cookies.device(request, self.gate)
+            claims = self.attempt(request, device, lambda: self._judge_code(request, form.get("otp", ""), device))
+        except _Refused as refusal:
+            return self.form(request, refusal.status, next_value, refusal.message, refusal.headers, refusal.disabled)
+        return self.signed_in(request, claims, self.safe_next(request, next_value))
+
+    def guard(self, request, form):
+        """Refuse a cross-site POST (403, no form) and a bad CSRF token (_Refused 403)."""
+        if is_cross_site(request.sec_fetch_site, request.origin_header, request.origin):
+            self.count(Outcome.CROSS_SITE, None, request)
+            raise HTTPError(403, b"Cross-site request refused\n")
+        if not self.cookies.csrf_valid(request, form.get("csrf", "")):
+            self.count(Outcome.CSRF, None, request)
+            raise _Refused(403, "This form expired. Please enter the code again.")
+
+    def attempt(self, request, device, judge):
+        """Run `judge` within the guessing limits; the new session's claims, or _Refused."""
+        key = f"device:{device['jti']}" if device else limiter_key(request.ip)
+        is_device = device is not None
+        wait = self.limiter.acquire(key, device=is_device, now=request.now)
+        if wait:
+            self.count(Outcome.LIMITED, None, request)
+            message = f"Too many attempts. Try again in {plural_minutes(wait)}."
+            raise _Refused(429, message, [("Retry-After", str(wait))], disabled=True)
+        outcome, claims = Outcome.UNDECIDED, None
+        try:
+            outcome, claims = judge()
+        except sqlite3.Error as error:
+            log.warning("login unavailable: database error: %s", error)
+            raise _Refused(503, "Signing in is unavailable for a moment. Please try again.", [("Retry-After", "5")])
+        finally:
+            self.limiter.release(key, device=is_device, outcome=outcome, now=request.now)
+        self.count(outcome, claims and claims["sub"], request)
+        if outcome is Outcome.REPLAY:
+            raise _Refused(401, "That code was just used. Wait for the next one.")
+        if outcome is not Outcome.SUCCESS:
+            raise _Refused(401, "Wrong code. Try again.")
+        return claims
+
+    def _judge_code(self, request, code, device):
+        """(outcome, claims). With a device cookie only its own user's seed is tried: an
+        enrolled user minting device cookies must get no guesses at other users' codes."""
+        users = self.store.active_users()
+        if device is not None:
+            users = [user for user in users if user.name == device["sub"]]
+        found = match_code(code, users, request.now)
+        if found is None:
+            return Outcome.FAILURE, None
+        user, step = found
+        claims = new_claims(user.name, request.now, self.settings.session_ttl)
+        if not self.store.accept_login(user.name, step, session_record(claims, request)):
+            return Outcome.REPLAY, claims  # RFC 6238 §5.2: one use per code
+        return Outcome.SUCCESS, claims
+
+    def signed_in(self, request, claims, location):
+        self.gate.refresh(request.now, force=True)  # the user may be new to this process's cache
+        return 302, [*self.cookies.login(claims), ("Location", location)], b""
+
+    def _forget_device(self, request, next_value):
+        """"Not NAME?": drop the device cookie; from then on the anonymous limits apply."""
+        target = self.safe_next(request, next_value)
+        query = f"?next={urllib.parse.quote(target, safe='')}" if target != "/" else ""
+        return 302, [self.cookies.expired_device(), ("Location", self.settings.login_url + query)], b""
+
+    def count(self, outcome, user, request):
+        """Count a login attempt and log it: one line, fail2ban-ready, never a code."""
+        self.metrics.count_login(outcome)
+        if self.settings.log_format == "json":
+            log.info(json.dumps({"event": "login", "result": outcome.value, "user": user or "-", "ip": str(request.ip)}))
+        else:
+            log.info("login result=%s user=%s ip=%s", outcome.value, user or "-", request.ip)
+
+    def safe_next(self, request, value):
+        return safe_next(value, self._login_host(request), self.settings)
+
+    def _login_host(self, request):
+        login_url = self.settings.login_url
+        if not login_url.startswith("/"):
+            parts = urllib.parse.urlsplit(login_url)
+            return normalise_host(parts.netloc, parts.scheme)
+        if request.origin is None:
+            raise HTTPError(400, b"Bad forwarded scheme or host\n")
+        return request.origin[1]
+
+    def logout_url(self):
+        login = self.settings.login_url
+        return url_base(login) + "/logout" if not login.startswith("/") else "/logout"
+
+
+def session_record(claims, request):
+    """The sessions-table row of a login: when, who, from where, with what."""
+    return SessionRecord(claims["jti"], claims["sub"], claims["iat"], claims["exp"], str(request.ip), request.user_agent)
+
+
+class Enrolment:
+    """Invitation links: a page with one button, the seed once asked for, the first code to finish."""
+
+    def __init__(self, settings, *, store, signin):
+        self.settings = settings
+        self.store = store
+        self.signin = signin
+
+    def _live_invite(self, token, now):
+        """The invitation of a link, or HTTPError 410 with the page that says to ask for a new one."""
+        invite = self.store.invite(digest(token), now) if INVITE_SHAPE.fullmatch(token) else None
+        if invite is None:
+            page = render_page(f"Link expired · {self.settings.app_name}", INVITE_GONE)
+            raise HTTPError(410, page, [("Content-Type", "text/html; charset=utf-8")])
+        return invite
+
+    def page(self, request, token, status=200):
+        """The first step: one button, and no seed (chat apps fetch links to draw previews)."""
+        invite = self._live_invite(token, request.now)
+        csrf, headers = self.signin.cookies.csrf(request)
+        page = render_page(
+            f"Set up · {self.settings.app_name}", INVITE_START, app_name=self.settings.app_name, name=invite.user,
+            invite=token, csrf=csrf, expires=format_time(invite.expires),
+        )
+        return status, headers, page
+
+    def submit(self, request, form):
+        """The button shows the seed; a right first code activates it and signs the person in."""
+        token = form.get("invite", "")
+        try:
+            self.signin.guard(request, form)
+        except _Refused:
+            return self.page(request, token, status=403)
+        invite = self._live_invite(token, request.now)
+        if "otp" not in form:
+            return self._setup(request, token, invite, 200)
+        try:
+            judge = functools.partial(self._judge, request, form["otp"], token, invite)
+            claims = self.signin.attempt(request, None, judge)
+        except _Refused as refusal:
+            return self._setup(request, token, invite, refusal.status, refusal.message, refusal.headers,
+                               refusal.disabled)
+        log.info("invite result=accepted user=%s ip=%s", invite.user, request.ip)
+        return self.signin.signed_in(request, claims, "/")
+
+    def _judge(self, request, code, token, invite):
+        pending = User(invite.user, invite.seed, 0, None, -1)
+        found = match_code(code, [pending], request.now)
+        if found is None:
+            return Outcome.FAILURE, None
+        claims = new_claims(invite.user, request.now, self.settings.session_ttl)
+        if not self.store.accept_invite(digest(token), found[1], session_record(claims, request)):
+            return Outcome.FAILURE, None  # used or voided a moment ago
+        return Outcome.SUCCESS, claims
+
+    def _setup(self, request, token, invite, status, message="", extra_headers=(), disabled=False):
+        """The second step: QR code, the secret in groups of four, the otpauth link, a field for the first code."""
+        csrf, headers = self.signin.cookies.csrf(request, extra_headers)
+        uri = enrolment_uri(invite.seed, invite.user, self.settings.app_name)
+        page = render_page(
+            f"Set up · {self.settings.app_name}", INVITE_SETUP, app_name=self.settings.app_name,
+            message=message_markup(message), uri=uri, qr=Markup(qr_svg(uri)), secret=group_secret(invite.seed),
+            invite=token, csrf=csrf, disabled=Markup(" disabled" if disabled else ""),
+        )
+        return status, headers, page
+
+
 class App:
-    """The WSGI application: routes, handlers and the one way out. Build it with make_app()."""
+    """The WSGI application: routes, the check endpoints and the one way out. Build it with make_app()."""
 
     def __init__(self, settings, store, clock):
         self.settings = settings
         self.store = store
         self.clock = clock
         key = settings.jwt_secret.encode() if settings.jwt_secret else store.cookie_key()
-        self.session_key = key
-        self.device_key = derive_key(key, "device")
-        self.csrf_key = derive_key(key, "csrf")
         self.trust = Trust(settings.trust_proxy)
         self.limiter = RateLimiter(
             settings.max_login_attempts, settings.rate_limit_window, settings.global_max_failures, clock=clock
@@ -1927,8 +2205,11 @@ class App:
         self.metrics = Metrics()
         self.gate = Gate(store, key, settings.cookie_name)
         self.gate.refresh(clock(), force=True)
-        self.device_cookie = settings.cookie_name + "_device"
-        self.csrf_cookie = settings.cookie_name + "_csrf"
+        self.cookies = Cookies(settings, key)
+        self.signin = SignIn(
+            settings, store=store, gate=self.gate, cookies=self.cookies, limiter=self.limiter, metrics=self.metrics
+        )
+        self.enrolment = Enrolment(settings, store=store, signin=self.signin)
         self.forbidden_log = Throttle()
         self.bad_token_log = Throttle()
         self.routes = {
@@ -2050,11 +2331,8 @@ class App:
             log.info("forbidden user=%s host=%s ip=%s", decision.user, decision.host or "-", request.ip)
         if request.path == "/verify" and request.wants_html:
             page = render_page(
-                f"Not allowed · {self.settings.app_name}",
-                FORBIDDEN_PAGE,
-                name=decision.user,
-                host=decision.host or "this address",
-                logout=self._logout_url(),
+                f"Not allowed · {self.settings.app_name}", FORBIDDEN_PAGE, name=decision.user,
+                host=decision.host or "this address", logout=self.signin.logout_url(),
             )
             return 403, [("Content-Type", "text/html; charset=utf-8")], page
         return 403, [], b""
@@ -2062,282 +2340,41 @@ class App:
     def _bad_token(self, request, decision):
         if self.bad_token_log.due(str(request.ip), request.now):
             log.info("app-token result=refused ip=%s", request.ip)  # never the token
-        headers = [("WWW-Authenticate", f'Basic realm="{self._realm()}"')] if decision.basic else []
-        return 401, headers, b"Unauthorized\n"
-
-    def _realm(self):
-        return self.settings.app_name.replace("\\", "").replace('"', "")
+        if not decision.basic:
+            return 401, [], b"Unauthorized\n"
+        realm = self.settings.app_name.replace("\\", "").replace('"', "")
+        return 401, [("WWW-Authenticate", f'Basic realm="{realm}"')], b"Unauthorized\n"
 
     def login_location(self, original):
         if original is None:
             return self.settings.login_url
         return f"{self.settings.login_url}?next={urllib.parse.quote(original, safe='')}"
 
-    def _logout_url(self):
-        login = self.settings.login_url
-        return url_base(login) + "/logout" if not login.startswith("/") else "/logout"
-
-    # -- Login page --
+    # -- Login and logout --
 
     def login_page(self, request):
-        query = request.query
-        if "invite" in query:
-            return self.invite_page(request, query["invite"])
-        next_value = query.get("next", query.get("redirect_uri", ""))
-        claims = self.gate.session(request)
-        if claims is None:
-            return self._login_form(request, 200, next_value)
-        if next_value:
-            return 302, [("Location", self.safe_next(request, next_value))], b""
-        return self._signed_in_page(request, claims)
-
-    def _login_form(self, request, status, next_value, message="", extra_headers=(), disabled=False):
-        """The login page; the form carries only a validated next."""
-        csrf, headers = self._csrf(request, extra_headers)
-        device = self._device(request)
-        page = render_login(
-            self.settings.app_name, self.safe_next(request, next_value), csrf, message, disabled,
-            device["sub"] if device else None,
-        )
-        return status, headers, page
-
-    def _signed_in_page(self, request, claims):
-        csrf, headers = self._csrf(request)
-        page = render_page(
-            self.settings.app_name, SIGNED_IN, app_name=self.settings.app_name, name=claims["sub"], csrf=csrf,
-            logout=self._logout_url(),
-        )
-        return 200, headers, page
-
-    # -- CSRF: a token bound to a pre-login cookie --
-
-    def _csrf(self, request, extra_headers=()):
-        """(the form's token, page headers), setting the pre-login cookie if the browser has none."""
-        headers = [("Content-Type", "text/html; charset=utf-8"), *extra_headers]
-        nonce = next((v for v in request.cookie_values(self.csrf_cookie) if INVITE_SHAPE.fullmatch(v)), None)
-        if nonce is None:
-            nonce = secrets.token_urlsafe(32)
-            headers.append(("Set-Cookie", self._cookie(self.csrf_cookie, nonce, None, "Lax", domain=False)))
-        return self._csrf_token(nonce), headers
-
-    def _csrf_token(self, nonce):
-        return _b64encode(hmac.new(self.csrf_key, nonce.encode(), hashlib.sha256).digest())
-
-    def _csrf_valid(self, request, given):
-        given = given.encode("utf-8")  # bytes: compare_digest refuses non-ASCII str
-        return any(
-            hmac.compare_digest(self._csrf_token(nonce).encode(), given)
-            for nonce in request.cookie_values(self.csrf_cookie)
-            if nonce
-        )
-
-    def _guard_form(self, request, form):
-        """Refuse a cross-site POST (403, no form) and a bad CSRF token (_Refused 403)."""
-        if is_cross_site(request.sec_fetch_site, request.origin_header, request.origin):
-            self._count_login(Outcome.CROSS_SITE, None, request)
-            raise HTTPError(403, b"Cross-site request refused\n")
-        if not self._csrf_valid(request, form.get("csrf", "")):
-            self._count_login(Outcome.CSRF, None, request)
-            raise _Refused(403, "This form expired. Please enter the code again.")
-
-    # -- Login --
+        if "invite" in request.query:
+            return self.enrolment.page(request, request.query["invite"])
+        return self.signin.page(request)
 
     def login(self, request):
         form = request.form
         if "invite" in form:
-            return self.invite_post(request, form)
-        next_value = form.get("next", request.query.get("next", request.query.get("redirect_uri", "")))
-        self.gate.refresh(request.now)
-        try:
-            self._guard_form(request, form)
-            if form.get("action") == "forget":
-                return self._forget_device(request, next_value)
-            device = self._device(request)
-            claims = self._attempt(request, device, lambda: self._judge_code(request, form.get("otp", ""), device))
-        except _Refused as refusal:
-            return self._login_form(
-                request, refusal.status, next_value, refusal.message, refusal.headers, refusal.disabled
-            )
-        return self._signed_in(request, claims, self.safe_next(request, next_value))
-
-    def _attempt(self, request, device, judge):
-        """Run `judge` within the guessing limits; the new session's claims, or _Refused."""
-        key = f"device:{device['jti']}" if device else limiter_key(request.ip)
-        is_device = device is not None
-        wait = self.limiter.acquire(key, device=is_device, now=request.now)
-        if wait:
-            self._count_login(Outcome.LIMITED, None, request)
-            message = f"Too many attempts. Try again in {plural_minutes(wait)}."
-            raise _Refused(429, message, [("Retry-After", str(wait))], disabled=True)
-        outcome, claims = Outcome.UNDECIDED, None
-        try:
-            outcome, claims = judge()
-        except sqlite3.Error as error:
-            log.warning("login unavailable: database error: %s", error)
-            raise _Refused(503, "Signing in is unavailable for a moment. Please try again.", [("Retry-After", "5")])
-        finally:
-            self.limiter.release(key, device=is_device, outcome=outcome, now=request.now)
-        self._count_login(outcome, claims and claims["sub"], request)
-        if outcome is Outcome.REPLAY:
-            raise _Refused(401, "That code was just used. Wait for the next one.")
-        if outcome is not Outcome.SUCCESS:
-            raise _Refused(401, "Wrong code. Try again.")
-        return claims
-
-    def _judge_code(self, request, code, device):
-        """(outcome, claims). With a device cookie only its own user's seed is tried: an
-        enrolled user minting device cookies must not get unlimited guesses at others' codes."""
-        users = self.store.active_users()
-        if device is not None:
-            users = [user for user in users if user.name == device["sub"]]
-        found = match_code(code, users, request.now)
-        if found is None:
-            return Outcome.FAILURE, None
-        user, step = found
-        claims = new_claims(user.name, request.now, self.settings.session_ttl)
-        if not self.store.accept_login(user.name, step, self._session_record(claims, request)):
-            return Outcome.REPLAY, claims  # RFC 6238 §5.2: one use per code
-        return Outcome.SUCCESS, claims
-
-    def _session_record(self, claims, request):
-        return SessionRecord(claims["jti"], claims["sub"], claims["iat"], claims["exp"], str(request.ip),
-                             request.user_agent)
-
-    def _signed_in(self, request, claims, location):
-        self.gate.refresh(request.now, force=True)  # the user may be new to this process's cache
-        return 302, [*self._login_cookies(claims), ("Location", location)], b""
-
-    def _device(self, request):
-        """The claims of a valid device cookie of a current user, or None."""
-        for token in request.cookie_values(self.device_cookie):
-            claims, _ = verify_token(token, self.device_key, request.now)
-            if claims is not None and self.gate.user_current(claims):
-                return claims
-        return None
-
-    def _forget_device(self, request, next_value):
-        """"Not NAME?": drop the device cookie; from then on the anonymous limits apply."""
-        expired = self._cookie(self.device_cookie, "", 0, "Strict")
-        target = self.safe_next(request, next_value)
-        location = self.settings.login_url + (f"?next={urllib.parse.quote(target, safe='')}" if target != "/" else "")
-        return 302, [("Set-Cookie", expired), ("Location", location)], b""
-
-    def _count_login(self, outcome, user, request):
-        self.metrics.count_login(outcome)
-        if self.settings.log_format == "json":
-            log.info(json.dumps({"event": "login", "result": outcome.value, "user": user or "-", "ip": str(request.ip)}))
-        else:
-            log.info("login result=%s user=%s ip=%s", outcome.value, user or "-", request.ip)
-
-    def _login_cookies(self, claims):
-        s = self.settings
-        session = sign_token(claims, self.session_key)
-        device = sign_token(new_claims(claims["sub"], claims["iat"], DEVICE_COOKIE_SECONDS), self.device_key)
-        return [
-            ("Set-Cookie", self._cookie(s.cookie_name, session, s.session_ttl, s.same_site)),
-            ("Set-Cookie", self._cookie(self.device_cookie, device, DEVICE_COOKIE_SECONDS, "Strict")),
-        ]
-
-    def _cookie(self, name, value, max_age, same_site, domain=True):
-        parts = [f"{name}={value}", "Path=/"]
-        if max_age is not None:
-            parts.append(f"Max-Age={max_age}")
-            if max_age == 0:
-                parts.append("Expires=Thu, 01 Jan 1970 00:00:00 GMT")
-        if domain and self.settings.cookie_domain:
-            parts.append(f"Domain={self.settings.cookie_domain}")
-        parts.append("HttpOnly")
-        if self.settings.secure_cookies:
-            parts.append("Secure")
-        parts.append(f"SameSite={same_site}")
-        return "; ".join(parts)
-
-    def safe_next(self, request, value):
-        return safe_next(value, self._login_host(request), self.settings)
-
-    def _login_host(self, request):
-        login_url = self.settings.login_url
-        if not login_url.startswith("/"):
-            parts = urllib.parse.urlsplit(login_url)
-            return normalise_host(parts.netloc, parts.scheme)
-        if request.origin is None:
-            raise HTTPError(400, b"Bad forwarded scheme or host\n")
-        return request.origin[1]
-
-    # -- Invitations --
-
-    def _live_invite(self, token, now):
-        """The invitation of a link, or HTTPError 410 with the page that says to ask for a new one."""
-        invite = self.store.invite(digest(token), now) if INVITE_SHAPE.fullmatch(token) else None
-        if invite is None:
-            page = render_page(f"Link expired · {self.settings.app_name}", INVITE_GONE)
-            raise HTTPError(410, page, [("Content-Type", "text/html; charset=utf-8")])
-        return invite
-
-    def invite_page(self, request, token):
-        """The first step: one button, and no seed (chat apps fetch links to draw previews)."""
-        invite = self._live_invite(token, request.now)
-        csrf, headers = self._csrf(request)
-        page = render_page(
-            f"Set up · {self.settings.app_name}", INVITE_START, app_name=self.settings.app_name, name=invite.user,
-            invite=token, csrf=csrf, expires=format_time(invite.expires),
-        )
-        return 200, headers, page
-
-    def invite_post(self, request, form):
-        token = form.get("invite", "")
-        try:
-            self._guard_form(request, form)
-        except _Refused:
-            _status, headers, page = self.invite_page(request, token)
-            return 403, headers, page
-        invite = self._live_invite(token, request.now)
-        if "otp" not in form:
-            return self._invite_setup(request, token, invite, 200)
-        try:
-            claims = self._attempt(request, None, lambda: self._judge_invite(request, form["otp"], token, invite))
-        except _Refused as refusal:
-            return self._invite_setup(request, token, invite, refusal.status, refusal.message, refusal.headers,
-                                      refusal.disabled)
-        log.info("invite result=accepted user=%s ip=%s", invite.user, request.ip)
-        return self._signed_in(request, claims, "/")
-
-    def _judge_invite(self, request, code, token, invite):
-        pending = User(invite.user, invite.seed, 0, None, -1, EVERY_HOST)
-        found = match_code(code, [pending], request.now)
-        if found is None:
-            return Outcome.FAILURE, None
-        claims = new_claims(invite.user, request.now, self.settings.session_ttl)
-        if not self.store.accept_invite(digest(token), found[1], self._session_record(claims, request)):
-            return Outcome.FAILURE, None  # used or voided a moment ago
-        return Outcome.SUCCESS, claims
-
-    def _invite_setup(self, request, token, invite, status, message="", extra_headers=(), disabled=False):
-        """The second step: QR code, the secret in groups of four, the otpauth link, a field for the first code."""
-        csrf, headers = self._csrf(request, extra_headers)
-        uri = enrolment_uri(invite.seed, invite.user, self.settings.app_name)
-        page = render_page(
-            f"Set up · {self.settings.app_name}", INVITE_SETUP, app_name=self.settings.app_name,
-            message=message_markup(message), uri=uri, qr=Markup(qr_svg(uri)), secret=group_secret(invite.seed),
-            invite=token, csrf=csrf, disabled=Markup(" disabled" if disabled else ""),
-        )
-        return status, headers, page
-
-    # -- Logout, health, metrics --
+            return self.enrolment.submit(request, form)
+        return self.signin.submit(request, form)
 
     def logout(self, request):
-        """End this session (or, with all=1 and a CSRF token, every session of its user); always expire the cookie."""
+        """End this session (with all=1 and a CSRF token, every session of its user); always expire the cookie."""
         if is_cross_site(request.sec_fetch_site, request.origin_header, request.origin):
             raise HTTPError(403, b"Cross-site logout refused\n")
         form = request.form if request.method == "POST" and request.has_form else {}
         everywhere = form.get("all") == "1"
-        if (everywhere or "csrf" in form) and not self._csrf_valid(request, form.get("csrf", "")):
+        if (everywhere or "csrf" in form) and not self.cookies.csrf_valid(request, form.get("csrf", "")):
             raise HTTPError(403, b"This form expired; sign out again\n")
         claims = self.gate.session(request)
         if claims is not None:
             self._end_session(request, claims, everywhere)
-        expired = self._cookie(self.settings.cookie_name, "", 0, self.settings.same_site)
-        return 302, [("Set-Cookie", expired), ("Location", self.settings.login_url)], b""
+        return 302, [self.cookies.expired_session(), ("Location", self.settings.login_url)], b""
 
     def _end_session(self, request, claims, everywhere):
         self.gate.revoke(claims["jti"], claims["exp"])
@@ -2350,6 +2387,8 @@ class App:
             self.store.purge_revoked(request.now)  # expired tokens need no revocation
         self.gate.refresh(request.now, force=True)
         log.info("logout user=%s everywhere=%s ip=%s", claims["sub"], "yes" if everywhere else "no", request.ip)
+
+    # -- Health, metrics --
 
     def health(self, request):
         headers = [("Content-Type", "application/json")]

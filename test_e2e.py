@@ -294,7 +294,7 @@ def follow_to_login(proxy, host, path, source="127.0.0.1"):
 def login_through(proxy, host, login_path, code, source="127.0.0.1", cookie="", forged_for=None):
     page = proxy.request("GET", host, login_path, headers={"Accept": "text/html", "Cookie": cookie}, source=source)
     assert page.status == 200, page.status
-    csrf_cookie = page.cookie(proxy.single.app.csrf_cookie)
+    csrf_cookie = page.cookie(proxy.single.app.cookies.csrf_name)
     token = re.search(rb'name="csrf" value="([^"]+)"', page.body).group(1).decode()
     next_value = re.search(rb'name="next" value="([^"]*)"', page.body).group(1).decode()
     import html

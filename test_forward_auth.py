@@ -148,9 +148,9 @@ def code_at(seed, now, offset=0):
 
 def csrf_for(app, response_or_cookie):
     """(cookie header, csrf token) from a login page response."""
-    nonce = response_or_cookie.cookie_value(app.csrf_cookie)
+    nonce = response_or_cookie.cookie_value(app.cookies.csrf_name)
     token = re.search(r'name="csrf" value="([^"]+)"', response_or_cookie.text).group(1)
-    return f"{app.csrf_cookie}={nonce}", token
+    return f"{app.cookies.csrf_name}={nonce}", token
 
 
 def login(app, code, next_value="/", extra_cookie="", headers=None, remote="127.0.0.1"):
@@ -915,7 +915,7 @@ def test_the_right_code_logs_in_and_returns_to_next(app, alice, clock):
         assert part in cookie
     assert "Secure" not in cookie and "Domain" not in cookie
     token = r.cookie_value("auth_token")
-    claims, reason = fa.verify_token(token, app.session_key, clock())
+    claims, reason = fa.verify_token(token, app.cookies.session_key, clock())
     assert reason is None and claims["sub"] == "alice" and claims["exp"] == int(clock()) + 86400
 
 
@@ -1022,7 +1022,7 @@ def test_a_device_is_limited_per_device(store, alice, clock):
 
 def test_a_forged_device_cookie_is_just_no_device(store, alice, clock):
     app = fa.make_app(settings(global_max_failures=2), store=store, clock=clock)
-    forged = fa.sign_token(fa.new_claims("alice", clock(), 1000), app.session_key)  # wrong key
+    forged = fa.sign_token(fa.new_claims("alice", clock(), 1000), app.cookies.session_key)  # wrong key
     wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
     for i in range(2):
         login(app, wrong, extra_cookie=f"auth_token_device={forged}", headers={"X-Forwarded-For": f"10.0.0.{i}"})
@@ -1032,7 +1032,7 @@ def test_a_forged_device_cookie_is_just_no_device(store, alice, clock):
 def test_a_session_token_is_not_a_device_cookie(app, logged_in, clock):
     token = logged_in.split("=", 1)[1]
     request = fa.Request({"HTTP_COOKIE": f"auth_token_device={token}"}, app.trust, clock())
-    assert app._device(request) is None
+    assert app.cookies.device(request, app.gate) is None
 
 
 def test_a_success_resets_the_ip(app, alice, clock):
@@ -1177,7 +1177,7 @@ def test_a_token_issued_before_the_user_was_created_still_counts(app, alice, sto
     # Only a deletion kills older tokens: a token minted with the key, backdated, is valid until exp.
     app.refresh(clock(), force=True)
     token = fa.sign_token({"sub": "alice", "iat": int(clock()) - 86400 * 30, "exp": int(clock()) + 60, "jti": "j"},
-                          app.session_key)
+                          app.cookies.session_key)
     r = call(app, "GET", "/verify", headers={"Cookie": f"auth_token={token}"})
     assert (r.status, r.header("Remote-User")) == (200, "alice")
 
@@ -1369,12 +1369,12 @@ def test_an_untrusted_peers_forwarded_headers_do_not_count_through_waitress(stor
         wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
         for i in range(6):
             page = server.request("GET", "/login")
-            nonce = page.cookie_value(app.csrf_cookie)
+            nonce = page.cookie_value(app.cookies.csrf_name)
             token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
             body = urllib.parse.urlencode({"otp": wrong, "csrf": token})
             r = server.request("POST", "/login", body=body, headers={
                 "Content-Type": "application/x-www-form-urlencoded",
-                "Cookie": f"{app.csrf_cookie}={nonce}",
+                "Cookie": f"{app.cookies.csrf_name}={nonce}",
                 "X-Forwarded-For": f"198.51.100.{i}",
             })
         assert r.status == 429  # all six counted against 127.0.0.1
@@ -1387,11 +1387,11 @@ def test_an_underscore_spelling_of_forwarded_for_changes_nothing(served, app, al
     statuses = []
     for i in range(6):
         page = served.request("GET", "/login")
-        nonce = page.cookie_value(app.csrf_cookie)
+        nonce = page.cookie_value(app.cookies.csrf_name)
         token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
         r = served.request("POST", "/login", body=urllib.parse.urlencode({"otp": wrong, "csrf": token}), headers={
             "Content-Type": "application/x-www-form-urlencoded",
-            "Cookie": f"{app.csrf_cookie}={nonce}",
+            "Cookie": f"{app.cookies.csrf_name}={nonce}",
             "X_Forwarded_For": f"198.51.100.{i}",
         })
         statuses.append(r.status)
@@ -1400,11 +1400,11 @@ def test_an_underscore_spelling_of_forwarded_for_changes_nothing(served, app, al
 
 def test_a_full_login_through_waitress(served, app, alice, clock):
     page = served.request("GET", "/login?next=%2Fhome")
-    nonce = page.cookie_value(app.csrf_cookie)
+    nonce = page.cookie_value(app.cookies.csrf_name)
     token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
     body = urllib.parse.urlencode({"otp": code_at(alice, clock()), "next": "/home", "csrf": token})
     r = served.request("POST", "/login", body=body, headers={
-        "Content-Type": "application/x-www-form-urlencoded", "Cookie": f"{app.csrf_cookie}={nonce}"})
+        "Content-Type": "application/x-www-form-urlencoded", "Cookie": f"{app.cookies.csrf_name}={nonce}"})
     assert (r.status, r.header("Location")) == (302, "/home")
     cookie = session_cookie(app, r)
     v = served.request("GET", "/verify", headers={"Cookie": cookie})
@@ -1592,7 +1592,7 @@ def test_cli_revoke_ends_sessions_of_a_running_server_within_a_second(tmp_path):
         store = fa.Store(environ["DB_PATH"])
         (user,) = store.users()
         app = fa.make_app(settings(), store=store)
-        token = fa.sign_token(fa.new_claims(user.name, time.time(), 600), app.session_key)
+        token = fa.sign_token(fa.new_claims(user.name, time.time(), 600), app.cookies.session_key)
         cookie = {"Cookie": f"auth_token={token}"}
         assert http_get(port, "/verify", cookie).status == 200
         generate = subprocess.run(check=False, args=[sys.executable, os.path.join(HERE, "forward_auth.py"), "-generate", "bob"],
@@ -1948,7 +1948,7 @@ def form_login(server, app, code, xff=None, csrf=None, cookie_extra=""):
     """POST /login through a real server; `csrf` is (cookie, token) from an earlier GET."""
     if csrf is None:
         page = server.request("GET", "/login")
-        csrf = (f"{app.csrf_cookie}={page.cookie_value(app.csrf_cookie)}",
+        csrf = (f"{app.cookies.csrf_name}={page.cookie_value(app.cookies.csrf_name)}",
                 re.search(r'name="csrf" value="([^"]+)"', page.text).group(1))
     headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": csrf[0] + cookie_extra}
     if xff:
@@ -1969,7 +1969,7 @@ def test_200_parallel_guesses_from_many_addresses_stop_at_the_global_ceiling(sto
     server = Server(app, threads=16)
     try:
         page = server.request("GET", "/login")
-        csrf = (f"{app.csrf_cookie}={page.cookie_value(app.csrf_cookie)}",
+        csrf = (f"{app.cookies.csrf_name}={page.cookie_value(app.cookies.csrf_name)}",
                 re.search(r'name="csrf" value="([^"]+)"', page.text).group(1))
         wrong = wrong_code_for(alice, now=clock())
         statuses = parallel(lambda i: form_login(server, app, wrong, f"198.51.{i // 250}.{i % 250}", csrf).status,
@@ -1988,7 +1988,7 @@ def test_parallel_guesses_from_one_address_stop_at_the_per_ip_limit(store, alice
     server = Server(app, threads=16)
     try:
         page = server.request("GET", "/login")
-        csrf = (f"{app.csrf_cookie}={page.cookie_value(app.csrf_cookie)}",
+        csrf = (f"{app.cookies.csrf_name}={page.cookie_value(app.cookies.csrf_name)}",
                 re.search(r'name="csrf" value="([^"]+)"', page.text).group(1))
         wrong = wrong_code_for(alice, now=clock())
         statuses = parallel(lambda i: form_login(server, app, wrong, "198.51.100.7", csrf).status, range(50))
