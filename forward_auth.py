@@ -554,8 +554,10 @@ class Database:
             target.close()
 
     def close(self):
-        self._conn.close()
-        self._watch.close()
+        # Under the locks: closing a connection another thread is using can crash SQLite.
+        with self._lock, self._watch_lock:
+            self._conn.close()
+            self._watch.close()
 
 
 class Store(Database):

@@ -92,8 +92,9 @@ class Response:
         return {line.split("=", 1)[0]: line for line in self.headers_named("Set-Cookie")}
 
     def cookie_value(self, name):
-        line = self.cookies()[name]
-        return line.split(";", 1)[0].split("=", 1)[1]
+        """The value a Set-Cookie gives `name`, or None if the response sets no such cookie."""
+        line = self.cookies().get(name)
+        return None if line is None else line.split(";", 1)[0].split("=", 1)[1]
 
     @property
     def text(self):
@@ -335,6 +336,71 @@ def test_the_generated_cookie_key_is_kept(db_path, store):
 def test_seeds_have_160_bits():
     seed = fa.new_seed()
     assert len(base64.b32decode(seed)) * 8 == 160
+
+
+FIXTURE_1_0 = os.path.join(HERE, "fixtures", "auth-1.0.db")
+
+
+@pytest.fixture
+def old_database(tmp_path):
+    """A copy of a database written by forward-auth 1.0.0, and what its writer noted."""
+    path = str(tmp_path / "old.db")
+    shutil.copy(FIXTURE_1_0, path)
+    with open(os.path.join(HERE, "fixtures", "auth-1.0.json")) as file:
+        return path, json.load(file)
+
+
+def test_a_1_0_database_opens_in_2_0_with_users_seeds_steps_and_revocations(old_database):
+    path, noted = old_database
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+    store = fa.Store(path)
+    users = {u.name: u for u in store.users()}
+    assert set(users) == {"alice", "bob"}
+    assert {name: users[name].seed for name in users} == noted["seeds"]
+    assert {name: users[name].last_step for name in users} == noted["last_steps"]
+    assert all(u.hosts == "*" for u in users.values()) and store.had_user()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == fa.SCHEMA_VERSION
+    store.close()
+
+
+def test_a_1_0_database_keeps_its_sessions_and_refuses_replays_after_the_upgrade(old_database):
+    path, noted = old_database
+    store = fa.Store(path)
+    clock = FakeClock(noted["now"])
+    app = fa.make_app(settings(secure_cookies=False), store=store, clock=clock)
+    for cookie, expected in ((noted["valid_cookie"], 200), (noted["bob_cookie"], 200), (noted["revoked_cookie"], 401)):
+        r = call(app, "GET", "/verify", headers={"Cookie": cookie, "Accept": "application/json"})
+        assert r.status == expected, cookie
+    assert call(app, "GET", "/verify", headers={"Cookie": noted["valid_cookie"]}).header("Remote-User") == "alice"
+    used = pyotp.TOTP(noted["seeds"]["alice"]).generate_otp(noted["last_steps"]["alice"])
+    assert login(app, used).status == 401  # the step 1.0 accepted stays used
+    clock.advance(fa.STEP)
+    assert login(app, code_at(noted["seeds"]["alice"], clock())).status == 302
+    store.close()
+
+
+def test_a_1_0_database_whose_users_were_all_revoked_never_gets_a_fresh_first_user(old_database):
+    path, _ = old_database
+    store = fa.Store(path)
+    for user in store.users():
+        store.delete_user(user.name, NOW)
+    assert store.had_user()
+    store.close()
+
+
+def test_a_newer_schema_is_refused_and_left_alone(db_path):
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {fa.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(sqlite3.DatabaseError, match="newer"):
+        fa.Store(db_path)
+
+
+def test_a_new_database_has_never_had_a_user_until_one_is_added(store):
+    assert not store.had_user()
+    store.add_user("alice", fa.new_seed(), NOW)
+    store.delete_user("alice", NOW)
+    assert store.had_user()
 
 
 # --- Tokens -----------------------------------------------------------------
@@ -748,6 +814,122 @@ def test_forwarded_headers_from_an_untrusted_peer_are_ignored():
 )
 def test_wants_html(method, headers, expected):
     assert fa.wants_html(method, headers.get("HTTP_ACCEPT"), headers.get("HTTP_X_REQUESTED_WITH")) is expected
+
+
+@pytest.mark.parametrize(
+    "host, port, pattern, expected",
+    [
+        ("jellyfin.example.com", 443, "jellyfin.example.com", True),
+        ("jellyfin.example.com", 443, "wiki.example.com", False),
+        ("a.example.com", 443, "*.example.com", True),
+        ("a.b.example.com", 443, "*.example.com", True),
+        ("example.com", 443, "*.example.com", False),
+        ("evilexample.com", 443, "*.example.com", False),
+        ("example.com.evil.net", 443, "*.example.com", False),
+        ("a.example.com.evil.net", 443, "*.example.com", False),
+        ("xn--80ak6aa92e.example.com", 443, "*.example.com", True),
+        ("xn--80ak6aa92e.com", 443, "*.example.com", False),
+        ("app.example.com", 8443, "app.example.com", True),  # no port in the pattern: any port
+        ("app.example.com", 8443, "app.example.com:8443", True),
+        ("app.example.com", 443, "app.example.com:8443", False),
+        ("app.example.com", 443, "app.example.com:443", True),
+        ("[::1]", 8080, "[::1]", True),
+        ("[::1]", 8080, "[::2]", False),
+        ("anything.at.all", 80, "*", True),
+        ("", 443, "*.example.com", False),
+    ],
+)
+def test_host_matches(host, port, pattern, expected):
+    assert fa.host_matches(host, port, pattern) is expected
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("https://App.Example.COM./x", ("app.example.com", 443)),
+        ("http://app.example.com/", ("app.example.com", 80)),
+        ("https://app.example.com:8443/", ("app.example.com", 8443)),
+        ("http://[::1]:8080/", ("[::1]", 8080)),
+    ],
+)
+def test_the_original_host_is_normalised_with_its_port(url, expected):
+    assert request_with({"HTTP_X_ORIGINAL_URL": url}).original_host == expected
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("*", "*"),
+        ("Jellyfin.Example.com", "jellyfin.example.com"),
+        ("wiki.example.com.", "wiki.example.com"),
+        ("*.media.example.com", "*.media.example.com"),
+        ("app.example.com:8443", "app.example.com:8443"),
+        ("[::1]:8080", "[::1]:8080"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_a_host_pattern_is_normalised(value, expected):
+    assert fa.as_host_pattern(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", " ", "*.", "a b.com", "a,b.com", "alice@example.com", "app.example.com:0", "app.example.com:65536",
+     "app.example.com:x", "*.*.example.com", "a.*.example.com", "example..com", ".example.com", "*example.com",
+     "https://example.com", "example.com/path", "ex\u00e4mple.com"],
+)
+def test_a_malformed_host_pattern_is_refused(value):
+    with pytest.raises(ValueError):
+        fa.as_host_pattern(value)
+
+
+@pytest.mark.parametrize(
+    "headers, expected",
+    [
+        # nginx passes a client's own X-Forwarded-Host; Caddy a client's own X-Original-URL.
+        ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com/", "HTTP_X_FORWARDED_HOST": "app2.example.com"}, None),
+        ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com/x", "HTTP_X_FORWARDED_HOST": "APP1.example.com."},
+         "https://app1.example.com/x"),
+        ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com/x", "HTTP_X_FORWARDED_URI": "/y"},
+         "https://app1.example.com/x"),
+    ],
+)
+def test_original_url_headers_of_both_families_must_name_the_same_host(headers, expected):
+    request = request_with(headers)
+    assert request.original_url == expected
+    assert request.original_problem is None
+
+
+@pytest.mark.parametrize(
+    "authorization, expected",
+    [
+        (None, None),
+        ("Bearer fat_abc", ("fat_abc", None)),
+        ("bearer   fat_abc ", ("fat_abc", None)),
+        ("Bearer glsa_abc", None),
+        ("MediaBrowser Token=fat_abc", None),
+        ("Basic " + base64.b64encode(b"alice:fat_abc").decode(), ("fat_abc", "alice")),
+        ("Basic " + base64.b64encode(b"alice:hunter2").decode(), None),
+        ("Basic " + base64.b64encode(b"fat_abc").decode(), None),
+        ("Basic !!!", None),
+        ("Basic " + base64.b64encode(b"\xff:fat_x").decode(), None),
+    ],
+)
+def test_only_credentials_with_the_fat_prefix_are_forward_auths(authorization, expected):
+    assert fa.presented_app_token(authorization) == expected
+
+
+@pytest.mark.parametrize(
+    "origin, cross",
+    [(None, False), ("null", False), ("https://auth.example.com", False), ("https://evil.example", True),
+     ("http://[", True), ("not a url", True), ("javascript:x", True)],
+)
+def test_an_origin_that_cannot_be_parsed_is_cross_site(origin, cross):
+    assert fa.is_cross_site(None, origin, ("https", "auth.example.com")) is cross
+
+
+def test_every_value_of_a_cookie_sent_twice_is_kept():
+    assert fa.parse_cookies("a=1; b=2; a=3")["a"] == ["1", "3"]
 
 
 # --- App, in-process --------------------------------------------------------
@@ -1296,6 +1478,594 @@ def test_json_logs_are_one_object_per_line(store, alice, clock, caplog):
     assert "\n" not in formatted
 
 
+# --- 2.0: who may open what -------------------------------------------------
+
+
+def check(app, cookie=None, url="https://app1.example.com/", path="/verify", headers=None):
+    """A check as a trusted proxy asks it, for the original URL `url` (None: no URL)."""
+    all_headers = {"Accept": "application/json"}
+    if url is not None:
+        all_headers["X-Original-URL"] = url
+    if cookie:
+        all_headers["Cookie"] = cookie
+    all_headers.update(headers or {})
+    return call(app, "GET", path, headers=all_headers)
+
+
+def test_a_user_without_a_host_list_opens_every_host(app, logged_in):
+    for url in ("https://app1.example.com/", "https://anything.example.net/", None):
+        r = check(app, logged_in, url)
+        assert (r.status, r.header("Remote-User")) == (200, "alice"), url
+
+
+@pytest.mark.parametrize("path", ["/verify", "/auth"])
+def test_a_restricted_user_opens_only_the_hosts_on_the_list(app, logged_in, store, clock, path):
+    store.set_hosts("alice", ["app1.example.com", "*.media.example.com"])
+    clock.advance(1)  # the running app notices the change within a second
+    for url, allowed in [
+        ("https://APP1.example.com./x", True),
+        ("https://jellyfin.media.example.com/", True),
+        ("https://a.b.media.example.com/", True),
+        ("https://app2.example.com/", False),
+        ("https://media.example.com/", False),
+        ("https://evilmedia.example.com/", False),
+        ("https://app1.example.com.evil.net/", False),
+    ]:
+        r = check(app, logged_in, url, path)
+        if allowed:
+            assert (r.status, r.header("Remote-User")) == (200, "alice"), url
+        else:
+            assert (r.status, r.header("Remote-User"), r.body) == (403, None, b""), url
+
+
+def test_a_restricted_user_with_no_original_host_is_refused(app, logged_in, store, clock):
+    store.set_hosts("alice", ["app1.example.com"])
+    clock.advance(1)
+    for path in ("/verify", "/auth"):
+        r = check(app, logged_in, None, path)
+        assert (r.status, r.header("Remote-User")) == (403, None), path
+
+
+def test_conflicting_original_url_headers_give_no_host_and_so_no_entry(app, logged_in, store, clock):
+    store.set_hosts("alice", ["app1.example.com"])
+    clock.advance(1)
+    # A client's own X-Original-URL naming an allowed host, beside the proxy's X-Forwarded-Host.
+    r = check(app, logged_in, "https://app1.example.com/", headers={"X-Forwarded-Host": "app2.example.com"})
+    assert (r.status, r.header("Remote-User")) == (403, None)
+    no_session = check(app, None, "https://app1.example.com/", headers={
+        "X-Forwarded-Host": "app2.example.com", "Accept": "text/html"})
+    assert no_session.status == 302 and no_session.header("Location") == "/login"  # no next
+
+
+def test_a_refused_browser_navigation_gets_a_page_that_names_user_and_host(app, logged_in, store, clock):
+    store.set_hosts("alice", ["app1.example.com"])
+    clock.advance(1)
+    r = check(app, logged_in, "https://app2.example.com/x", headers={"Accept": "text/html"})
+    assert r.status == 403 and r.header("Remote-User") is None
+    assert "Signed in as <strong>alice</strong>, who may not open <strong>app2.example.com</strong>" in r.text
+    assert 'href="/logout"' in r.text and "Sign in as someone else" in r.text
+    assert r.header("Content-Security-Policy") == fa.PAGE_CSP and r.header("X-Frame-Options") == "DENY"
+
+
+def test_the_refusal_page_escapes_the_user_name(store, clock):
+    seed = add_user(store, "x'\"y")  # not a CLI-valid name, but the page must not trust names
+    store.set_hosts("x'\"y", ["app1.example.com"])
+    app = fa.make_app(settings(), store=store, clock=clock)
+    cookie = session_cookie(app, login(app, code_at(seed, clock())))
+    r = check(app, cookie, "https://app2.example.com/", headers={"Accept": "text/html"})
+    assert r.status == 403 and "x&#x27;&quot;y" in r.text and "x'\"y" not in r.text
+
+
+def test_a_refusal_is_logged_once_a_minute_per_user_and_host_and_counted(app, logged_in, store, clock, caplog):
+    store.set_hosts("alice", ["app1.example.com"])
+    clock.advance(1)
+    caplog.set_level(logging.INFO, logger="forward_auth")
+    for _ in range(5):
+        assert check(app, logged_in, "https://app2.example.com/").status == 403
+    assert check(app, logged_in, "https://app3.example.com/").status == 403
+    clock.advance(61)
+    assert check(app, logged_in, "https://app2.example.com/").status == 403
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("forbidden")]
+    assert lines == ["forbidden user=alice host=app2.example.com ip=127.0.0.1",
+                     "forbidden user=alice host=app3.example.com ip=127.0.0.1",
+                     "forbidden user=alice host=app2.example.com ip=127.0.0.1"]
+    assert app.metrics.verify["forbidden"] == 7
+    assert 'forward_auth_verify_total{result="forbidden"} 7' in call(app, "GET", "/metrics").text
+
+
+def test_the_login_itself_does_not_check_the_host(app, alice, store, clock):
+    store.set_hosts("alice", ["app1.example.com"])
+    r = login(app, code_at(alice, clock()), next_value="/elsewhere")
+    assert (r.status, r.header("Location")) == (302, "/elsewhere")
+
+
+def test_the_host_check_reads_no_database(app, logged_in, store, clock):
+    store.set_hosts("alice", [f"app{i}.example.com" for i in range(20)])
+    clock.advance(1)
+    assert check(app, logged_in, "https://app19.example.com/").status == 200
+    store._conn, store._watch, saved = None, None, (store._conn, store._watch)
+    try:
+        assert check(app, logged_in, "https://app19.example.com/").status == 200
+        assert check(app, logged_in, "https://app20.example.com/").status == 403
+    finally:
+        store._conn, store._watch = saved
+
+
+# --- 2.0: app tokens ----------------------------------------------------------
+
+
+def new_app_token(store, name="alice", label="monitor", hosts=("*",), expires=None, now=NOW):
+    token = fa.APP_TOKEN_PREFIX + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+    store.add_app_token(name, label, fa.digest(token), hosts, now, expires)
+    return token
+
+
+def basic(name, password):
+    return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
+
+
+@pytest.fixture
+def token_app(store, clock, alice):
+    token = new_app_token(store)
+    return fa.make_app(settings(), store=store, clock=clock), token
+
+
+@pytest.mark.parametrize("path", ["/verify", "/auth"])
+def test_an_app_token_as_bearer_or_basic_lets_a_script_through(token_app, path):
+    app, token = token_app
+    for authorization in (f"Bearer {token}", basic("alice", token)):
+        r = check(app, None, path=path, headers={"Authorization": authorization})
+        assert (r.status, r.header("Remote-User")) == (200, "alice"), authorization
+    assert app.metrics.app_tokens["allow"] == 2
+
+
+def test_a_token_is_stored_only_as_its_hash(token_app, db_path, store):
+    _app, token = token_app
+    store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for suffix in ("", "-wal"):
+        with open(db_path + suffix, "rb") as file:
+            assert token.encode() not in file.read() and token[4:].encode() not in file.read()
+    assert store.app_tokens()[0].label == "monitor"
+
+
+@pytest.mark.parametrize("authorization", ["Bearer fat_" + "A" * 43, "Bearer fat_short", "Bearer fat_"])
+def test_an_unknown_token_is_401_even_with_a_valid_cookie_and_never_a_redirect(app, logged_in, authorization):
+    for path in ("/verify", "/auth"):
+        r = check(app, logged_in, path=path, headers={"Authorization": authorization, "Accept": "text/html"})
+        assert (r.status, r.header("Location"), r.header("Remote-User")) == (401, None, None), path
+        assert r.header("WWW-Authenticate") is None  # never a Basic dialog for a browser that sent no Basic
+
+
+def test_a_failed_basic_token_asks_for_basic_again(token_app):
+    app, token = token_app
+    for authorization in (basic("bob", token), basic("alice", "fat_" + "B" * 43)):
+        r = check(app, None, headers={"Authorization": authorization})
+        assert r.status == 401 and r.header("WWW-Authenticate") == 'Basic realm="Forward Auth"'
+
+
+@pytest.mark.parametrize("authorization", ["Bearer glsa_grafana", "MediaBrowser Token=\"abc\"", basic("alice", "pw")])
+def test_an_apps_own_authorization_is_ignored_and_the_cookie_decides(app, logged_in, authorization):
+    r = check(app, logged_in, headers={"Authorization": authorization})
+    assert (r.status, r.header("Remote-User")) == (200, "alice")
+    r = check(app, None, headers={"Authorization": authorization, "Accept": "text/html"})
+    assert r.status == 302
+
+
+def test_a_revoked_token_or_a_deleted_user_is_refused_within_a_second(token_app, store, clock):
+    app, token = token_app
+    other = new_app_token(store, label="other")
+    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 200
+    store.delete_app_token("alice", "monitor")
+    clock.advance(1)
+    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 401
+    assert check(app, headers={"Authorization": f"Bearer {other}"}).status == 200
+    store.delete_user("alice", clock())
+    clock.advance(1)
+    assert check(app, headers={"Authorization": f"Bearer {other}"}).status == 401
+    assert store.app_tokens() == []
+
+
+def test_a_token_expires(store, clock, alice):
+    token = new_app_token(store, expires=int(clock()) + 86400)
+    app = fa.make_app(settings(), store=store, clock=clock)
+    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 200
+    clock.advance(86400)
+    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 401
+
+
+def test_a_token_obeys_its_own_hosts_and_its_users(store, clock, alice):
+    narrow = new_app_token(store, label="narrow", hosts=("app1.example.com",))
+    wide = new_app_token(store, label="wide")
+    store.set_hosts("alice", ["app1.example.com", "app2.example.com"])
+    app = fa.make_app(settings(), store=store, clock=clock)
+    for token, url, expected in [
+        (narrow, "https://app1.example.com/", 200),
+        (narrow, "https://app2.example.com/", 403),
+        (wide, "https://app2.example.com/", 200),
+        (wide, "https://app3.example.com/", 403),
+        (wide, None, 403),
+    ]:
+        r = check(app, None, url, headers={"Authorization": f"Bearer {token}"})
+        assert r.status == expected, (url, token == narrow)
+    assert app.metrics.app_tokens["forbidden"] == 3
+
+
+def test_token_checks_read_no_database(token_app, store):
+    app, token = token_app
+    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 200
+    store._conn, store._watch, saved = None, None, (store._conn, store._watch)
+    try:
+        assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 200
+        assert check(app, headers={"Authorization": "Bearer fat_" + "C" * 43}).status == 401
+    finally:
+        store._conn, store._watch = saved
+
+
+def test_last_used_is_written_in_batches_at_most_once_a_minute(token_app, store, clock):
+    app, token = token_app
+    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 200
+    app.gate.flush_last_used()
+    first = store.app_tokens()[0].last_used
+    assert first == int(clock())
+    writes = []
+    store.touch_app_tokens, original = (lambda batch: writes.append(dict(batch)) or original(batch)), \
+        store.touch_app_tokens
+    for _ in range(100):
+        clock.advance(0.5)
+        check(app, headers={"Authorization": f"Bearer {token}"})
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.daemon and thread.name.startswith("Thread"):
+            thread.join(5)
+    assert len(writes) == 1  # 50 s of checks: one batch
+
+
+def test_a_bad_token_is_logged_once_a_minute_per_address_without_the_token(app, clock, caplog):
+    caplog.set_level(logging.INFO, logger="forward_auth")
+    bad = "fat_" + "D" * 43
+    for _ in range(10):
+        check(app, headers={"Authorization": f"Bearer {bad}"})
+    clock.advance(60)
+    check(app, headers={"Authorization": f"Bearer {bad}"})
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines.count("app-token result=refused ip=127.0.0.1") == 2
+    assert not any(bad[4:] in line for line in lines)
+    assert app.metrics.verify["bad_token"] == 11
+
+
+def test_the_bad_token_log_memory_is_bounded(clock):
+    throttle = fa.Throttle(max_keys=100)
+    for i in range(1000):
+        assert throttle.due(f"10.0.{i // 256}.{i % 256}", clock())
+    assert len(throttle._last) <= 100
+
+
+# --- 2.0: invitations ---------------------------------------------------------
+
+
+def invite(store, name="carol", now=NOW, ttl=259200):
+    token = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+    seed = fa.new_seed()
+    store.create_invite(name, fa.digest(token), seed, now, now + ttl)
+    return token, seed
+
+
+def open_invite(app, token, cookie=""):
+    return call(app, "GET", "/login", query=urllib.parse.urlencode({"invite": token}),
+                headers={"Cookie": cookie} if cookie else None)
+
+
+def post_invite(app, token, page, otp=None, headers=None):
+    cookie, csrf = csrf_for(app, page)
+    fields = {"invite": token, "csrf": csrf}
+    if otp is not None:
+        fields["otp"] = otp
+    all_headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie, **(headers or {})}
+    return call(app, "POST", "/login", headers=all_headers, body=urllib.parse.urlencode(fields).encode())
+
+
+def test_an_invitation_link_shows_one_button_and_never_the_seed(app, store):
+    token, seed = invite(store)
+    r = open_invite(app, token)
+    assert r.status == 200
+    assert "Set up your authenticator for Forward Auth" in r.text and r.text.count("<button") == 1
+    for secret in (seed, fa.group_secret(seed), "otpauth", "<svg"):
+        assert secret not in r.text
+    assert [u.name for u in store.users() if not u.seed] == ["carol"]  # pending
+
+
+def test_the_button_shows_qr_secret_and_link_and_a_reload_shows_the_same_seed(app, store):
+    token, seed = invite(store)
+    page = open_invite(app, token)
+    for _ in range(2):
+        r = post_invite(app, token, page)
+        assert r.status == 200
+        assert fa.group_secret(seed) in r.text and re.search(r"<svg[^>]*>.*</svg>", r.text, re.DOTALL)
+        uri = fa.escape(fa.enrolment_uri(seed, "carol", "Forward Auth"))
+        assert f'href="{uri}"' in r.text
+        assert "<script" not in r.text and r.header("Content-Security-Policy") == fa.PAGE_CSP
+
+
+def test_a_right_first_code_activates_the_seed_and_signs_in_once(app, store, clock):
+    token, seed = invite(store)
+    page = open_invite(app, token)
+    r = post_invite(app, token, page, otp=code_at(seed, clock()))
+    assert (r.status, r.header("Location")) == (302, "/")
+    cookie = session_cookie(app, r)
+    assert r.cookie_value(app.cookies.device_name)
+    assert check(app, cookie).header("Remote-User") == "carol"
+    assert store.user("carol").seed == seed
+    assert open_invite(app, token).status == 410  # single use
+    clock.advance(fa.STEP)
+    assert login(app, code_at(seed, clock())).status == 302  # the seed now logs in as usual
+
+
+def test_the_first_code_is_not_accepted_again(app, store, clock):
+    token, seed = invite(store)
+    code = code_at(seed, clock())
+    assert post_invite(app, token, open_invite(app, token), otp=code).status == 302
+    assert login(app, code).status == 401  # RFC 6238 replay rules from that step on
+
+
+def test_a_wrong_first_code_counts_toward_the_limits(app, store, clock):
+    token, seed = invite(store)
+    page = open_invite(app, token)
+    wrong = wrong_code_for(seed, now=clock())
+    statuses = [post_invite(app, token, page, otp=wrong).status for _ in range(6)]
+    assert statuses == [401] * 5 + [429]
+    again = post_invite(app, token, page, otp=wrong)
+    assert fa.group_secret(seed) in again.text  # the same seed, the field disabled for now
+
+
+@pytest.mark.parametrize("case", ["unknown", "expired", "voided", "malformed"])
+def test_an_unusable_invitation_is_410_with_a_page_saying_to_ask_again(app, store, clock, case):
+    token, _ = invite(store)
+    if case == "unknown":
+        token = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+    elif case == "expired":
+        clock.advance(259200)
+    elif case == "voided":
+        invite(store)  # a second invitation for carol
+    elif case == "malformed":
+        token = "x'<"
+    r = open_invite(app, token)
+    assert r.status == 410 and "Ask whoever sent it for a new link" in r.text
+    assert "x'<" not in r.text
+
+
+def test_an_invitation_post_needs_its_csrf_token(app, store):
+    token, seed = invite(store)
+    body = urllib.parse.urlencode({"invite": token, "csrf": "forged"}).encode()
+    r = call(app, "POST", "/login", headers={"Content-Type": "application/x-www-form-urlencoded"}, body=body)
+    assert r.status == 403 and fa.group_secret(seed) not in r.text
+    r = call(app, "POST", "/login", body=body, headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Sec-Fetch-Site": "cross-site"})
+    assert r.status == 403
+
+
+def test_a_reset_ends_the_old_seed_and_sessions_and_keeps_hosts_and_tokens(app, logged_in, alice, store, clock):
+    store.set_hosts("alice", ["app1.example.com"])
+    token = new_app_token(store)
+    link, seed = invite(store, "alice", now=clock())
+    clock.advance(1)
+    assert check(app, logged_in).status == 401  # the old session
+    clock.advance(fa.STEP)
+    assert login(app, code_at(alice, clock())).status == 401  # the old seed
+    assert store.user("alice").hosts == "app1.example.com"
+    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 200
+    r = post_invite(app, link, open_invite(app, link), otp=code_at(seed, clock()))
+    assert r.status == 302 and check(app, session_cookie(app, r)).status == 200
+
+
+def test_no_log_line_carries_the_invitation_token_or_the_seed(app, store, clock, caplog):
+    caplog.set_level(logging.DEBUG)
+    token, seed = invite(store)
+    page = open_invite(app, token)
+    post_invite(app, token, page, otp=wrong_code_for(seed, now=clock()))
+    post_invite(app, token, page, otp=code_at(seed, clock()))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "invite result=accepted user=carol" in text
+    assert token not in text and seed not in text and fa.group_secret(seed) not in text
+
+
+# --- 2.0: sessions ------------------------------------------------------------
+
+
+def test_each_login_records_its_session_and_lists_it_until_it_ends(app, alice, store, clock):
+    agent = "Mozilla/5.0 " + "x" * 200
+    r = login(app, code_at(alice, clock()), headers={"User-Agent": agent, "X-Forwarded-For": "198.51.100.7"})
+    (session,) = store.live_sessions(None, clock())
+    assert session == fa.Session(int(clock()), "alice", "198.51.100.7", agent[:120])
+    call(app, "GET", "/logout", headers={"Cookie": session_cookie(app, r)})
+    assert store.live_sessions(None, clock()) == []
+
+
+def test_expired_sessions_are_pruned(app, alice, store, clock):
+    login(app, code_at(alice, clock()))
+    clock.advance(app.settings.session_ttl + fa.STEP)
+    login(app, code_at(alice, clock()))
+    assert store._query("SELECT count(*) FROM sessions")[0][0] == 1
+
+
+def test_ending_sessions_refuses_older_ones_at_once_and_lets_a_new_login_in(app, logged_in, alice, store, clock):
+    store.end_sessions("alice", clock())  # the same second as the login
+    clock.advance(1)
+    assert check(app, logged_in).status == 401
+    clock.advance(fa.STEP)
+    fresh = session_cookie(app, login(app, code_at(alice, clock())))
+    store.end_sessions("bob", clock())
+    assert check(app, fresh).status == 200
+
+
+def test_a_signed_in_visitor_without_next_sees_who_and_two_ways_out(app, logged_in):
+    r = call(app, "GET", "/login", headers={"Cookie": logged_in})
+    assert r.status == 200 and "Signed in as <strong>alice</strong>" in r.text
+    assert r.text.count('method="post" action="/logout"') == 2 and 'name="all" value="1"' in r.text
+
+
+def test_sign_out_everywhere_ends_every_session_of_the_user(app, logged_in, alice, store, clock):
+    clock.advance(fa.STEP)
+    other = session_cookie(app, login(app, code_at(alice, clock())))
+    page = call(app, "GET", "/login", headers={"Cookie": logged_in})
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    cookie = f"{logged_in}; {app.cookies.csrf_name}={page.cookie_value(app.cookies.csrf_name)}"
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie}
+    refused = call(app, "POST", "/logout", headers=form, body=b"all=1&csrf=forged")
+    assert refused.status == 403 and check(app, other).status == 200
+    r = call(app, "POST", "/logout", headers=form, body=f"all=1&csrf={csrf}".encode())
+    assert r.status == 302 and r.cookie_value("auth_token") == ""
+    assert check(app, other).status == 401 and check(app, logged_in).status == 401
+
+
+# --- 2.0 review: the insider and the last 500s --------------------------------
+
+
+def nested_token(depth=2000):
+    return fa._b64encode(b"[" * depth) + ".e30.AAAA"
+
+
+@pytest.mark.parametrize("path, method", [("/verify", "GET"), ("/auth", "GET"), ("/login", "GET"),
+                                          ("/logout", "GET"), ("/logout", "POST")])
+def test_a_deeply_nested_token_header_is_just_no_session(app, path, method, caplog):
+    r = call(app, method, path, headers={"Cookie": f"auth_token={nested_token()}"})
+    assert r.status in (200, 302, 401) and "Traceback" not in caplog.text
+
+
+def test_a_deeply_nested_device_cookie_is_just_no_device(app, alice, clock):
+    wrong = wrong_code_for(alice, now=clock())
+    assert login(app, wrong, extra_cookie=f"auth_token_device={nested_token()}").status == 401
+
+
+def test_a_malformed_origin_is_cross_site(app, alice, clock):
+    r = login(app, code_at(alice, clock()), headers={"Origin": "http://["})
+    assert r.status == 403 and r.cookie_value("auth_token") is None
+
+
+def test_a_planted_cookie_of_the_same_name_does_not_hide_the_real_one(app, logged_in):
+    for planted in ("junk", nested_token()):
+        r = check(app, f"auth_token={planted}; {logged_in}")
+        assert (r.status, r.header("Remote-User")) == (200, "alice")
+        page = call(app, "GET", "/login", query="next=/x", headers={"Cookie": f"auth_token={planted}; {logged_in}"})
+        assert page.status == 302
+
+
+def test_logout_while_the_database_is_locked_still_ends_the_session(app, logged_in, db_path, clock):
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    try:
+        r = call(app, "GET", "/logout", headers={"Cookie": logged_in})
+        assert r.status == 302 and r.cookie_value("auth_token") == ""
+        clock.advance(1)
+        app.refresh(clock(), force=True)  # a refresh from the database must not bring it back
+        assert check(app, logged_in).status == 401
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    clock.advance(1)
+    app.refresh(clock(), force=True)  # now it is written
+    other = fa.make_app(settings(), store=fa.Store(db_path), clock=clock)
+    assert check(other, logged_in).status == 401
+
+
+@pytest.mark.parametrize("headers", [{"Sec-Fetch-Site": "cross-site"}, {"Origin": "https://evil.example"},
+                                     {"Origin": "http://["}])
+def test_a_cross_site_logout_is_refused(app, logged_in, headers):
+    for method in ("GET", "POST"):
+        r = call(app, method, "/logout", headers={"Cookie": logged_in, **headers})
+        assert r.status == 403 and r.cookie_value("auth_token") is None
+    assert check(app, logged_in).status == 200
+
+
+def test_auth_answers_an_unusable_forwarded_url_with_401_and_a_login_url_without_next(app):
+    for headers in ({"X-Forwarded-Host": "app.example.com", "X-Forwarded-Uri": "//evil"},
+                    {"X-Original-URL": "https://app.example.com//evil"},
+                    {"X-Original-URL": "javascript://x/"}):
+        r = call(app, "GET", "/auth", headers=dict(headers, Host="app.example.com"))
+        assert (r.status, r.header("Location")) == (401, "http://app.example.com/login"), headers
+
+
+def test_auth_builds_its_location_from_the_original_url_not_the_clients_host(app):
+    r = call(app, "GET", "/auth", headers={"Host": "evil.example", "X-Original-URL": "https://app.example.com/x"})
+    assert r.header("Location") == "https://app.example.com/login?next=https%3A%2F%2Fapp.example.com%2Fx"
+
+
+# The insider: an enrolled user who mints device cookies must get no guesses at other users' codes.
+
+
+def device_of(app, response):
+    return f"{app.cookies.device_name}={response.cookie_value(app.cookies.device_name)}"
+
+
+def test_a_code_valid_for_bob_sent_with_mallorys_device_does_not_log_in_as_bob(store, clock):
+    mallory, bob = add_user(store, "mallory"), add_user(store, "bob")
+    app = fa.make_app(settings(), store=store, clock=clock)
+    device = device_of(app, login(app, code_at(mallory, clock())))
+    r = login(app, code_at(bob, clock()), extra_cookie=device)
+    assert r.status == 401 and r.cookie_value("auth_token") is None
+    page = call(app, "GET", "/login", headers={"Cookie": device})
+    assert "Signing in as mallory" in page.text and "Not mallory?" in page.text
+
+
+def test_the_insider_attack_gets_zero_judged_guesses_at_other_users(store, clock, monkeypatch):
+    """The review's attack, with the injected clock: three device cookies, the global ceiling
+    used up by an outsider, then hours of guessing with a login of her own every step."""
+    mallory = add_user(store, "mallory")
+    victims = [add_user(store, f"victim{i}") for i in range(19)]
+    app = fa.make_app(settings(), store=store, clock=clock)
+    devices = [device_of(app, login(app, code_at(mallory, clock(), offset))) for offset in (-1, 0, 1)]
+    for i in range(40):  # the outsider trips the global ceiling
+        login(app, "000000", headers={"X-Forwarded-For": f"203.0.113.{i}"})
+    judged = []
+    real_match = fa.match_code
+    monkeypatch.setattr(fa, "match_code", lambda code, users, now: judged.append([u.name for u in users])
+                        or real_match(code, users, now))
+    clock.advance(fa.STEP)  # past the step of her +1 code
+    for _ in range(120):  # an hour of steps
+        clock.advance(fa.STEP)
+        for device in devices:
+            for victim in victims[:2]:  # the victim's real current code: the best guess there is
+                assert login(app, code_at(victim, clock()), extra_cookie=device).cookie_value("auth_token") is None
+        assert login(app, code_at(mallory, clock()), extra_cookie=devices[0]).status == 302
+    assert judged and all(names == ["mallory"] for names in judged)
+    assert {s.user for s in store.live_sessions(None, clock())} == {"mallory"}
+
+
+def test_not_name_forgets_the_device_and_then_bobs_code_logs_in_under_the_anonymous_limits(store, clock):
+    mallory, bob = add_user(store, "mallory"), add_user(store, "bob")
+    app = fa.make_app(settings(global_max_failures=3), store=store, clock=clock)
+    device = device_of(app, login(app, code_at(mallory, clock())))
+    page = call(app, "GET", "/login", query="next=/wiki", headers={"Cookie": device})
+    cookie, token = csrf_for(app, page)
+    body = urllib.parse.urlencode({"action": "forget", "csrf": token, "next": "/wiki"}).encode()
+    r = call(app, "POST", "/login", body=body,
+             headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"{cookie}; {device}"})
+    assert r.status == 302 and r.header("Location") == "/login?next=%2Fwiki"
+    expired = next(v for k, v in r.header_list if k == "Set-Cookie" and v.startswith(app.cookies.device_name))
+    assert "Max-Age=0" in expired and "SameSite=Strict" in expired
+    ok = login(app, code_at(bob, clock()))  # no device cookie now: every seed is tried
+    assert ok.status == 302 and check(app, session_cookie(app, ok)).header("Remote-User") == "bob"
+    for i in range(3):  # and the anonymous limits apply: the global ceiling
+        login(app, wrong_code_for(mallory, bob, now=clock()), headers={"X-Forwarded-For": f"203.0.113.{i}"})
+    clock.advance(fa.STEP)
+    assert login(app, code_at(bob, clock()), headers={"X-Forwarded-For": "198.51.100.1"}).status == 429
+
+
+def test_forgetting_the_device_needs_the_csrf_token(store, clock):
+    mallory = add_user(store, "mallory")
+    app = fa.make_app(settings(), store=store, clock=clock)
+    device = device_of(app, login(app, code_at(mallory, clock())))
+    body = b"action=forget&csrf=forged"
+    r = call(app, "POST", "/login", body=body,
+             headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": device})
+    assert r.status == 403
+
+
+def test_a_reused_code_says_to_wait_for_the_next_one(app, alice, clock):
+    code = code_at(alice, clock())
+    assert login(app, code).status == 302
+    r = login(app, code)
+    assert r.status == 401 and "That code was just used. Wait for the next one." in r.text
+
+
 # --- Through real waitress --------------------------------------------------
 
 
@@ -1697,7 +2467,7 @@ def test_safe_next_only_returns_local_paths_or_allowed_hosts(value):
         assert result[1:2] not in ("/", "\\")
     else:
         parts = urllib.parse.urlsplit(result)
-        assert parts.scheme == "https" and fa.host_allowed(parts.netloc, LOGIN_HOST, NEXT_SETTINGS)
+        assert parts.scheme == "https" and fa.redirect_allowed(parts.netloc, LOGIN_HOST, NEXT_SETTINGS)
     assert not any(c <= " " or c == "\\" for c in result)
 
 
