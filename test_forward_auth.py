@@ -2307,6 +2307,152 @@ def test_an_unwritable_database_path_is_one_line_and_exit_1(tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_allow_replaces_the_host_list_and_list_shows_it(db_path, capsys):
+    run_main(["-generate", "alice"], db_path, capsys)
+    code, out, err = run_main(["-allow", "alice", "Wiki.Example.com.", "*.media.example.com"], db_path, capsys)
+    assert code == 0 and err == "" and "wiki.example.com *.media.example.com" in out
+    run_main(["-allow", "alice", "grafana.example.com"], db_path, capsys)
+    _, out, _ = run_main(["-list"], db_path, capsys)
+    assert out.rstrip().endswith("\thosts grafana.example.com")
+    run_main(["--allow", "alice", "*"], db_path, capsys)
+    _, out, _ = run_main(["-list"], db_path, capsys)
+    assert out.rstrip().endswith("\thosts *")
+
+
+@pytest.mark.parametrize("patterns", [[""], ["*."], ["a b"], ["a,b"], ["x@y"], ["app:0"], ["app:70000"],
+                                      ["ok.example.com", "bad pattern"]])
+def test_allow_refuses_a_malformed_pattern_with_exit_2_and_changes_nothing(db_path, capsys, patterns):
+    run_main(["-generate", "alice"], db_path, capsys)
+    run_main(["-allow", "alice", "wiki.example.com"], db_path, capsys)
+    code, out, err = run_main(["-allow", "alice", *patterns], db_path, capsys)
+    assert (code, out, err.count("\n")) == (2, "", 1) and err.startswith("forward_auth: ")
+    assert fa.Store(db_path).user("alice").hosts == "wiki.example.com"
+
+
+def test_allow_for_an_unknown_name_is_exit_1_and_without_patterns_exit_2(db_path, capsys):
+    assert run_main(["-allow", "nobody", "x.example.com"], db_path, capsys)[0] == 1
+    assert run_main(["-allow", "nobody"], db_path, capsys)[0] == 2
+
+
+def test_token_prints_it_once_and_tokens_never_shows_it(db_path, capsys):
+    run_main(["-generate", "alice"], db_path, capsys)
+    code, out, err = run_main(["-token", "alice", "uptime", "--hosts", "wiki.example.com,grafana.example.com",
+                               "--days", "30"], db_path, capsys)
+    token = out.strip()
+    assert code == 0 and fa.APP_TOKEN_SHAPE.fullmatch(token) and token not in err
+    code, out, _ = run_main(["-tokens"], db_path, capsys)
+    assert code == 0 and token not in out and token[4:] not in out
+    (line,) = out.splitlines()
+    assert line.startswith("alice\tuptime\thosts wiki.example.com grafana.example.com\tcreated ")
+    assert "\texpires 20" in line and line.endswith("\tlast used never")
+    assert run_main(["-tokens", "bob"], db_path, capsys)[1] == "no app tokens\n"
+
+
+@pytest.mark.parametrize("args, code", [
+    (["-token", "alice", "uptime"], 1),  # the label is taken
+    (["-token", "nobody", "x"], 1),
+    (["-token", "alice", "bad label"], 2),
+    (["-token", "alice", "x", "--days", "0"], 2),
+    (["-token", "alice", "x", "--days", "soon"], 2),
+    (["-token", "alice", "x", "--hosts", "a b"], 2),
+    (["-token", "alice"], 2),
+    (["-revoke-token", "alice", "nope"], 1),
+])
+def test_token_errors_are_one_line(db_path, capsys, args, code):
+    run_main(["-generate", "alice"], db_path, capsys)
+    run_main(["-token", "alice", "uptime"], db_path, capsys)
+    result, out, err = run_main(args, db_path, capsys)
+    assert (result, out, err.count("\n")) == (code, "", 1), err
+
+
+def test_revoke_token_and_revoke_remove_tokens(db_path, capsys):
+    run_main(["-generate", "alice"], db_path, capsys)
+    run_main(["-token", "alice", "a"], db_path, capsys)
+    run_main(["-token", "alice", "b"], db_path, capsys)
+    assert run_main(["-revoke-token", "alice", "a"], db_path, capsys)[0] == 0
+    assert [t.label for t in fa.Store(db_path).app_tokens()] == ["b"]
+    run_main(["-invite", "alice"], db_path, capsys)
+    assert run_main(["-revoke", "alice"], db_path, capsys)[0] == 0
+    store = fa.Store(db_path)
+    assert store.app_tokens() == [] and store.invites() == {}
+
+
+def invite_link(out):
+    return re.search(r"^Link: (\S*)/login\?invite=([A-Za-z0-9_-]{43})$", out, re.MULTILINE).groups()
+
+
+@pytest.mark.parametrize("env, args, base", [
+    ({}, [], ""),
+    ({}, ["--url", "https://app.example.com/"], "https://app.example.com"),
+    ({"LOGIN_URL": "https://auth.example.com/login", "COOKIE_DOMAIN": ".example.com"}, [],
+     "https://auth.example.com"),
+])
+def test_invite_prints_a_link_for_a_new_pending_user(db_path, capsys, env, args, base):
+    code, out, err = run_main(["-invite", "carol", *args], db_path, capsys, **env)
+    assert code == 0 and err == ""
+    link_base, token = invite_link(out)
+    assert link_base == base
+    assert ("any protected app" in out) is (base == "")
+    assert re.search(r"^Expires: 20\S+Z \(in 3 days\)", out, re.MULTILINE)
+    _, listed, _ = run_main(["-list"], db_path, capsys)
+    assert listed.startswith("carol\tpending (invite expires 20")
+    store = fa.Store(db_path)
+    assert store.invite(fa.digest(token), time.time()).user == "carol"
+    assert token not in open(db_path, "rb").read().decode("latin-1")
+
+
+def test_a_second_invite_voids_the_first(db_path, capsys):
+    _, first, _ = run_main(["-invite", "carol"], db_path, capsys)
+    _, second, _ = run_main(["-invite", "carol"], db_path, capsys)
+    store = fa.Store(db_path)
+    assert store.invite(fa.digest(invite_link(first)[1]), time.time()) is None
+    assert store.invite(fa.digest(invite_link(second)[1]), time.time()).user == "carol"
+
+
+@pytest.mark.parametrize("args", [["-invite", "bad name"], ["-invite", "carol", "--url", "ftp://x"],
+                                  ["-invite", "carol", "--url", "https://a@b"], ["-invite"]])
+def test_invite_errors_are_usage_errors(db_path, capsys, args):
+    code, out, err = run_main(args, db_path, capsys)
+    assert (code, out, err.count("\n")) == (2, "", 1)
+
+
+def test_logout_and_sessions(db_path, capsys, store, clock):
+    seed = add_user(store, "alice")
+    app = fa.make_app(settings(), store=store, clock=FakeClock(time.time()))
+    cookie = session_cookie(app, login(app, code_at(seed, app.clock()), headers={"User-Agent": "Firefox/140"}))
+    code, out, _ = run_main(["-sessions"], db_path, capsys)
+    assert code == 0 and re.fullmatch(r"20\S+Z\talice\t127\.0\.0\.1\tFirefox/140\n", out)
+    assert run_main(["-sessions", "bob"], db_path, capsys)[1] == "no live sessions\n"
+    code, out, _ = run_main(["-logout", "alice"], db_path, capsys)
+    assert code == 0 and "ended every session of alice" in out
+    app.clock.advance(1)
+    assert call(app, "GET", "/verify", headers={"Cookie": cookie}).status in (302, 401)
+    assert run_main(["-sessions"], db_path, capsys)[1] == "no live sessions\n"
+    assert run_main(["-logout", "nobody"], db_path, capsys)[0] == 1
+
+
+def test_list_says_so_when_there_are_no_users(db_path, capsys):
+    assert run_main(["-list"], db_path, capsys)[1] == "no users\n"
+
+
+def test_generate_into_a_closed_pipe_exits_0_quietly(tmp_path):
+    script = os.path.join(HERE, "forward_auth.py")
+    result = subprocess.run(
+        ["bash", "-c", f'set -o pipefail; "{sys.executable}" "{script}" -generate alice | head -3'],
+        env=dict(os.environ, DB_PATH=str(tmp_path / "auth.db")), capture_output=True, text=True, timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert len(result.stdout.splitlines()) == 3
+
+
+def test_the_enrolment_block_fits_a_24_line_terminal(db_path, capsys):
+    code, out, _ = run_main(["-generate", "alice"], db_path, capsys, APP_NAME="Home Lab")
+    qr_lines = [line for line in out.splitlines() if "█" in line or "▀" in line or "▄" in line]
+    assert code == 0 and len(qr_lines) <= 24
+    assert out.startswith("\n") and out.endswith("\n\n")
+
+
 # --- The real process -------------------------------------------------------
 
 
@@ -2387,6 +2533,36 @@ def test_a_bad_setting_stops_the_start_with_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "SAME_SITE" in result.stderr
 
 
+def test_a_restart_after_every_user_was_revoked_creates_no_user(tmp_path):
+    process, port, environ = start_process(tmp_path)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=10)
+    name = re.search(r"^User: (\S+)$", out, re.MULTILINE).group(1)
+    assert fa.main(["-revoke", name], environ=environ) == 0
+    process, port, _ = start_process(tmp_path)
+    assert http_get(port, "/health").status == 200
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=10)
+    assert "Secret" not in out and "otpauth" not in out + err
+    assert "no users: add one with `forward_auth.py -invite NAME`" in err
+    assert [u.name for u in fa.Store(environ["DB_PATH"]).users()] == []
+
+
+def test_a_start_that_cannot_listen_changes_nothing_and_names_the_address(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        environ = dict(os.environ, HOST="127.0.0.1", PORT=str(port), DB_PATH=str(tmp_path / "auth.db"))
+        result = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py")], env=environ,
+                                capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1].startswith(f"forward_auth: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in result.stderr
+    store = fa.Store(environ["DB_PATH"])
+    assert store.users() == [] and not store.had_user()  # the next start still creates the first user
+
+
 # --- The shipped files ------------------------------------------------------
 
 
@@ -2457,6 +2633,53 @@ def test_no_input_yields_a_500_or_an_unsafe_header(app, method, path, query, hea
         assert location_is_safe(location), location
     if 200 <= r.status < 300 and path in ("/verify", "/auth"):
         raise AssertionError("a request without a session was allowed")
+
+
+@pytest.fixture
+def restricted_session(store, clock):
+    """An app and a valid session of a user with a host list and an app token (built once per test)."""
+    seed = add_user(store, "alice")
+    store.set_hosts("alice", ["app1.example.com"])
+    token = new_app_token(store)
+    app = fa.make_app(settings(), store=store, clock=clock)
+    return app, session_cookie(app, login(app, code_at(seed, clock()))), token
+
+
+@FUZZ
+@given(
+    method=st.sampled_from(["GET", "POST", "HEAD"]),
+    path=st.sampled_from(["/verify", "/auth", "/login", "/logout"]),
+    cookie_parts=st.lists(st.sampled_from(["session", "junk", "nested", "device-junk", "csrf-junk", "fuzz"]),
+                          max_size=4),
+    fuzz=text_or_nasty,
+    headers=st.dictionaries(st.sampled_from(["X-Forwarded-Host", "X-Original-URL", "X-Forwarded-Uri", "Origin",
+                                             "X-Forwarded-Proto", "Sec-Fetch-Site", "Authorization"]),
+                            text_or_nasty, max_size=4),
+    authorization=st.sampled_from([None, "token", "basic", "Bearer fat_x", "Basic !!"]),
+)
+def test_no_cookie_forwarded_header_or_origin_yields_a_500(restricted_session, method, path, cookie_parts, fuzz,
+                                                           headers, authorization):
+    app, session, token = restricted_session
+    values = {"session": session, "junk": "auth_token=junk", "nested": f"auth_token={nested_token(300)}",
+              "device-junk": f"auth_token_device={nested_token(300)}", "csrf-junk": "auth_token_csrf=" + "x" * 43,
+              "fuzz": fuzz}
+    headers = dict(headers)
+    if cookie_parts:
+        headers["Cookie"] = "; ".join(values[part] for part in cookie_parts)
+    if authorization == "token":
+        headers["Authorization"] = f"Bearer {token}"
+    elif authorization == "basic":
+        headers["Authorization"] = basic("alice", token)
+    elif authorization:
+        headers["Authorization"] = authorization
+    if method == "POST":
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    r = call(app, method, path, headers=headers, body=b"otp=123456&csrf=x" if method == "POST" else b"")
+    assert r.status != 500 and b"Traceback" not in r.body
+    if 200 <= r.status < 300 and path in ("/verify", "/auth"):
+        assert r.header("Remote-User") == "alice"
+    if r.status == 403 and path in ("/verify", "/auth"):
+        assert r.header("Remote-User") is None
 
 
 @FUZZ
