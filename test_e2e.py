@@ -607,5 +607,161 @@ def test_login_page_screenshots(proxy, browser, scheme, width, height):
     context.close()
 
 
+# --- 2.0 in Chromium: invitations, sessions, shared computers, refusals -------
+
+
+def run_cli(service, *args):
+    """The real command line against the service's database; its stdout."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py"), *args], capture_output=True,
+                            text=True, timeout=30, check=False, env=dict(os.environ, DB_PATH=service.store.path,
+                                                                         SECURE_COOKIES="false"))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def invite_url(proxy, service, name, host=APP):
+    out = run_cli(service, "-invite", name, "--url", f"http://{host}:{proxy.port}")
+    service.clock.advance(1)
+    return re.search(r"^Link: (\S+)$", out, re.MULTILINE).group(1)
+
+
+def enrol_in_browser(page, service, link, shots=None):
+    """Open an invitation, press the button, read the secret off the page, type a code made from it."""
+    page.goto(link)
+    assert page.title().startswith("Set up")
+    assert page.locator(".secret").count() == 0  # the first page never shows the seed
+    if shots:
+        page.screenshot(path=os.path.join(SCREENSHOTS, f"{shots}-1.png"))
+    page.click("button[type=submit]")
+    secret = page.text_content(".secret").replace(" ", "")
+    assert page.locator(".qr svg").count() == 1
+    assert page.get_attribute("a[href^='otpauth://']", "href").startswith("otpauth://totp/")
+    if shots:
+        page.screenshot(path=os.path.join(SCREENSHOTS, f"{shots}-2.png"))
+    service.clock.advance(fa.STEP)
+    page.fill("#otp", code_at(secret, service.clock()))
+    page.click("button[type=submit]")
+    return secret
+
+
+@pytest.mark.parametrize("proxy", ["caddy"], indirect=True)
+def test_a_new_person_enrols_by_link_and_a_reset_ends_the_old_phone(proxy, browser):
+    service = proxy.single
+    link = invite_url(proxy, service, "carol")
+    context = browser.new_context()
+    page = context.new_page()
+    secret = enrol_in_browser(page, service, link)
+    page.wait_for_url(proxy.url(APP, "/"))
+    assert json.loads(page.text_content("#seen"))["remote_user"] == ["carol"]
+    page.goto(link)  # the same link a second time
+    assert "This link no longer works" in page.text_content("h1")
+    assert proxy.request("GET", APP, urllib.parse.urlsplit(link).path + "?" + urllib.parse.urlsplit(link).query
+                         ).status == 410
+    # Lost phone: a new invitation ends the old seed and the old session within a second.
+    invite_url(proxy, service, "carol")  # the clock moves a second on
+    page.goto(proxy.url(APP, "/after-reset"))
+    assert "/login?next=" in page.url
+    service.clock.advance(fa.STEP)
+    page.fill("#otp", code_at(secret, service.clock()))
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    assert page.text_content("[role=alert]") == "Wrong code. Try again."
+    context.close()
+
+
+@pytest.mark.parametrize("proxy", ["nginx"], indirect=True)
+def test_enrolment_by_link_through_nginx(proxy, browser):
+    service = proxy.single
+    context = browser.new_context()
+    page = context.new_page()
+    enrol_in_browser(page, service, invite_url(proxy, service, "dave"))
+    page.wait_for_url(proxy.url(APP, "/"))
+    assert json.loads(page.text_content("#seen"))["remote_user"] == ["dave"]
+    context.close()
+
+
+def test_sign_out_everywhere_ends_the_session_in_another_browser(proxy, browser):
+    service = proxy.single
+    first, second = browser.new_context(), browser.new_context()
+    pages = []
+    for context in (first, second):
+        page = context.new_page()
+        page.goto(proxy.url(APP, "/mine"))
+        page.fill("#otp", service.code("bob"))
+        page.click("button[type=submit]")
+        page.wait_for_url(proxy.url(APP, "/mine"))
+        pages.append(page)
+    pages[0].goto(proxy.url(APP, "/login"))
+    assert "Signed in as bob" in pages[0].text_content(".sub")
+    pages[0].click("text=Sign out everywhere")
+    assert urllib.parse.urlsplit(pages[0].url).path == "/login"
+    service.clock.advance(1)
+    pages[1].goto(proxy.url(APP, "/mine"))
+    assert "/login?next=" in pages[1].url
+    first.close()
+    second.close()
+
+
+def test_not_name_on_a_shared_computer(proxy, browser):
+    service = proxy.single
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(proxy.url(APP, "/shared"))
+    page.fill("#otp", service.code("alice"))
+    page.click("button[type=submit]")
+    page.wait_for_url(proxy.url(APP, "/shared"))
+    page.goto(proxy.url(APP, "/logout"))
+    page.goto(proxy.url(APP, "/shared"))
+    assert "Signing in as alice" in page.content()
+    page.fill("#otp", service.code("bob"))  # bob's code on alice's device: only alice's seed is tried
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    assert page.text_content("[role=alert]") == "Wrong code. Try again."
+    page.click("text=Not alice?")
+    assert "Signing in as" not in page.content()
+    page.fill("#otp", service.code("bob"))
+    page.click("button[type=submit]")
+    page.wait_for_url(proxy.url(APP, "/shared"))
+    assert json.loads(page.text_content("#seen"))["remote_user"] == ["bob"]
+    context.close()
+
+
+@pytest.mark.parametrize("proxy", ["caddy"], indirect=True)
+def test_a_refused_host_shows_its_page_in_chromium(proxy, browser):
+    service = proxy.shared
+    service.store.set_hosts("alice", [APP1])
+    service.clock.advance(1)
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    try:
+        page.goto(proxy.url(APP1, "/"))
+        page.fill("#otp", service.code())
+        page.click("button[type=submit]")
+        page.wait_for_url(proxy.url(APP1, "/"))
+        response = page.goto(proxy.url(APP2, "/"))
+        assert response.status == 403
+        assert "who may not open" in page.text_content("main")
+        os.makedirs(SCREENSHOTS, exist_ok=True)
+        page.screenshot(path=os.path.join(SCREENSHOTS, "forbidden-1280x800-light.png"))
+        page.click("text=Sign in as someone else")
+        assert urllib.parse.urlsplit(page.url).path == "/login"
+    finally:
+        service.store.set_hosts("alice", ["*"])
+        service.clock.advance(1)
+        context.close()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("proxy", ["caddy"], indirect=True)
+def test_enrolment_screenshots(proxy, browser, scheme):
+    service = proxy.single
+    context = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme=scheme)
+    page = context.new_page()
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    enrol_in_browser(page, service, invite_url(proxy, service, f"erin-{scheme}"), shots=f"invite-390x844-{scheme}")
+    page.wait_for_url(proxy.url(APP, "/"))
+    context.close()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
