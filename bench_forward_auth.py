@@ -143,15 +143,23 @@ def start_forward_auth(db):
     return Process(pinned([sys.executable, os.path.join(HERE, "forward_auth.py")], 0), forward_auth_env(db, port), port)
 
 
+HOSTS = [f"app{i}.example.com" for i in range(20)]  # the request names the last: every pattern is tried
+APP_TOKEN = "fat_" + "b" * 43
+
+
 def make_database(folder, users=20):
-    """A database with `users` users and a valid session cookie for the first."""
+    """A database with `users` users; session cookies for user0 (every host) and for user1, whose
+    host list has 20 patterns; an app token of user0."""
     db = os.path.join(folder, "bench.db")
     store = fa.Store(db)
     for i in range(users):
         store.add_user(f"user{i}", fa.new_seed(), time.time() - 60)
+    store.set_hosts("user1", HOSTS)
+    store.add_app_token("user0", "bench", fa.digest(APP_TOKEN), ["*"], time.time() - 60, None)
     store.close()
-    token = fa.sign_token(fa.new_claims("user0", time.time(), 86400), KEY.encode())
-    return db, f"auth_token={token}"
+    cookies = [f"auth_token={fa.sign_token(fa.new_claims(f'user{i}', time.time(), 86400), KEY.encode())}"
+               for i in (0, 1)]
+    return db, cookies
 
 
 def wrk(port, path, cookie, duration, headers=(), host=None):
@@ -324,14 +332,17 @@ def run(args):
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: apt-get install -y wrk")
     folder = tempfile.mkdtemp(prefix="forward-auth-bench-")
-    db, cookie = make_database(folder)
+    db, (cookie, restricted) = make_database(folder)
+    original = ("X-Forwarded-Host: app19.example.com", "X-Forwarded-Uri: /x", "X-Forwarded-Proto: https")
     cases = [
         ("(a) bare waitress, empty 200", "bare", "/", None, ()),
         ("(b) minimal HMAC-cookie app", "hmac", "/", cookie, ()),
         ("(c) forward-auth /verify, valid cookie", "fa", "/verify", cookie, ()),
         ("(c) forward-auth /auth, valid cookie", "fa", "/auth", cookie, ()),
-        ("(c) forward-auth /verify, no cookie (302)", "fa", "/verify", None,
-         ("Accept: text/html", "X-Forwarded-Host: app.example.com", "X-Forwarded-Uri: /x", "X-Forwarded-Proto: https")),
+        ("(c) forward-auth /verify, no cookie (302)", "fa", "/verify", None, ("Accept: text/html", *original)),
+        ("(c) forward-auth /verify, user with 20 host patterns", "fa", "/verify", restricted, original),
+        ("(c) forward-auth /verify, app token (Bearer)", "fa", "/verify", None,
+         (f"Authorization: Bearer {APP_TOKEN}", *original)),
     ]
     results = {name: [] for name, *_ in cases}
     caddy = {"forward-auth": [], "(b)": []}

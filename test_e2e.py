@@ -25,7 +25,7 @@ import pytest
 import waitress.server
 
 import forward_auth as fa
-from test_forward_auth import FakeClock, Server, code_at
+from test_forward_auth import FakeClock, Server, code_at, wrong_code_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRED = os.environ.get("FORWARD_AUTH_REQUIRE_E2E") == "1"
@@ -420,7 +420,7 @@ def test_the_rate_limit_counts_real_client_addresses_not_the_proxy(proxy):
     location, _ = follow_to_login(proxy, APP, "/", source=first)
     path = login_path_of(location)
     right = proxy.single.code()
-    wrong = "000000" if right != "000000" else "111111"
+    wrong = wrong_code_for(proxy.single.seeds["alice"], now=proxy.single.clock())
     # Each guess claims another address: the proxy's own X-Forwarded-For entry decides.
     statuses = [login_through(proxy, APP, path, wrong, source=first, forged_for=f"203.0.113.{i}").status
                 for i in range(6)]
@@ -580,7 +580,7 @@ def test_a_wrong_code_shows_a_message_in_chromium(proxy, browser):
     page.click("button[type=submit]")
     assert page.evaluate("document.querySelector('#otp').validity.valid") is False
     right = proxy.single.code()
-    page.fill("#otp", "000000" if right != "000000" else "111111")
+    page.fill("#otp", wrong_code_for(proxy.single.seeds["alice"], now=proxy.single.clock()))
     with page.expect_navigation():
         page.click("button[type=submit]")
     assert page.text_content("[role=alert]") == "Wrong code. Try again."

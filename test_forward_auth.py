@@ -147,10 +147,23 @@ def code_at(seed, now, offset=0):
     return pyotp.TOTP(seed).generate_otp(fa.step_at(now) + offset)
 
 
+def csrf_token_of(page_text):
+    """The CSRF token a form carries."""
+    return re.search(r'name="csrf" value="([^"]+)"', page_text).group(1)
+
+
+def login_with(app, page, code, next_value="/"):
+    """POST /login with the CSRF cookie and token of an earlier login page."""
+    cookie, token = csrf_for(app, page)
+    body = urllib.parse.urlencode({"otp": code, "next": next_value, "csrf": token}).encode()
+    return call(app, "POST", "/login", headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie},
+                body=body)
+
+
 def csrf_for(app, response_or_cookie):
     """(cookie header, csrf token) from a login page response."""
     nonce = response_or_cookie.cookie_value(app.cookies.csrf_name)
-    token = re.search(r'name="csrf" value="([^"]+)"', response_or_cookie.text).group(1)
+    token = csrf_token_of(response_or_cookie.text)
     return f"{app.cookies.csrf_name}={nonce}", token
 
 
@@ -1018,7 +1031,8 @@ def test_verify_never_allows_a_tampered_cookie(app, logged_in):
     claims["sub"] = "admin"
     forged_payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
     for bad in (f"{h}.{forged_payload}.{s}", f"{h}.{p}.{s}=", f"{h}.{p}.", token + "x"):
-        assert call(app, "GET", "/verify", headers={"Cookie": f"{name}={bad}"}).status != 200
+        r = call(app, "GET", "/verify", headers={"Cookie": f"{name}={bad}", "Accept": "application/json"})
+        assert (r.status, r.header("Remote-User")) == (401, None)
 
 
 def test_a_session_expires(app, logged_in, clock):
@@ -1118,9 +1132,7 @@ def test_each_login_gets_a_fresh_token(app, alice, clock):
 
 
 def test_a_wrong_code_is_401_with_the_form_again(app, alice, clock):
-    right = code_at(alice, clock())
-    wrong = "000000" if right != "000000" else "111111"
-    r = login(app, wrong, next_value="/x")
+    r = login(app, wrong_code_for(alice, now=clock()), next_value="/x")
     assert r.status == 401 and "Wrong code" in r.text and 'value="/x"' in r.text
     assert "auth_token" not in r.cookies()
 
@@ -1153,7 +1165,7 @@ def test_a_replay_is_refused_after_a_restart(store, alice, clock, db_path):
 
 def test_the_limit_refuses_even_the_right_code(app, alice, clock):
     for _ in range(5):
-        assert login(app, "000000" if code_at(alice, clock()) != "000000" else "111111").status == 401
+        assert login(app, wrong_code_for(alice, now=clock())).status == 401
     r = login(app, code_at(alice, clock()))
     assert r.status == 429
     assert r.header("Retry-After") == "900"
@@ -1161,7 +1173,7 @@ def test_the_limit_refuses_even_the_right_code(app, alice, clock):
 
 
 def test_the_limit_is_per_client_ip_behind_a_trusted_proxy(app, alice, clock):
-    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    wrong = wrong_code_for(alice, now=clock())
     for _ in range(5):
         login(app, wrong, headers={"X-Forwarded-For": "198.51.100.1"})
     assert login(app, wrong, headers={"X-Forwarded-For": "198.51.100.1"}).status == 429
@@ -1169,7 +1181,7 @@ def test_the_limit_is_per_client_ip_behind_a_trusted_proxy(app, alice, clock):
 
 
 def test_a_forged_forwarded_for_from_an_untrusted_peer_changes_nothing(app, alice, clock):
-    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    wrong = wrong_code_for(alice, now=clock())
     for i in range(5):
         login(app, wrong, headers={"X-Forwarded-For": f"198.51.100.{i}"}, remote="203.0.113.9")
     r = login(app, wrong, headers={"X-Forwarded-For": "198.51.100.99"}, remote="203.0.113.9")
@@ -1179,7 +1191,7 @@ def test_a_forged_forwarded_for_from_an_untrusted_peer_changes_nothing(app, alic
 def test_a_device_cookie_escapes_the_global_ceiling(store, alice, clock):
     app = fa.make_app(settings(global_max_failures=3), store=store, clock=clock)
     device = login(app, code_at(alice, clock())).cookie_value("auth_token_device")
-    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    wrong = wrong_code_for(alice, now=clock())
     for i in range(3):
         login(app, wrong, headers={"X-Forwarded-For": f"198.51.100.{i}"})
     assert login(app, wrong, headers={"X-Forwarded-For": "198.51.100.50"}).status == 429
@@ -1192,7 +1204,7 @@ def test_a_device_cookie_escapes_the_global_ceiling(store, alice, clock):
 def test_a_device_is_limited_per_device(store, alice, clock):
     app = fa.make_app(settings(), store=store, clock=clock)
     device = login(app, code_at(alice, clock())).cookie_value("auth_token_device")
-    wrong = "000000" if code_at(alice, clock() + 30) != "000000" else "111111"
+    wrong = wrong_code_for(alice, now=clock() + 30)
     clock.advance(30)
     for i in range(5):  # from five addresses: the device is the key
         r = login(app, wrong, extra_cookie=f"auth_token_device={device}", headers={"X-Forwarded-For": f"10.0.0.{i}"})
@@ -1205,7 +1217,7 @@ def test_a_device_is_limited_per_device(store, alice, clock):
 def test_a_forged_device_cookie_is_just_no_device(store, alice, clock):
     app = fa.make_app(settings(global_max_failures=2), store=store, clock=clock)
     forged = fa.sign_token(fa.new_claims("alice", clock(), 1000), app.cookies.session_key)  # wrong key
-    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    wrong = wrong_code_for(alice, now=clock())
     for i in range(2):
         login(app, wrong, extra_cookie=f"auth_token_device={forged}", headers={"X-Forwarded-For": f"10.0.0.{i}"})
     assert login(app, wrong, extra_cookie=f"auth_token_device={forged}").status == 429
@@ -1218,7 +1230,7 @@ def test_a_session_token_is_not_a_device_cookie(app, logged_in, clock):
 
 
 def test_a_success_resets_the_ip(app, alice, clock):
-    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    wrong = wrong_code_for(alice, now=clock())
     for _ in range(4):
         login(app, wrong)
     assert login(app, code_at(alice, clock())).status == 302
@@ -1383,7 +1395,7 @@ def test_health_says_ok(app):
 def test_health_says_503_when_the_database_is_gone(app, store):
     store._conn.close()
     r = call(app, "GET", "/health")
-    assert r.status == 503 and json.loads(r.body)["status"] != "ok"
+    assert r.status == 503 and json.loads(r.body) == {"status": "unavailable"}
 
 
 def test_metrics_count_decisions_and_logins(app, logged_in):
@@ -1460,7 +1472,7 @@ def test_each_login_attempt_logs_one_line_without_secrets(app, alice, clock, cap
     code = code_at(alice, clock())
     r = login(app, code)
     token = r.cookie_value("auth_token")
-    login(app, "000000" if code != "000000" else "111111")
+    login(app, wrong_code_for(alice, now=clock()))
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "forward_auth"]
     assert lines == ["login result=success user=alice ip=127.0.0.1", "login result=failure user=- ip=127.0.0.1"]
     text = caplog.text
@@ -1906,7 +1918,7 @@ def test_sign_out_everywhere_ends_every_session_of_the_user(app, logged_in, alic
     clock.advance(fa.STEP)
     other = session_cookie(app, login(app, code_at(alice, clock())))
     page = call(app, "GET", "/login", headers={"Cookie": logged_in})
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    csrf = csrf_token_of(page.text)
     cookie = f"{logged_in}; {app.cookies.csrf_name}={page.cookie_value(app.cookies.csrf_name)}"
     form = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie}
     refused = call(app, "POST", "/logout", headers=form, body=b"all=1&csrf=forged")
@@ -2136,11 +2148,11 @@ def test_an_untrusted_peers_forwarded_headers_do_not_count_through_waitress(stor
     try:
         r = server.request("GET", "/verify", headers={"Accept": "text/html", "X-Forwarded-Host": "evil.com"})
         assert r.header("Location") == "/login"
-        wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+        wrong = wrong_code_for(alice, now=clock())
         for i in range(6):
             page = server.request("GET", "/login")
             nonce = page.cookie_value(app.cookies.csrf_name)
-            token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+            token = csrf_token_of(page.text)
             body = urllib.parse.urlencode({"otp": wrong, "csrf": token})
             r = server.request("POST", "/login", body=body, headers={
                 "Content-Type": "application/x-www-form-urlencoded",
@@ -2153,12 +2165,12 @@ def test_an_untrusted_peers_forwarded_headers_do_not_count_through_waitress(stor
 
 
 def test_an_underscore_spelling_of_forwarded_for_changes_nothing(served, app, alice, clock):
-    wrong = "000000" if code_at(alice, clock()) != "000000" else "111111"
+    wrong = wrong_code_for(alice, now=clock())
     statuses = []
     for i in range(6):
         page = served.request("GET", "/login")
         nonce = page.cookie_value(app.cookies.csrf_name)
-        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        token = csrf_token_of(page.text)
         r = served.request("POST", "/login", body=urllib.parse.urlencode({"otp": wrong, "csrf": token}), headers={
             "Content-Type": "application/x-www-form-urlencoded",
             "Cookie": f"{app.cookies.csrf_name}={nonce}",
@@ -2171,7 +2183,7 @@ def test_an_underscore_spelling_of_forwarded_for_changes_nothing(served, app, al
 def test_a_full_login_through_waitress(served, app, alice, clock):
     page = served.request("GET", "/login?next=%2Fhome")
     nonce = page.cookie_value(app.cookies.csrf_name)
-    token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    token = csrf_token_of(page.text)
     body = urllib.parse.urlencode({"otp": code_at(alice, clock()), "next": "/home", "csrf": token})
     r = served.request("POST", "/login", body=body, headers={
         "Content-Type": "application/x-www-form-urlencoded", "Cookie": f"{app.cookies.csrf_name}={nonce}"})
@@ -2942,7 +2954,7 @@ def form_login(server, app, code, xff=None, csrf=None, cookie_extra=""):
     if csrf is None:
         page = server.request("GET", "/login")
         csrf = (f"{app.cookies.csrf_name}={page.cookie_value(app.cookies.csrf_name)}",
-                re.search(r'name="csrf" value="([^"]+)"', page.text).group(1))
+                csrf_token_of(page.text))
     headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": csrf[0] + cookie_extra}
     if xff:
         headers["X-Forwarded-For"] = xff
@@ -2963,7 +2975,7 @@ def test_200_parallel_guesses_from_many_addresses_stop_at_the_global_ceiling(sto
     try:
         page = server.request("GET", "/login")
         csrf = (f"{app.cookies.csrf_name}={page.cookie_value(app.cookies.csrf_name)}",
-                re.search(r'name="csrf" value="([^"]+)"', page.text).group(1))
+                csrf_token_of(page.text))
         wrong = wrong_code_for(alice, now=clock())
         statuses = parallel(lambda i: form_login(server, app, wrong, f"198.51.{i // 250}.{i % 250}", csrf).status,
                             range(200))
@@ -2982,7 +2994,7 @@ def test_parallel_guesses_from_one_address_stop_at_the_per_ip_limit(store, alice
     try:
         page = server.request("GET", "/login")
         csrf = (f"{app.cookies.csrf_name}={page.cookie_value(app.cookies.csrf_name)}",
-                re.search(r'name="csrf" value="([^"]+)"', page.text).group(1))
+                csrf_token_of(page.text))
         wrong = wrong_code_for(alice, now=clock())
         statuses = parallel(lambda i: form_login(server, app, wrong, "198.51.100.7", csrf).status, range(50))
         assert statuses.count(401) == 5 and statuses.count(429) == 45
@@ -3025,11 +3037,6 @@ def test_16_clients_log_in_and_verify_while_the_cli_adds_and_revokes_users(tmp_p
     script = os.path.join(HERE, "forward_auth.py")
     environ = dict(os.environ, DB_PATH=db_path)
 
-    def ticker():  # time moves one TOTP step every 100 ms
-        while not stop.wait(0.1):
-            with clock_lock:
-                clock.advance(fa.STEP)
-
     def client(name):
         seed, _last_step, cookie = seeds[name], None, None
         while not stop.is_set():
@@ -3039,21 +3046,20 @@ def test_16_clients_log_in_and_verify_while_the_cli_adds_and_revokes_users(tmp_p
             if r.status == 302:
                 accepted.append((name, code, step))
                 cookie = session_cookie(app, r)
-            elif r.status != 401:  # a replay, or a code the ticker made stale in flight
+            elif r.status != 401:  # a replay, or a code made stale in flight by the main loop's step
                 problems.append((name, r.status))
             if cookie:
                 v = server.request("GET", "/verify", headers={"Cookie": cookie})
                 if v.status != 200 or v.header("Remote-User") != name:
                     problems.append((name, "verify", v.status))
 
-    threads = [threading.Thread(target=ticker)] + [threading.Thread(target=client, args=(n,)) for n in seeds]
+    threads = [threading.Thread(target=client, args=(n,)) for n in seeds]
     for t in threads:
         t.start()
     try:
-        deadline = time.monotonic() + 6
-        rounds = 0
-        while time.monotonic() < deadline:
-            rounds += 1
+        for rounds in range(1, 13):  # each round is one TOTP step of the injected clock
+            with clock_lock:
+                clock.advance(fa.STEP)
             name = f"temp{rounds}"
             added = subprocess.run([sys.executable, script, "-generate", name], env=environ, capture_output=True,
                                    text=True, timeout=20, check=False)
@@ -3066,9 +3072,12 @@ def test_16_clients_log_in_and_verify_while_the_cli_adds_and_revokes_users(tmp_p
             revoked = subprocess.run([sys.executable, script, "-revoke", name], env=environ, capture_output=True,
                                      text=True, timeout=20, check=False)
             assert revoked.returncode == 0, revoked.stderr
-            revoked_at = time.monotonic()
-            while server.request("GET", "/verify", headers={"Cookie": cookie}).status == 200:
-                assert time.monotonic() - revoked_at < 1.0, "a revocation took more than a second"
+            with clock_lock:
+                clock.advance(1)  # a second later, by the app's clock, the revocation holds
+            # A refresh another client started a moment before the CLI's commit may still be
+            # in flight (the check never waits for it): allow a few answers, not a second.
+            statuses = [server.request("GET", "/verify", headers={"Cookie": cookie}).status for _ in range(5)]
+            assert 302 in statuses or 401 in statuses, "a revocation took more than a second"
     finally:
         stop.set()
         for t in threads:
@@ -3099,7 +3108,7 @@ def test_a_replay_is_refused_after_sigkill_in_a_burst_of_logins_and_cli_writes(t
             try:
                 page = http_get(port, "/login")
                 cookie = f"auth_token_csrf={page.cookie_value('auth_token_csrf')}"
-                token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+                token = csrf_token_of(page.text)
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 conn.request("POST", "/login", body=urllib.parse.urlencode({"otp": code, "csrf": token}),
                              headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie})
@@ -3123,7 +3132,7 @@ def test_a_replay_is_refused_after_sigkill_in_a_burst_of_logins_and_cli_writes(t
     try:
         page = http_get(port, "/login")
         cookie = f"auth_token_csrf={page.cookie_value('auth_token_csrf')}"
-        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        token = csrf_token_of(page.text)
         for name, code in accepted[-5:]:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("POST", "/login", body=urllib.parse.urlencode({"otp": code, "csrf": token}),
@@ -3174,18 +3183,21 @@ def test_database_failures_keep_sessions_and_answer_503_then_recover(app, alice,
 def test_a_lock_held_by_another_process_delays_a_login_but_not_verify(app, alice, logged_in, db_path, clock):
     holder = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN EXCLUSIVE")
-    release = threading.Timer(1.0, lambda: holder.execute("COMMIT"))
-    release.start()
+    clock.advance(fa.STEP)
+    page = call(app, "GET", "/login")  # before the login starts waiting on the lock
+    results = []
+    waiting = threading.Thread(target=lambda: results.append(login_with(app, page, code_at(alice, clock()))))
     try:
-        started = time.monotonic()
-        assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 200
-        assert time.monotonic() - started < 0.5
         assert call(app, "GET", "/health").status == 200  # WAL readers are not blocked
-        clock.advance(fa.STEP)
-        assert login(app, code_at(alice, clock())).status == 302  # waits for the lock, then succeeds
+        waiting.start()
+        clock.advance(1)  # /verify's refresh is due, and reads no table
+        assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 200
+        assert [r.status for r in results] == []  # the login waits (up to 5 s): the lock is still held
     finally:
-        release.join()
+        holder.execute("COMMIT")
+        waiting.join(10)
         holder.close()
+    assert [r.status for r in results] == [302]  # it waited for the lock, then succeeded
 
 
 def test_a_deleted_database_file_keeps_sessions_and_health_says_503(app, logged_in, db_path, clock):
@@ -3205,11 +3217,9 @@ def test_idle_and_slow_clients_do_not_stop_verify(served, logged_in):
             if i % 3 == 0:  # slowloris: a request line and half a header, never finished
                 s.sendall(b"GET /verify HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             sockets.append(s)
-        started = time.monotonic()
-        for _ in range(20):
+        for _ in range(20):  # each within the client's own timeout, on top of 300 stuck connections
             r = served.request("GET", "/verify", headers={"Cookie": logged_in})
             assert r.status == 200
-        assert time.monotonic() - started < 2.0
     finally:
         for s in sockets:
             s.close()
