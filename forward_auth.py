@@ -149,6 +149,7 @@ class ConfigError(ValueError):
 # --- Settings ---------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)  # the check path sees the same few hosts over and over
 def normalise_host(host, scheme):
     """`host[:port]` lower-cased, without a trailing dot or the scheme's default port; None if malformed."""
     match = HOST_PORT.fullmatch(host or "")
@@ -1110,8 +1111,11 @@ def limiter_key(ip):
     return str(ip)
 
 
+UNSAFE_CHARACTER = re.compile(r"[^\x21-\x5b\x5d-\x7e]")  # controls, space, DEL, backslash, non-ASCII
+
+
 def _has_unsafe_characters(text):
-    return any(c <= " " or c == "\x7f" or c == "\\" or not c.isascii() for c in text)
+    return UNSAFE_CHARACTER.search(text) is not None
 
 
 def request_origin(scheme, host):
@@ -1178,6 +1182,7 @@ def host_and_port(url):
     return split_host(rest.split("/", 1)[0], DEFAULT_PORTS[scheme])
 
 
+@functools.lru_cache(maxsize=1024)
 def split_host(host, default_port=None):
     """("name", port or default_port) of a normalised `host[:port]` (IPv6 in brackets)."""
     name, sep, port = host.rpartition(":")
@@ -1320,6 +1325,25 @@ def _wsgi_text(raw):
     return raw.encode("latin-1", "replace").decode("utf-8", "replace")
 
 
+class computed_once:  # noqa: N801 - used as a decorator, like property
+    """A property worked out on first use and then kept in the instance.
+
+    functools.cached_property would do, but in Python 3.11 it takes a lock on
+    every first use, which the check path pays on each request.
+    """
+
+    def __init__(self, function):
+        self.function = function
+        self.name = function.__name__
+        self.__doc__ = function.__doc__
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.function(instance)
+        return value
+
+
 class Request:
     """The facts of one request, read once from the WSGI environ.
 
@@ -1345,31 +1369,31 @@ class Request:
         """A proxy header, only from a trusted peer."""
         return self._environ.get(name) if self.trusted else None
 
-    @functools.cached_property
+    @computed_once
     def trusted(self):
         return self.peer in self._trust
 
-    @functools.cached_property
+    @computed_once
     def cookies(self):
         return parse_cookies(self.cookie_header)
 
     def cookie_values(self, name):
         return self.cookies.get(name, ())
 
-    @functools.cached_property
+    @computed_once
     def ip(self):
         return client_ip(self.peer, self._header("HTTP_X_FORWARDED_FOR"), self._trust)
 
-    @functools.cached_property
+    @computed_once
     def original_method(self):
         """The method the client used: X-Forwarded-Method from a trusted proxy, else this request's."""
         return (self._forwarded("HTTP_X_FORWARDED_METHOD") or self.method).upper()
 
-    @functools.cached_property
+    @computed_once
     def wants_html(self):
         return wants_html(self.original_method, self._header("HTTP_ACCEPT"), self._header("HTTP_X_REQUESTED_WITH"))
 
-    @functools.cached_property
+    @computed_once
     def origin(self):
         """(scheme, host) the browser used, from trusted X-Forwarded-* or the request itself; None if bad."""
         scheme = self._forwarded("HTTP_X_FORWARDED_PROTO") or self._environ.get("wsgi.url_scheme", "http")
@@ -1379,11 +1403,11 @@ class Request:
         except ValueError:
             return None
 
-    @functools.cached_property
+    @computed_once
     def own_host(self):
         return self._header("HTTP_HOST") or self._environ.get("SERVER_NAME", "")
 
-    @functools.cached_property
+    @computed_once
     def _original(self):
         """(original URL or None, why it is unusable or None)."""
         if not self.trusted:
@@ -1409,13 +1433,13 @@ class Request:
     def original_problem(self):
         return self._original[1]
 
-    @functools.cached_property
+    @computed_once
     def original_host(self):
         """(host name, port) of the original URL, or None when it is unknown."""
         url = self.original_url
         return host_and_port(url) if url else None
 
-    @functools.cached_property
+    @computed_once
     def query(self):
         return parse_form(_wsgi_text(self._environ.get("QUERY_STRING", "")))
 
@@ -1436,7 +1460,7 @@ class Request:
         content_type = (self._environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
         return content_type == "application/x-www-form-urlencoded"
 
-    @functools.cached_property
+    @computed_once
     def form(self):
         """The urlencoded body: 400 for a bad length, 413 over 8 KiB, 415 for another type."""
         try:
@@ -1701,6 +1725,7 @@ class Gate:
         self._version = None
         self._next_refresh = 0.0
         self._lock = threading.Lock()
+        self._host_answers = {}  # (patterns, (host, port)) -> may open: 20 patterns cost one lookup
 
     # -- Keeping up with the database --
 
@@ -1831,19 +1856,29 @@ class Gate:
         ):
             return Decision(Verdict.BAD_TOKEN, token=True, basic=basic)
         self._last_used[key] = request.now
-        decision = self._by_host(request, entry.user, self._rules[entry.user].hosts, entry.hosts)
-        return decision._replace(token=True)
+        return self._by_host(request, entry.user, self._rules[entry.user].hosts, entry.hosts, token=True)
 
-    @staticmethod
-    def _by_host(request, name, *host_lists):
+    def _by_host(self, request, name, patterns, token_patterns=None, token=False):
         """ALLOW unless a host list (None: every host) leaves out the original host; no host, no entry."""
-        for patterns in host_lists:
-            if patterns is None:
-                continue
-            host = request.original_host
-            if host is None or not any(host_matches(host[0], host[1], pattern) for pattern in patterns):
-                return Decision(Verdict.FORBIDDEN, name, host and url_host(request.original_url))
-        return Decision(Verdict.ALLOW, name)
+        if patterns is None and token_patterns is None:
+            return Decision(Verdict.ALLOW, name, None, token)  # the common case: nothing to look up
+        for hosts in (patterns, token_patterns):
+            if hosts is not None and not self._may_open(hosts, request.original_host):
+                host = request.original_url and url_host(request.original_url)
+                return Decision(Verdict.FORBIDDEN, name, host, token)
+        return Decision(Verdict.ALLOW, name, None, token)
+
+    def _may_open(self, patterns, host):
+        if host is None:
+            return False
+        key = (patterns, host)
+        answer = self._host_answers.get(key)
+        if answer is None:
+            answer = any(host_matches(host[0], host[1], pattern) for pattern in patterns)
+            if len(self._host_answers) >= TOKEN_CACHE_SIZE:
+                self._host_answers.clear()  # many hosts named by strangers: start again
+            self._host_answers[key] = answer
+        return answer
 
 
 # --- App --------------------------------------------------------------------
