@@ -1325,7 +1325,7 @@ def _wsgi_text(raw):
     return raw.encode("latin-1", "replace").decode("utf-8", "replace")
 
 
-class computed_once:  # noqa: N801 - used as a decorator, like property
+class computed_once:
     """A property worked out on first use and then kept in the instance.
 
     functools.cached_property would do, but in Python 3.11 it takes a lock on
@@ -1505,6 +1505,9 @@ a{color:var(--accent)}
 .qr svg{background:#fff;border-radius:8px;width:min(100%,14rem);height:auto}
 .secret{font:1.05rem/1.6 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;text-align:center;
 word-spacing:.3em;overflow-wrap:anywhere;user-select:all;margin:0 0 1rem}
+.note{color:var(--muted);font-size:.875rem;margin:0 0 1rem;padding:.5rem .75rem;border-left:3px solid var(--line)}
+@keyframes rise{from{opacity:0;transform:translateY(.5rem)}to{opacity:1;transform:none}}
+@media (prefers-reduced-motion:no-preference){main{animation:rise .3s ease-out}}
 """
 PAGE_CSS_HASH = base64.b64encode(hashlib.sha256(PAGE_CSS.encode()).digest()).decode()
 
@@ -1526,7 +1529,7 @@ PAGE = """<!doctype html>
 """
 
 LOGIN_FORM = """<h1>{app_name}</h1>
-{subtitle}{message}<form method="post">
+{subtitle}{message}{note}<form method="post">
 <label for="otp">Code from your authenticator app</label>
 <input id="otp" name="otp" type="text" inputmode="numeric" pattern="[0-9]{{6}}" minlength="6"
  maxlength="6" autocomplete="one-time-code" placeholder="123456" autofocus required{disabled}>
@@ -1595,6 +1598,10 @@ INVITE_GONE = """<h1>This link no longer works</h1>
 """
 
 MESSAGE = '<p class="message" role="alert">{}</p>\n'
+PLAIN_HTTP_NOTE = (
+    '<p class="note">This page came over plain HTTP but SECURE_COOKIES=true: the browser will not keep the '
+    "sign-in. Serve it over HTTPS, or set SECURE_COOKIES=false to try it on plain HTTP.</p>\n"
+)
 SUBTITLE = '<p class="sub">to continue to {}</p>\n'
 
 # No form-action: Chromium applies it to the redirect after the POST, which
@@ -1634,7 +1641,7 @@ def message_markup(message):
     return Markup(MESSAGE.format(escape(message)) if message else "")
 
 
-def render_login(app_name, next_url, csrf, message="", disabled=False, device_user=None):
+def render_login(app_name, next_url, csrf, message="", disabled=False, device_user=None, plain_http=False):
     host = url_host(next_url) if next_url.startswith(("http://", "https://")) else ""
     forget = FORGET_DEVICE.format(next=escape(next_url), csrf=escape(csrf), name=escape(device_user or ""))
     subtitle = f"Signing in as {device_user}" if device_user else ""
@@ -1645,6 +1652,7 @@ def render_login(app_name, next_url, csrf, message="", disabled=False, device_us
         subtitle=Markup((SUBTITLE.format(escape(host)) if host else "") + (
             f'<p class="sub">{escape(subtitle)}</p>\n' if subtitle else "")),
         message=message_markup(message),
+        note=Markup(PLAIN_HTTP_NOTE if plain_http else ""),
         next=next_url,
         csrf=csrf,
         disabled=Markup(" disabled" if disabled else ""),
@@ -1726,6 +1734,7 @@ class Gate:
         self._next_refresh = 0.0
         self._lock = threading.Lock()
         self._host_answers = {}  # (patterns, (host, port)) -> may open: 20 patterns cost one lookup
+        self._allow_decisions = {}  # (user, by app token) -> the ALLOW Decision
 
     # -- Keeping up with the database --
 
@@ -1834,15 +1843,15 @@ class Gate:
 
     def decide(self, request):
         """ALLOW (user), FORBIDDEN (user, host), DENY, or BAD_TOKEN for a failed app token."""
-        presented = presented_app_token(request.authorization)
-        if presented is not None:
+        presented = request.authorization and presented_app_token(request.authorization)
+        if presented:
             self.refresh(request.now)
             return self._decide_app_token(request, *presented)
         claims = self.session(request)
         if claims is None:
             return DENIED
         name = claims["sub"]
-        return self._by_host(request, name, self._rules[name].hosts)
+        return self._by_host(request, name, self._rules[name].hosts)  # user_current: the rule exists
 
     def _decide_app_token(self, request, token, basic_user):
         key = digest(token) if APP_TOKEN_SHAPE.fullmatch(token) else None
@@ -1860,13 +1869,22 @@ class Gate:
 
     def _by_host(self, request, name, patterns, token_patterns=None, token=False):
         """ALLOW unless a host list (None: every host) leaves out the original host; no host, no entry."""
-        if patterns is None and token_patterns is None:
-            return Decision(Verdict.ALLOW, name, None, token)  # the common case: nothing to look up
+        if patterns is None and token_patterns is None:  # the common case: nothing to look up
+            return self._allowed(name, token)
         for hosts in (patterns, token_patterns):
             if hosts is not None and not self._may_open(hosts, request.original_host):
                 host = request.original_url and url_host(request.original_url)
                 return Decision(Verdict.FORBIDDEN, name, host, token)
         return Decision(Verdict.ALLOW, name, None, token)
+
+    def _allowed(self, name, token):
+        """The ALLOW decision for a user, made once (a namedtuple per request costs the hot path)."""
+        decision = self._allow_decisions.get((name, token))
+        if decision is None:
+            if len(self._allow_decisions) >= TOKEN_CACHE_SIZE:
+                self._allow_decisions.clear()
+            decision = self._allow_decisions[(name, token)] = Decision(Verdict.ALLOW, name, None, token)
+        return decision
 
     def _may_open(self, patterns, host):
         if host is None:
@@ -2034,6 +2052,7 @@ class SignIn:
         self.cookies = cookies
         self.limiter = limiter
         self.metrics = metrics
+        self._warned_plain_http = False
 
     def page(self, request):
         """GET /login: the form; signed in, the page that offers to sign out, or on to `next`."""
@@ -2054,9 +2073,23 @@ class SignIn:
         device = self.cookies.device(request, self.gate)
         page = render_login(
             self.settings.app_name, self.safe_next(request, next_value), csrf, message, disabled,
-            device["sub"] if device else None,
+            device["sub"] if device else None, self._cookies_will_be_dropped(request),
         )
         return status, headers, page
+
+    def _cookies_will_be_dropped(self, request):
+        """Plain HTTP with Secure cookies: the browser drops them (http://localhost excepted), so the
+        login seems to work and then lands on the login page again. Say so, and log it once."""
+        origin = request.origin
+        if not self.settings.secure_cookies or origin is None or origin[0] != "http":
+            return False
+        if split_host(origin[1])[0] in ("localhost", "127.0.0.1", "[::1]"):
+            return False  # browsers keep Secure cookies on http://localhost
+        if not self._warned_plain_http:
+            self._warned_plain_http = True
+            log.warning("a login page went out over plain HTTP while SECURE_COOKIES=true: browsers will drop "
+                        "the session cookie (serve it over HTTPS, or set SECURE_COOKIES=false)")
+        return True
 
     def submit(self, request, form):
         """POST /login: a code (or "Not NAME?"); 302 with cookies, or the form again with why not."""
@@ -2778,6 +2811,16 @@ def _listen_address(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def check_listen_host(host):
+    """ConfigError naming HOST if it is neither an address nor a name this machine resolves."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        raise ConfigError(f"HOST: cannot resolve {host!r} (use an address such as 127.0.0.1 or ::1)") from None
+
+
 def serve(settings, store):
     configure_logging(settings)
     app = make_app(settings, store=store)
@@ -2868,9 +2911,14 @@ def main(argv=None, environ=None):
         return _fail(error, 2)
     store = None
     try:
+        if args is SERVE:
+            check_listen_host(settings.host)
+        elif args.generate is None and args.invite is None:
+            check_usage(args)  # a usage error says so first, database or not
+            _require_database(settings.db_path)
         store = Store(settings.db_path)
         return run_command(args, store, settings)
-    except _UsageError as error:
+    except (_UsageError, ConfigError) as error:
         return _fail(error, 2)
     except BrokenPipeError:
         # `-generate | head -3`: the reader has what it wanted; say nothing more.
@@ -2881,6 +2929,28 @@ def main(argv=None, environ=None):
     finally:
         if store is not None:
             store.close()
+
+
+def check_usage(args):
+    """The usage errors a command can have before it opens the database (_UsageError)."""
+    if args.allow is not None:
+        if len(args.allow) < 2:
+            raise _UsageError("-allow needs a NAME and at least one PATTERN (* for every host)")
+        _patterns(args.allow[1:])
+    if args.token is not None:
+        _checked_name(args.token[0])
+        _checked_name(args.token[1])
+        if args.hosts is not None:
+            _patterns(args.hosts.split(","))
+
+
+def _require_database(path):
+    """Commands that only read or change users need the database to exist: one created here, in the
+    wrong directory, would be empty and silently answer "no users"."""
+    if not os.path.exists(path):
+        where = os.path.abspath(path)
+        relative = "" if os.path.isabs(path) else " (DB_PATH is relative to the current directory)"
+        raise RuntimeError(f"no database at {where}{relative}: set DB_PATH to the server's database")
 
 
 def _fail(error, code):

