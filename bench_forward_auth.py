@@ -378,8 +378,8 @@ def run(args):
         f"{platform.python_version()}, wrk -t1 -c{CONNECTIONS} -d{args.duration}s, medians of {args.rounds} rounds "
         f"(servers on CPU 0, wrk on CPU 1)."),
         "",
-        "| case | req/s | p50 ms | p99 ms | CPU ms / 1,000 req | vs (a) | vs (b) | vs (b) with the same headers "
-        "| p99 vs that (b) |",
+        ("| case | req/s | p50 ms | p99 ms | CPU ms / 1,000 req | vs (a) | vs (b) | vs (b) with the same headers "
+         "| p99 vs that (b) |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in table.items():

@@ -2410,7 +2410,8 @@ def test_invite_prints_a_link_for_a_new_pending_user(db_path, capsys, env, args,
     assert listed.startswith("carol\tpending (invite expires 20")
     store = fa.Store(db_path)
     assert store.invite(fa.digest(token), time.time()).user == "carol"
-    assert token not in open(db_path, "rb").read().decode("latin-1")
+    with open(db_path, "rb") as file:
+        assert token.encode() not in file.read()
 
 
 def test_a_second_invite_voids_the_first(db_path, capsys):
