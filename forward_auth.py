@@ -1750,7 +1750,8 @@ class Gate:
             return  # another thread is already looking
         try:
             self._next_refresh = now + REFRESH_SECONDS
-            self._write_unwritten()
+            with contextlib.suppress(sqlite3.Error):  # still locked: kept, and tried at the next refresh
+                self._write_unwritten()
             if force or self.store.data_version() != self._version:
                 self._load(self.store.snapshot(), now)
             self._flush_if_due(now)
