@@ -2675,10 +2675,11 @@ def _invite_base(settings, base):
 
 
 def _duration(seconds):
-    if seconds % 86400 == 0 and seconds >= 86400 * 3:
-        return f"{seconds // 86400} days"
-    if seconds % 3600 == 0:
-        return f"{seconds // 3600} hours"
+    """72 h as "3 days", 3600 s as "1 hour", else minutes (rounded up)."""
+    for unit, size, least in (("day", 86400, 3), ("hour", 3600, 1)):
+        if seconds % size == 0 and seconds >= size * least:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
     return plural_minutes(seconds)
 
 

@@ -426,6 +426,7 @@ def test_trust_proxy_values(value, expected):
     ("TRUST_PROXY", "10.0.0.0/8", "trust_proxy", ("10.0.0.0/8",)),
     ("SECURE_COOKIES", "false", "secure_cookies", False),
     ("APP_NAME", "Home Lab", "app_name", "Home Lab"),
+    ("INVITE_TTL_SECONDS", "3600", "invite_ttl", 3600),
 ])
 def test_every_variable_has_a_file_variant(tmp_path, variable, value, field, expected):
     path = tmp_path / variable
@@ -2771,6 +2772,14 @@ def test_invite_prints_a_link_for_a_new_pending_user(db_path, capsys, env, args,
     assert store.invite(fa.digest(token), time.time()).user == "carol"
     with open(db_path, "rb") as file:
         assert token.encode() not in file.read()
+
+
+def test_invite_ttl_seconds_sets_how_long_a_link_lives(db_path, capsys):
+    before = time.time()
+    _, out, _ = run_main(["-invite", "carol"], db_path, capsys, INVITE_TTL_SECONDS="3600")
+    assert "(in 1 hour)" in out
+    expires = fa.Store(db_path).invites()["carol"]
+    assert int(before) + 3600 <= expires <= time.time() + 3600
 
 
 def test_a_second_invite_voids_the_first(db_path, capsys):
