@@ -146,10 +146,33 @@ class ConfigError(ValueError):
     """A setting with a bad value; the message names the variable."""
 
 
+def bounded_memo(function, size=1024, longest=2048):
+    """`function` with its answers kept, for the check path's repeated header values.
+
+    Only arguments of at most `longest` characters in all are kept, and the
+    whole memo is dropped when it holds `size`: a stranger sending many long
+    headers costs at most size × longest. None answers and errors are not kept.
+    """
+    memo = {}
+
+    @functools.wraps(function)
+    def remembered(*args):
+        answer = memo.get(args)
+        if answer is None:
+            answer = function(*args)
+            if answer is not None and sum(len(a) for a in args if isinstance(a, str)) <= longest:
+                if len(memo) >= size:
+                    memo.clear()
+                memo[args] = answer
+        return answer
+
+    return remembered
+
+
 # --- Settings ---------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1024)  # the check path sees the same few hosts over and over
+@bounded_memo  # the check path sees the same few hosts over and over
 def normalise_host(host, scheme):
     """`host[:port]` lower-cased, without a trailing dot or the scheme's default port; None if malformed."""
     match = HOST_PORT.fullmatch(host or "")
@@ -796,6 +819,7 @@ def digest(token):
     return hashlib.sha256(token.encode("ascii")).hexdigest()
 
 
+
 # --- Tokens -----------------------------------------------------------------
 # A signed cookie is readable and replayable by whoever holds it: it carries
 # no secret, it expires (`exp`), and the server can still say no (`jti`).
@@ -1129,6 +1153,7 @@ def request_origin(scheme, host):
     return scheme, normal
 
 
+@bounded_memo
 def original_url(x_original_url, proto, host, uri, own_scheme, own_host):
     """The URL the proxy was asked for, rebuilt from a trusted proxy's headers; None if they name none.
 
@@ -1176,13 +1201,14 @@ def url_base(url):
     return url[: url.index("/", url.index("//") + 2)] if url.count("/") > 2 else url
 
 
+@bounded_memo
 def host_and_port(url):
     """(host name, port) of an absolute URL this module built; the port is the scheme's default if none."""
     scheme, _, rest = url.partition("://")
     return split_host(rest.split("/", 1)[0], DEFAULT_PORTS[scheme])
 
 
-@functools.lru_cache(maxsize=1024)
+@bounded_memo
 def split_host(host, default_port=None):
     """("name", port or default_port) of a normalised `host[:port]` (IPv6 in brackets)."""
     name, sep, port = host.rpartition(":")
@@ -1298,6 +1324,7 @@ def parse_form(text):
     return form
 
 
+@bounded_memo
 def presented_app_token(authorization):
     """(token, Basic user name or None) if the Authorization header carries a forward-auth app token.
 
@@ -1691,6 +1718,12 @@ Decision = collections.namedtuple("Decision", "verdict user host token basic", d
 DENIED = Decision(Verdict.DENY)
 
 
+@bounded_memo
+def app_token_key(token):
+    """The stored key (SHA-256) of a well-formed app token, or None: then it matches nothing."""
+    return digest(token) if APP_TOKEN_SHAPE.fullmatch(token) else None
+
+
 class Throttle:
     """Says whether a key (a user and host, a client address) is due another log line; bounded."""
 
@@ -1851,22 +1884,21 @@ class Gate:
         claims = self.session(request)
         if claims is None:
             return DENIED
-        name = claims["sub"]
-        return self._by_host(request, name, self._rules[name].hosts)  # user_current: the rule exists
+        rule = self._rules.get(claims["sub"])  # .get: a refresh on another thread may have dropped the user
+        return DENIED if rule is None else self._by_host(request, claims["sub"], rule.hosts)
 
     def _decide_app_token(self, request, token, basic_user):
-        key = digest(token) if APP_TOKEN_SHAPE.fullmatch(token) else None
-        entry = self._app_tokens.get(key)
+        entry = self._app_tokens.get(app_token_key(token))
+        rule = entry and self._rules.get(entry.user)
         basic = basic_user is not None
         if (
-            entry is None
-            or entry.user not in self._rules
+            rule is None
             or (entry.expires is not None and entry.expires <= request.now)
             or (basic and basic_user != entry.user)
         ):
             return Decision(Verdict.BAD_TOKEN, token=True, basic=basic)
-        self._last_used[key] = request.now
-        return self._by_host(request, entry.user, self._rules[entry.user].hosts, entry.hosts, token=True)
+        self._last_used[app_token_key(token)] = request.now
+        return self._by_host(request, entry.user, rule.hosts, entry.hosts, token=True)
 
     def _by_host(self, request, name, patterns, token_patterns=None, token=False):
         """ALLOW unless a host list (None: every host) leaves out the original host; no host, no entry."""
@@ -1918,7 +1950,7 @@ class Metrics:
         with self._lock:
             self.verify[result] += 1
             if decision.token:
-                self.app_tokens[decision.verdict.value] += 1
+                self.app_tokens[result] += 1
             self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             self.latency_sum += seconds
 

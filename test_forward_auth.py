@@ -1099,6 +1099,20 @@ def test_an_origin_that_cannot_be_parsed_is_cross_site(origin, cross):
     assert fa.is_cross_site(None, origin, ("https", "auth.example.com")) is cross
 
 
+def test_the_check_paths_memos_stay_bounded_under_hostile_headers():
+    calls = []
+    memo = fa.bounded_memo(lambda *args: calls.append(args) or len(args), size=100, longest=50)
+    for i in range(1000):
+        memo(f"host{i}.example.com")
+    assert memo("host999.example.com") == 1 and len(calls) == 1000  # the last one is kept
+    memo("x" * 51)
+    memo("x" * 51)
+    assert calls[-2:] == [("x" * 51,), ("x" * 51,)]  # too long to keep: computed each time
+    assert memo.__closure__ is not None
+    kept = next(c.cell_contents for c in memo.__closure__ if isinstance(c.cell_contents, dict))
+    assert len(kept) <= 100
+
+
 def test_every_value_of_a_cookie_sent_twice_is_kept():
     assert fa.parse_cookies("a=1; b=2; a=3")["a"] == ["1", "3"]
 
