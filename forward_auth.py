@@ -1839,18 +1839,25 @@ class Gate:
 
     def session(self, request):
         """The claims of a valid session cookie of this request, or None; every value of the name is judged."""
+        return self._live_session(request)[0]
+
+    def _live_session(self, request):
+        """(claims, the user's Rule) of a valid session cookie, or (None, None)."""
         header = request.cookie_header
         if not header:
-            return None
+            return None, None
         self.refresh(request.now)
         signed = self._claims.get(header)
         if signed is None:
             signed = self._signed_sessions(request)
+        now = request.now
         for claims in signed:
             # Checked on every request, cached or not: expiry, revocation, the user.
-            if claims["exp"] > request.now and claims["jti"] not in self._revoked and self.user_current(claims):
-                return claims
-        return None
+            if claims["exp"] > now and claims["jti"] not in self._revoked:
+                rule = self._current_rule(claims)
+                if rule is not None:
+                    return claims, rule
+        return None, None
 
     def _signed_sessions(self, request):
         signed = []
@@ -1867,11 +1874,17 @@ class Gate:
 
     def user_current(self, claims):
         """The token's user exists, was not deleted since, and their sessions were not ended since."""
+        return self._current_rule(claims) is not None
+
+    def _current_rule(self, claims):
+        """The Rule of a current token's user, else None (a rule is read once: refreshes replace the dict)."""
         rule = self._rules.get(claims["sub"])
         if rule is None:
-            return False
+            return None
         iat = claims["iat"]
-        return iat > self._deleted.get(claims["sub"], -1) and iat >= rule.sessions_after
+        if iat > self._deleted.get(claims["sub"], -1) and iat >= rule.sessions_after:
+            return rule
+        return None
 
     # -- The decision --
 
@@ -1881,11 +1894,12 @@ class Gate:
         if presented:
             self.refresh(request.now)
             return self._decide_app_token(request, *presented)
-        claims = self.session(request)
+        claims, rule = self._live_session(request)
         if claims is None:
             return DENIED
-        rule = self._rules.get(claims["sub"])  # .get: a refresh on another thread may have dropped the user
-        return DENIED if rule is None else self._by_host(request, claims["sub"], rule.hosts)
+        if rule.hosts is None:  # the common case: every host, nothing to look up
+            return self._allowed(claims["sub"], False)
+        return self._by_host(request, claims["sub"], rule.hosts)
 
     def _decide_app_token(self, request, token, basic_user):
         entry = self._app_tokens.get(app_token_key(token))
