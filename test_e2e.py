@@ -591,6 +591,25 @@ def test_a_wrong_code_shows_a_message_in_chromium(proxy, browser):
     context.close()
 
 
+@pytest.mark.parametrize("proxy", ["caddy"], indirect=True)
+def test_the_login_page_reads_at_200_percent_zoom_and_moves_only_if_wanted(proxy, browser):
+    # 200 % zoom of a 1280×800 window: 640×400 CSS pixels at twice the density.
+    context = browser.new_context(viewport={"width": 640, "height": 400}, device_scale_factor=2,
+                                  reduced_motion="reduce")
+    page = context.new_page()
+    page.goto(proxy.url(APP, "/zoomed"))
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
+    for selector in ("#otp", "button[type=submit]"):
+        box = page.locator(selector).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 640, selector
+    assert page.evaluate("getComputedStyle(document.querySelector('main')).animationName") == "none"
+    context.close()
+    moving = browser.new_context(reduced_motion="no-preference").new_page()
+    moving.goto(proxy.url(APP, "/moving"))
+    assert moving.evaluate("getComputedStyle(document.querySelector('main')).animationName") == "rise"
+    moving.context.close()
+
+
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 @pytest.mark.parametrize("width, height", [(1280, 800), (390, 844)])
 @pytest.mark.parametrize("proxy", ["caddy"], indirect=True)  # one set of screenshots is enough
@@ -602,8 +621,9 @@ def test_login_page_screenshots(proxy, browser, scheme, width, height):
     page.goto(proxy.url(APP, "/"))
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert (background == "rgb(17, 19, 24)") is (scheme == "dark")
+    assert page.evaluate("document.querySelectorAll('script').length") == 0
     os.makedirs(SCREENSHOTS, exist_ok=True)
-    page.screenshot(path=os.path.join(SCREENSHOTS, f"login-{width}x{height}-{scheme}.png"))
+    page.screenshot(path=os.path.join(SCREENSHOTS, f"login-{width}x{height}-{scheme}.png"), animations="disabled")
     assert problems == []
     context.close()
 
@@ -632,13 +652,13 @@ def enrol_in_browser(page, service, link, shots=None):
     assert page.title().startswith("Set up")
     assert page.locator(".secret").count() == 0  # the first page never shows the seed
     if shots:
-        page.screenshot(path=os.path.join(SCREENSHOTS, f"{shots}-1.png"))
+        page.screenshot(path=os.path.join(SCREENSHOTS, f"{shots}-1.png"), animations="disabled")
     page.click("button[type=submit]")
     secret = page.text_content(".secret").replace(" ", "")
     assert page.locator(".qr svg").count() == 1
     assert page.get_attribute("a[href^='otpauth://']", "href").startswith("otpauth://totp/")
     if shots:
-        page.screenshot(path=os.path.join(SCREENSHOTS, f"{shots}-2.png"))
+        page.screenshot(path=os.path.join(SCREENSHOTS, f"{shots}-2.png"), animations="disabled")
     service.clock.advance(fa.STEP)
     page.fill("#otp", code_at(secret, service.clock()))
     page.click("button[type=submit]")
@@ -743,7 +763,7 @@ def test_a_refused_host_shows_its_page_in_chromium(proxy, browser):
         assert response.status == 403
         assert "who may not open" in page.text_content("main")
         os.makedirs(SCREENSHOTS, exist_ok=True)
-        page.screenshot(path=os.path.join(SCREENSHOTS, "forbidden-1280x800-light.png"))
+        page.screenshot(path=os.path.join(SCREENSHOTS, "forbidden-1280x800-light.png"), animations="disabled")
         page.click("text=Sign in as someone else")
         assert urllib.parse.urlsplit(page.url).path == "/login"
     finally:
