@@ -2873,16 +2873,12 @@ def serve(settings, store):
     configure_logging(settings)
     app = make_app(settings, store=store)
     server = create_server(app, settings)  # listening first: a start that fails changes nothing
-    if not store.had_user():
-        cmd_generate(store, settings)
-        app.refresh(app.clock(), force=True)
-    elif not store.active_users():
-        log.info("no users: add one with `forward_auth.py -invite NAME` (or -generate NAME at this terminal)")
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    _return_freed_memory()
-    where = _listen_address(settings.host, server.effective_port)
-    log.info("forward-auth %s listening on http://%s", __version__, where)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # from here on, a stop is a clean exit
     try:
+        _first_start(store, settings, app)
+        _return_freed_memory()
+        where = _listen_address(settings.host, server.effective_port)
+        log.info("forward-auth %s listening on http://%s", __version__, where)
         server.run()
     except KeyboardInterrupt:
         pass
@@ -2890,6 +2886,15 @@ def serve(settings, store):
         server.close()
         log.info("stopped")
     return 0
+
+
+def _first_start(store, settings, app):
+    """A first user in a database that never had one; else, with no one able to log in, how to add one."""
+    if not store.had_user():
+        cmd_generate(store, settings)
+        app.refresh(app.clock(), force=True)
+    elif not store.active_users():
+        log.info("no users: add one with `forward_auth.py -invite NAME` (or -generate NAME at this terminal)")
 
 
 def _return_freed_memory():

@@ -2976,6 +2976,7 @@ def test_a_bad_setting_stops_the_start_with_one_line(tmp_path):
 
 def test_a_restart_after_every_user_was_revoked_creates_no_user(tmp_path):
     process, port, environ = start_process(tmp_path)
+    assert http_get(port, "/health").status == 200  # serving: the first user is made and printed
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=10)
     name = re.search(r"^User: (\S+)$", out, re.MULTILINE).group(1)
