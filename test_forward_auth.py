@@ -2913,7 +2913,11 @@ def start_process(tmp_path, **env):
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return process, port, environ
+                pass
+            # Listening is not yet serving: the first start makes its user in between. A request
+            # waits in the backlog until the server runs.
+            http_get(port, "/health")
+            return process, port, environ
         except OSError:
             if process.poll() is not None:
                 break
