@@ -1575,7 +1575,7 @@ FORGET_DEVICE = """<form method="post">
 """
 
 SIGNED_IN = """<h1>{app_name}</h1>
-<p class="sub">Signed in as <strong>{name}</strong></p>
+<p class="sub">Signed in as {name}</p>
 <form method="post" action="{logout}">
 <input type="hidden" name="csrf" value="{csrf}">
 <button type="submit">Sign out</button>
@@ -1589,12 +1589,12 @@ SIGNED_IN = """<h1>{app_name}</h1>
 """
 
 FORBIDDEN_PAGE = """<h1>Not allowed</h1>
-<p>Signed in as <strong>{name}</strong>, who may not open <strong>{host}</strong>.</p>
+<p>Signed in as {name}, who may not open {host}.</p>
 <p class="hint"><a href="{logout}">Sign in as someone else</a></p>
 """
 
 INVITE_START = """<h1>Set up your authenticator for {app_name}</h1>
-<p>This link adds <strong>{name}</strong>. Have your authenticator app ready
+<p>This link adds {name}. Have your authenticator app ready
 (Google Authenticator, Aegis, 1Password…), then continue.</p>
 <form method="post">
 <input type="hidden" name="invite" value="{invite}">

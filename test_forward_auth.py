@@ -1324,7 +1324,7 @@ def test_a_refused_browser_navigation_gets_a_page_that_names_user_and_host(app, 
     clock.advance(1)
     r = check(app, logged_in, "https://app2.example.com/x", headers={"Accept": "text/html"})
     assert r.status == 403 and r.header("Remote-User") is None
-    assert "Signed in as <strong>alice</strong>, who may not open <strong>app2.example.com</strong>" in r.text
+    assert "Signed in as alice, who may not open app2.example.com." in r.text
     assert 'href="/logout"' in r.text and "Sign in as someone else" in r.text
     assert r.header("Content-Security-Policy") == fa.PAGE_CSP and r.header("X-Frame-Options") == "DENY"
 
@@ -2093,7 +2093,7 @@ def test_ending_sessions_refuses_older_ones_at_once_and_lets_a_new_login_in(app,
 
 def test_a_signed_in_visitor_without_next_sees_who_and_two_ways_out(app, logged_in):
     r = call(app, "GET", "/login", headers={"Cookie": logged_in})
-    assert r.status == 200 and "Signed in as <strong>alice</strong>" in r.text
+    assert r.status == 200 and "Signed in as alice" in r.text
     assert r.text.count('method="post" action="/logout"') == 2 and 'name="all" value="1"' in r.text
 
 
