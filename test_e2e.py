@@ -194,30 +194,28 @@ http {{
 """
 
 
-class Proxy:
-    def __init__(self, kind, tmp, single, shared_factory, upstream, scrub=True):
-        self.kind = kind
-        self.port = free_port()
-        self.shared = shared_factory(self.port)
-        self.single = single
-        log_path = os.path.join(tmp, f"{kind}.log")
+class Launched:
+    """Caddy or nginx in the foreground on a config written into `folder`, listening on `port`.
+
+    Stopped again, and the error raised, if it does not come up.
+    """
+
+    def __init__(self, kind, folder, config_text, port):
+        config = os.path.join(folder, "Caddyfile" if kind == "caddy" else "nginx.conf")
+        with open(config, "w") as file:
+            file.write(config_text)
         if kind == "caddy":
-            config = os.path.join(tmp, "Caddyfile")
-            with open(config, "w") as file:
-                file.write(caddy_config(self.port, single.port, self.shared.port, upstream.port, scrub))
-            env = dict(os.environ, HOME=tmp, XDG_CONFIG_HOME=tmp, XDG_DATA_HOME=tmp)
             command = [shutil.which("caddy"), "run", "--config", config, "--adapter", "caddyfile"]
+            env = dict(os.environ, HOME=folder, XDG_CONFIG_HOME=folder, XDG_DATA_HOME=folder)
         else:
-            config = os.path.join(tmp, "nginx.conf")
-            with open(config, "w") as file:
-                file.write(nginx_config(tmp, self.port, single.port, self.shared.port, upstream.port, scrub))
-            env = dict(os.environ)
-            command = [nginx_binary(), "-p", tmp, "-e", os.path.join(tmp, "error.log"), "-c", config,
+            command = [nginx_binary(), "-p", folder, "-e", os.path.join(folder, "error.log"), "-c", config,
                        "-g", "daemon off;"]
+            env = dict(os.environ)
+        log_path = os.path.join(folder, f"{kind}.log")
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         try:
-            wait_for_port(self.port, self.process, log_path)
+            wait_for_port(port, self.process, log_path)
         except AssertionError:
             self.stop()
             raise
@@ -230,6 +228,26 @@ class Proxy:
             self.process.kill()
             self.process.wait()
         self.log.close()
+
+
+class Proxy:
+    def __init__(self, kind, tmp, single, shared_factory, upstream, scrub=True):
+        self.kind = kind
+        self.port = free_port()
+        self.shared = shared_factory(self.port)
+        self.single = single
+        if kind == "caddy":
+            text = caddy_config(self.port, single.port, self.shared.port, upstream.port, scrub)
+        else:
+            text = nginx_config(tmp, self.port, single.port, self.shared.port, upstream.port, scrub)
+        try:
+            self.launched = Launched(kind, tmp, text, self.port)
+        except AssertionError:
+            self.shared.stop()
+            raise
+
+    def stop(self):
+        self.launched.stop()
         self.shared.stop()
 
     def request(self, method, host, path, headers=None, body=None, source="127.0.0.1"):
@@ -809,7 +827,7 @@ def test_enrolment_screenshots(proxy, browser, scheme):
 
 
 def quickstart_caddy(tmp, service, upstream):
-    """Caddy running Caddyfile.quickstart as shipped, but for the three ports: (process, port)."""
+    """Caddy running Caddyfile.quickstart as shipped, but for the three ports: (Launched, port)."""
     port = free_port()
     with open(os.path.join(HERE, "Caddyfile.quickstart")) as file:
         text = file.read()
@@ -818,21 +836,7 @@ def quickstart_caddy(tmp, service, upstream):
     text = text.replace("http://localhost:8080", f"http://localhost:{port}")
     folder = os.path.join(tmp, "quickstart")
     os.makedirs(folder, exist_ok=True)
-    config = os.path.join(folder, "Caddyfile")
-    with open(config, "w") as file:
-        file.write(text)
-    log_path = os.path.join(folder, "caddy.log")
-    with open(log_path, "w") as log:
-        caddy = subprocess.Popen([shutil.which("caddy"), "run", "--config", config, "--adapter", "caddyfile"],
-                                 env=dict(os.environ, HOME=folder, XDG_CONFIG_HOME=folder, XDG_DATA_HOME=folder),
-                                 stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, caddy, log_path)
-    except AssertionError:
-        caddy.terminate()
-        caddy.wait(10)
-        raise
-    return caddy, port
+    return Launched("caddy", folder, text, port), port
 
 
 def test_the_quick_start_caddyfile_protects_an_app_in_chromium(tmp, upstream, browser):
@@ -851,8 +855,7 @@ def test_the_quick_start_caddyfile_protects_an_app_in_chromium(tmp, upstream, br
         assert json.loads(page.text_content("#seen"))["remote_user"] == ["alice"]
         context.close()
     finally:
-        caddy.terminate()
-        caddy.wait(10)
+        caddy.stop()
         service.stop()
 
 
@@ -888,31 +891,13 @@ class BypassProxy:
         folder = os.path.join(tmp, kind + "-bypass")
         os.makedirs(folder, exist_ok=True)
         os.chmod(folder, 0o755)
-        config = os.path.join(folder, "Caddyfile" if kind == "caddy" else "nginx.conf")
-        with open(config, "w") as file:
-            file.write(bypass_config(kind, folder, self.port, single.port, upstream.port))
-        if kind == "caddy":
-            command = [shutil.which("caddy"), "run", "--config", config, "--adapter", "caddyfile"]
-            env = dict(os.environ, HOME=folder, XDG_CONFIG_HOME=folder, XDG_DATA_HOME=folder)
-        else:
-            command = [nginx_binary(), "-p", folder, "-e", os.path.join(folder, "error.log"), "-c", config,
-                       "-g", "daemon off;"]
-            env = dict(os.environ)
-        log_path = os.path.join(folder, "proxy.log")
-        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_for_port(self.port, self.process, log_path)
-        except AssertionError:
-            self.stop()
-            raise
+        text = bypass_config(kind, folder, self.port, single.port, upstream.port)
+        self.launched = Launched(kind, folder, text, self.port)
 
     request = Proxy.request
 
     def stop(self):
-        self.process.terminate()
-        self.process.wait(10)
-        self.log.close()
+        self.launched.stop()
 
 
 @pytest.fixture(scope="module", params=["caddy", "nginx"])
