@@ -60,7 +60,9 @@ import pyotp
 
 STEP = 30  # RFC 6238 §4: time step X, in seconds
 WINDOW = (-1, 0, 1)  # RFC 6238 §5.2: accept one step of clock skew either way
-CODE_SHAPE = re.compile(r"[0-9]{6}", re.ASCII)  # str.isdigit() admits full-width digits
+# Six ASCII digits (str.isdigit() admits full-width ones), with at most one space or
+# hyphen in the middle, as authenticator apps show a code ("332 123").
+CODE_SHAPE = re.compile(r"([0-9]{3})[ -]?([0-9]{3})", re.ASCII)
 USER_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}", re.ASCII)
 MAX_FORM_BYTES = 8 * 1024
 MAX_QUERY_FIELDS = 32
@@ -68,12 +70,13 @@ DEVICE_COOKIE_SECONDS = 400 * 86400  # the longest Max-Age browsers keep (RFC 62
 MAX_LOCKOUT_SECONDS = 86400
 REFRESH_SECONDS = 0.5  # how often /verify looks for changes made by another process
 LAST_USED_SECONDS = 60  # app tokens' last-used times are written at most this often
+TOKEN_CHECK_SECONDS = 0.1  # an unknown app token looks in the database at most this often
 LOG_EVERY_SECONDS = 60  # a repeated refusal (forbidden host, bad app token) is logged once a minute
 TOKEN_CACHE_SIZE = 1024  # entries; at most TOKEN_CACHE_KEY_BYTES each, so 4 MB at worst
 TOKEN_CACHE_KEY_BYTES = 4096
 MAX_HEADER_SEGMENT = 256  # a JWT header longer than this is not one we would accept
 USER_AGENT_CHARS = 120
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 HS256_HEADER = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"  # b64url('{"alg":"HS256","typ":"JWT"}')
 B64URL = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
@@ -115,6 +118,7 @@ class Verdict(enum.Enum):
     FORBIDDEN = "forbidden"  # a valid user who may not open this host
     DENY = "deny"  # no valid session
     BAD_TOKEN = "bad_token"  # a forward-auth app token that is not (or no longer) valid
+    RENEW = "renew"  # a valid session past half its idle lifetime: through the login host once
 
 
 class Outcome(enum.Enum):
@@ -302,21 +306,12 @@ def as_login_url(value):
     return value
 
 
-def as_host_patterns(value):
-    hosts = []
-    for item in value.split(","):
-        item = item.strip().lower().rstrip(".")
-        if not item:
-            continue
-        bare = item.removeprefix("*.")
-        if not HOST_PORT.fullmatch(bare):
-            raise ValueError(f"{item!r} is not a host name")
-        hosts.append(item)
-    return tuple(hosts)
-
-
 def as_host_pattern(value):
-    """A host pattern of -allow or --hosts, lower-cased: `*`, `host[:port]` or `*.domain[:port]`."""
+    """One host pattern, lower-cased: `*`, `host[:port]` or `*.domain[:port]`; ValueError otherwise.
+
+    The one validator for -allow, --hosts, ALLOWED_REDIRECT_HOSTS and BASIC_AUTH_HOSTS;
+    host_matches() is the one rule that reads them.
+    """
     pattern = value.strip().lower()
     if pattern == EVERY_HOST:
         return pattern
@@ -328,6 +323,19 @@ def as_host_pattern(value):
     if match["port"] is not None and not 0 < int(match["port"]) <= 65535:
         raise ValueError(f"{value!r}: the port must be from 1 to 65535")
     return pattern
+
+
+def as_host_patterns(value):
+    """A comma list of host patterns (empty: none)."""
+    return tuple(as_host_pattern(item) for item in value.split(",") if item.strip())
+
+
+def as_redirect_hosts(value):
+    """ALLOWED_REDIRECT_HOSTS: host patterns, but never `*` (a login must not return anywhere)."""
+    patterns = as_host_patterns(value)
+    if EVERY_HOST in patterns:
+        raise ValueError("'*' would let a login return to any site; name the hosts")
+    return patterns
 
 
 def as_log_format(value):
@@ -343,14 +351,15 @@ SETTINGS = (
     ("port", "PORT", "3000", as_port),
     ("db_path", "DB_PATH", "auth.db", as_text),
     ("jwt_secret", "JWT_SECRET", None, as_secret),
-    ("session_ttl", "SESSION_TTL_SECONDS", "86400", as_seconds),
+    ("session_ttl", "SESSION_TTL_SECONDS", "86400", as_seconds),  # the idle lifetime
+    ("session_max", "SESSION_MAX_SECONDS", "2592000", as_seconds),  # the cap from the login
     ("cookie_name", "COOKIE_NAME", "auth_token", as_cookie_name),
     ("cookie_domain", "COOKIE_DOMAIN", "", as_cookie_domain),
     ("secure_cookies", "SECURE_COOKIES", "true", as_bool),
     ("same_site", "SAME_SITE", "lax", as_same_site),
     ("trust_proxy", "TRUST_PROXY", "loopback", as_networks),
     ("login_url", "LOGIN_URL", "/login", as_login_url),
-    ("allowed_redirect_hosts", "ALLOWED_REDIRECT_HOSTS", "", as_host_patterns),
+    ("allowed_redirect_hosts", "ALLOWED_REDIRECT_HOSTS", "", as_redirect_hosts),
     ("max_login_attempts", "MAX_LOGIN_ATTEMPTS", "5", as_count),
     ("rate_limit_window", "RATE_LIMIT_WINDOW_SECONDS", "900", as_seconds),
     ("global_max_failures", "GLOBAL_MAX_FAILURES", "30", as_count),
@@ -358,6 +367,7 @@ SETTINGS = (
     ("log_format", "LOG_FORMAT", "text", as_log_format),
     ("threads", "THREADS", "8", as_threads),
     ("invite_ttl", "INVITE_TTL_SECONDS", "259200", as_seconds),
+    ("basic_auth_hosts", "BASIC_AUTH_HOSTS", "", as_host_patterns),
 )
 
 
@@ -374,6 +384,9 @@ class Settings:
         for field, _name, default, convert in SETTINGS:
             value = values[field] if field in values else (None if default is None else convert(default))
             object.__setattr__(self, field, value)
+        if self.session_max < self.session_ttl:
+            raise ConfigError("SESSION_MAX_SECONDS: must be at least SESSION_TTL_SECONDS (the cap of a session "
+                              "cannot be shorter than its idle lifetime)")
         if self.same_site == "None" and not self.secure_cookies:
             raise ConfigError("SAME_SITE: none needs SECURE_COOKIES=true (browsers refuse it otherwise)")
         login = urllib.parse.urlsplit(self.login_url)
@@ -430,13 +443,16 @@ def _read_variable(environ, name, default):
 # --- Storage ----------------------------------------------------------------
 
 
-User = collections.namedtuple("User", "name seed created last_login last_step hosts", defaults=(EVERY_HOST,))
+User = collections.namedtuple(
+    "User", "name seed created last_login last_step hosts full_name email groups",
+    defaults=(EVERY_HOST, "", "", ""),
+)
 AppToken = collections.namedtuple("AppToken", "user label hosts created expires last_used")
-Invite = collections.namedtuple("Invite", "user seed expires")
-Session = collections.namedtuple("Session", "created user ip agent")
-# What the check path holds of a user: its host patterns (None: every host), and
-# when its sessions were last ended (-logout, or a reset by -invite).
-Rule = collections.namedtuple("Rule", "hosts sessions_after")
+Invite = collections.namedtuple("Invite", "user seed expires browser opened")
+Session = collections.namedtuple("Session", "created user ip agent expires")
+# What the check path holds of a user: its host patterns (None: every host), when
+# its sessions were last ended (-logout, a reset by -invite), and who it is for the apps.
+Rule = collections.namedtuple("Rule", "hosts sessions_after full_name email groups")
 Snapshot = collections.namedtuple("Snapshot", "version rules deleted revoked app_tokens")
 
 # Each version's statements; a database at version N runs those above N, in one transaction.
@@ -484,7 +500,19 @@ MIGRATIONS = {
         """INSERT OR IGNORE INTO meta SELECT 'had_user', '1'
             WHERE EXISTS (SELECT 1 FROM users) OR EXISTS (SELECT 1 FROM deleted)""",
     ),
+    3: (
+        # Who a user is for the apps behind (Remote-Name, Remote-Email, Remote-Groups).
+        "ALTER TABLE users ADD COLUMN full_name TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE users ADD COLUMN email TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE users ADD COLUMN groups_list TEXT NOT NULL DEFAULT ''",  # comma-separated
+        # The browser an invitation was opened in (SHA-256 of its cookie), and when.
+        "ALTER TABLE invites ADD COLUMN browser TEXT",
+        "ALTER TABLE invites ADD COLUMN opened INTEGER",
+    ),
 }
+
+
+USER_COLUMNS = "name, seed, created, last_login, last_step, hosts, full_name, email, groups_list"
 
 
 def _hosts_text(patterns):
@@ -623,22 +651,28 @@ class Store(Database):
             return gone
 
     def users(self):
-        rows = self._query(
-            "SELECT name, seed, created, last_login, last_step, hosts FROM users ORDER BY created, name"
-        )
-        return [User(*row) for row in rows]
+        return [User(*row) for row in self._query(f"SELECT {USER_COLUMNS} FROM users ORDER BY created, name")]
 
     def active_users(self):
         """Users who can log in (a pending user has no seed yet)."""
         return [user for user in self.users() if user.seed]
 
     def user(self, name):
-        rows = self._query("SELECT name, seed, created, last_login, last_step, hosts FROM users WHERE name = ?", (name,))
+        rows = self._query(f"SELECT {USER_COLUMNS} FROM users WHERE name = ?", (name,))
         return User(*rows[0]) if rows else None
 
     def set_hosts(self, name, patterns):
         """Replace NAME's host patterns; False if there is no such user."""
         return self._write("UPDATE users SET hosts = ? WHERE name = ?", (_hosts_text(patterns), name)) == 1
+
+    def set_identity(self, name, *, full_name=None, email=None, groups=None):
+        """Replace the given fields of NAME's identity (None: keep); False if there is no such user."""
+        changes = {"full_name": full_name, "email": email, "groups_list": None if groups is None else ",".join(groups)}
+        changes = {column: value for column, value in changes.items() if value is not None}
+        if not changes:
+            return self.user(name) is not None
+        assignments = ", ".join(f"{column} = ?" for column in changes)  # the column names are fixed above
+        return self._write(f"UPDATE users SET {assignments} WHERE name = ?", (*changes.values(), name)) == 1
 
     # -- Logins and sessions --
 
@@ -656,17 +690,20 @@ class Store(Database):
                 self._record_session(conn, session)
             return changed == 1
 
-    def accept_step(self, name, step, now):
-        """Record a login at `step` without a session row (for tests and tools)."""
-        return self._write(
-            "UPDATE users SET last_step = ?, last_login = ? WHERE name = ? AND last_step < ?",
-            (step, int(now), name, step),
-        ) == 1
-
     @staticmethod
     def _record_session(conn, session):
         conn.execute("DELETE FROM sessions WHERE expires <= ?", (session.created,))
         conn.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)", session.row())
+
+    def renew_session(self, old_jti, old_expires, session):
+        """Replace a session's token: the old `jti` revoked, the record carried on under the new one."""
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO revoked VALUES (?, ?)", (old_jti, int(old_expires)))
+            carried = conn.execute(
+                "UPDATE sessions SET jti = ?, expires = ? WHERE jti = ?", (session.jti, int(session.expires), old_jti)
+            ).rowcount
+            if not carried:  # a session without a record (issued by 1.0, or pruned): it gets one now
+                self._record_session(conn, session)
 
     def end_sessions(self, name, now):
         """End every session of NAME issued until now; False if there is no such user."""
@@ -687,7 +724,7 @@ class Store(Database):
 
     def live_sessions(self, name, now):
         """Sessions not expired and not ended, newest first."""
-        sql = """SELECT s.created, s.user, s.ip, s.agent FROM sessions s JOIN users u ON u.name = s.user
+        sql = """SELECT s.created, s.user, s.ip, s.agent, s.expires FROM sessions s JOIN users u ON u.name = s.user
                  WHERE s.expires > ? AND s.created >= u.sessions_after
                  AND s.jti NOT IN (SELECT jti FROM revoked) AND (? IS NULL OR s.user = ?)
                  ORDER BY s.created DESC, s.rowid DESC"""
@@ -748,23 +785,41 @@ class Store(Database):
             else:
                 conn.execute("UPDATE users SET seed = '' WHERE name = ?", (name,))
                 self._end_sessions(conn, name, now)
-            conn.execute("INSERT OR REPLACE INTO invites VALUES (?, ?, ?, ?)", (name, digest, seed, int(expires)))
+            conn.execute(
+                "INSERT OR REPLACE INTO invites (user, hash, seed, expires) VALUES (?, ?, ?, ?)",
+                (name, digest, seed, int(expires)),
+            )
             return new
 
     def invite(self, digest, now):
         """The live invitation with this hash, or None."""
-        rows = self._query("SELECT user, seed, expires FROM invites WHERE hash = ? AND expires > ?", (digest, int(now)))
+        rows = self._query(
+            "SELECT user, seed, expires, browser, opened FROM invites WHERE hash = ? AND expires > ?", (digest, int(now))
+        )
         return Invite(*rows[0]) if rows else None
 
     def invites(self):
-        """{user: expires} of every invitation, live or not."""
-        return dict(self._query("SELECT user, expires FROM invites"))
+        """{user: Invite} of every invitation, live or not."""
+        rows = self._query("SELECT user, seed, expires, browser, opened FROM invites")
+        return {row[0]: Invite(*row) for row in rows}
 
-    def accept_invite(self, digest, step, session):
-        """Activate the invitation's seed at `step`, end it, and record the session; False if it is gone."""
+    def open_invite(self, digest, browser, now):
+        """Bind a live invitation to `browser` (a hash) unless another browser has it; True if it is this one's."""
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE invites SET browser = ?, opened = ? WHERE hash = ? AND expires > ? AND browser IS NULL",
+                (browser, int(now), digest, int(now)),
+            )
+            row = conn.execute("SELECT browser FROM invites WHERE hash = ?", (digest,)).fetchone()
+            return row is not None and row[0] == browser
+
+    def accept_invite(self, digest, browser, step, session):
+        """Activate the invitation's seed at `step`, end it, and record the session; False if it is gone
+        (used, voided or expired meanwhile) or was opened in another browser."""
         with self._transaction() as conn:
             row = conn.execute(
-                "SELECT user, seed FROM invites WHERE hash = ? AND expires > ?", (digest, session.created)
+                "SELECT user, seed FROM invites WHERE hash = ? AND expires > ? AND browser = ?",
+                (digest, session.created, browser),
             ).fetchone()
             if row is None:
                 return False
@@ -786,8 +841,10 @@ class Store(Database):
             conn.execute("BEGIN")
             try:
                 rules = {
-                    name: Rule(_hosts_rule(hosts), after)
-                    for name, hosts, after in conn.execute("SELECT name, hosts, sessions_after FROM users")
+                    name: Rule(_hosts_rule(hosts), after, full_name, email, groups)
+                    for name, hosts, after, full_name, email, groups in conn.execute(
+                        "SELECT name, hosts, sessions_after, full_name, email, groups_list FROM users"
+                    )
                 }
                 deleted = dict(conn.execute("SELECT name, at FROM deleted"))
                 revoked = dict(conn.execute("SELECT jti, expires FROM revoked"))
@@ -868,6 +925,7 @@ def verify_token(token, key, now):
         return None, "malformed"
     if not _claims_well_formed(claims):
         return None, "claims"
+    claims.setdefault("auth_time", claims["iat"])  # a 2.0 token: its login is when it was issued
     if claims["exp"] <= now:
         return None, "expired"
     return claims, None
@@ -900,12 +958,15 @@ def _claims_well_formed(claims):
         and isinstance(claims.get("jti"), str)
         and type(claims.get("iat")) is int
         and type(claims.get("exp")) is int
+        and type(claims.get("auth_time", 0)) is int
     )
 
 
-def new_claims(subject, now, lifetime):
+def new_claims(subject, now, lifetime, auth_time=None):
+    """Claims of a fresh token; `auth_time` (OIDC's name) is the login a renewed session keeps."""
     now = int(now)
-    return {"sub": subject, "iat": now, "exp": now + lifetime, "jti": secrets.token_urlsafe(16)}
+    auth_time = now if auth_time is None else auth_time
+    return {"sub": subject, "iat": now, "exp": now + lifetime, "jti": secrets.token_urlsafe(16), "auth_time": auth_time}
 
 
 def derive_key(key, purpose):
@@ -925,8 +986,19 @@ def new_seed():
     return pyotp.random_base32()  # 160 bits, as RFC 4226 §4 recommends
 
 
-def well_formed_code(code):
-    return isinstance(code, str) and CODE_SHAPE.fullmatch(code) is not None
+def code_digits(code):
+    """The six digits of a well-formed code ("332 123" is 332123), else None."""
+    match = CODE_SHAPE.fullmatch(code) if isinstance(code, str) else None
+    return match[1] + match[2] if match else None
+
+
+def usable_seed(seed):
+    """Whether a stored seed is base32 pyotp can use (a hand-edited database may hold anything)."""
+    try:
+        pyotp.TOTP(seed).byte_secret()
+    except (ValueError, TypeError):  # binascii.Error is a ValueError
+        return False
+    return bool(seed)
 
 
 def match_code(code, users, now):
@@ -934,10 +1006,12 @@ def match_code(code, users, now):
 
     Every user and every step is tried, so timing does not tell which matched.
     A match may still be a replay: the caller refuses steps not after `last_step`.
+    Users must have usable seeds (see usable_seed).
     """
-    if not well_formed_code(code):
+    digits = code_digits(code)
+    if digits is None:
         return None
-    given = code.encode("ascii")
+    given = digits.encode("ascii")
     step = step_at(now)
     matches = []
     for user in users:
@@ -1154,41 +1228,55 @@ def request_origin(scheme, host):
 
 
 @bounded_memo
-def original_url(x_original_url, proto, host, uri, own_scheme, own_host):
-    """The URL the proxy was asked for, rebuilt from a trusted proxy's headers; None if they name none.
+def original_target(x_original_url, proto, host, uri, own_scheme, own_host):
+    """(base, path, problem) of the URL the proxy was asked for, from a trusted proxy's headers.
 
-    X-Original-URL (nginx) and X-Forwarded-Host/-Uri/-Proto (Caddy, Traefik).
-    Each proxy passes a client's own header of the other family through, so
-    when both name a host and the hosts differ there is no original URL: never
-    pick one of the two. ValueError for anything malformed: it is never echoed.
+    `base` is scheme://host[:port], `path` the path and query; each None when
+    unusable, and `problem` says why (a malformed value is never echoed).
+    X-Original-URL (nginx) and X-Forwarded-Host/-Uri/-Proto (Caddy, Traefik):
+    each proxy passes a client's own header of the other family through, so
+    when both are present they must agree on scheme, host and port (a missing
+    X-Forwarded-Proto is the request's own scheme), or there is no original
+    URL at all: never pick one of the two, and never let a client's header
+    switch https to http and with it the default port.
     """
     forwarded = None
-    if host is not None or uri is not None:
-        scheme, netloc = request_origin(proto or own_scheme, host or own_host)
-        uri = "/" if uri is None else uri
-        if not uri.startswith("/") or uri.startswith("//") or _has_unsafe_characters(uri):
-            raise ValueError("bad forwarded URI")
-        forwarded = f"{scheme}://{netloc}{uri}"
+    if host is not None or uri is not None or proto is not None:
+        forwarded = _forwarded_target(proto or own_scheme, host or own_host, uri)
     if x_original_url is None:
-        return forwarded
-    full = _checked_absolute_url(x_original_url)
-    if host is not None and url_host(full) != url_host(forwarded):
-        return None
-    return full
+        return forwarded or (None, None, None)
+    target = _nginx_target(x_original_url)
+    if forwarded is not None and (forwarded[0] is None or forwarded[0] != target[0]):
+        return None, None, None
+    return target
 
 
-def _checked_absolute_url(url):
+def _forwarded_target(scheme, host, uri):
+    try:
+        base = "%s://%s" % request_origin(scheme, host)
+    except ValueError as error:
+        return None, None, str(error)
+    uri = "/" if uri is None else uri
+    if not uri.startswith("/") or uri.startswith("//") or _has_unsafe_characters(uri):
+        return base, None, "bad forwarded URI"
+    return base, uri, None
+
+
+def _nginx_target(url):
     if _has_unsafe_characters(url):
-        raise ValueError("bad original URL")
-    parts = urllib.parse.urlsplit(url)  # ValueError for a bad IPv6 literal
+        return None, None, "bad original URL"
+    try:
+        parts = urllib.parse.urlsplit(url)  # ValueError for a bad IPv6 literal
+    except ValueError:
+        return None, None, "bad original URL"
     host = normalise_host(parts.netloc, parts.scheme) if "@" not in parts.netloc else None
     if parts.scheme not in DEFAULT_PORTS or host is None or "," in parts.netloc:
-        raise ValueError("bad original URL")
+        return None, None, "bad original URL"
     path = parts.path or "/"
     if path.startswith("//"):
-        raise ValueError("bad original URL")
+        return f"{parts.scheme}://{host}", None, "bad original URL path"
     query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{host}{path}{query}"
+    return f"{parts.scheme}://{host}", path + query, None
 
 
 def url_host(url):
@@ -1234,24 +1322,16 @@ def host_matches(host, port, pattern):
     return host == name
 
 
-def redirect_allowed(host, login_host, settings):
-    """Whether a redirect may go to `host` (normalised host[:port])."""
+def redirect_allowed(scheme, host, login_host, settings):
+    """Whether a login may return to `host` (normalised host[:port]) over `scheme`: the login
+    host, COOKIE_DOMAIN or a subdomain of it, or a host ALLOWED_REDIRECT_HOSTS matches."""
     if host == login_host:
         return True
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    domain = settings.cookie_domain
-    if domain:
-        domain = domain.lstrip(".")
-        if name == domain or name.endswith("." + domain):
-            return True
-    for pattern in settings.allowed_redirect_hosts:
-        candidate = host if ":" in pattern.lstrip("[").split("]")[-1] else name
-        if pattern.startswith("*."):
-            if candidate.endswith(pattern[1:]):
-                return True
-        elif candidate == pattern:
-            return True
-    return False
+    name, port = split_host(host, DEFAULT_PORTS[scheme])
+    domain = (settings.cookie_domain or "").lstrip(".")
+    if domain and (name == domain or name.endswith("." + domain)):
+        return True
+    return any(host_matches(name, port, pattern) for pattern in settings.allowed_redirect_hosts)
 
 
 def safe_next(value, login_host, settings):
@@ -1271,7 +1351,7 @@ def safe_next(value, login_host, settings):
     if parts.scheme not in allowed_schemes or not parts.netloc or "@" in parts.netloc:
         return "/"
     host = normalise_host(parts.netloc, parts.scheme)
-    if host is None or not redirect_allowed(host, login_host, settings):
+    if host is None or not redirect_allowed(parts.scheme, host, login_host, settings):
         return "/"
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path or "/", parts.query, parts.fragment))
 
@@ -1436,29 +1516,32 @@ class Request:
 
     @computed_once
     def _original(self):
-        """(original URL or None, why it is unusable or None)."""
+        """(base, path, problem) of the original URL: see original_target()."""
         if not self.trusted:
-            return None, None
-        try:
-            url = original_url(
-                self._header("HTTP_X_ORIGINAL_URL"),
-                self._header("HTTP_X_FORWARDED_PROTO"),
-                self._header("HTTP_X_FORWARDED_HOST"),
-                self._header("HTTP_X_FORWARDED_URI"),
-                self._environ.get("wsgi.url_scheme", "http"),
-                self.own_host,
-            )
-        except ValueError as error:
-            return None, str(error)
-        return url, None
+            return None, None, None
+        return original_target(
+            self._header("HTTP_X_ORIGINAL_URL"),
+            self._header("HTTP_X_FORWARDED_PROTO"),
+            self._header("HTTP_X_FORWARDED_HOST"),
+            self._header("HTTP_X_FORWARDED_URI"),
+            self._environ.get("wsgi.url_scheme", "http"),
+            self.own_host,
+        )
+
+    @computed_once
+    def original_url(self):
+        """The whole original URL, or None when any part of it is unknown or unusable."""
+        base, path, _ = self._original
+        return base + path if base and path else None
 
     @property
-    def original_url(self):
+    def original_base(self):
+        """scheme://host[:port] of the original URL, or None: usable even when its path is not."""
         return self._original[0]
 
     @property
     def original_problem(self):
-        return self._original[1]
+        return self._original[2]
 
     @computed_once
     def original_host(self):
@@ -1601,7 +1684,7 @@ INVITE_START = """<h1>Set up your authenticator for {app_name}</h1>
 <input type="hidden" name="csrf" value="{csrf}">
 <button type="submit">Show my setup code</button>
 </form>
-<p class="hint">Expires {expires}. It works once.</p>
+<p class="hint">It works once, and expires {expires}.</p>
 """
 
 INVITE_SETUP = """<h1>Set up your authenticator for {app_name}</h1>
@@ -1622,6 +1705,10 @@ INVITE_SETUP = """<h1>Set up your authenticator for {app_name}</h1>
 
 INVITE_GONE = """<h1>This link no longer works</h1>
 <p>An invitation works once and expires. Ask whoever sent it for a new link.</p>
+"""
+
+INVITE_ELSEWHERE = """<h1>This link was opened on another device</h1>
+<p>An invitation shows its setup code to one browser only. Ask whoever sent it for a new link.</p>
 """
 
 MESSAGE = '<p class="message" role="alert">{}</p>\n'
@@ -1708,14 +1795,43 @@ def format_time(epoch):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else "never"
 
 
+def human_time(epoch, now):
+    """A coming moment as people read it: "in 3 days, on Tuesday 1 December at 13:00 UTC"."""
+    left = max(0, epoch - now)
+    count, unit = next(((round(left / size), unit) for unit, size in TIME_UNITS if left >= size), (1, "minute"))
+    day = time.gmtime(epoch)
+    return (f"in {count} {unit}{'s' if count != 1 else ''}, on {time.strftime('%A', day)} {day.tm_mday} "
+            f"{time.strftime('%B', day)} at {time.strftime('%H:%M', day)} UTC")
+
+
+TIME_UNITS = (("day", 86400), ("hour", 3600), ("minute", 60))
+
+
 # --- Gate -------------------------------------------------------------------
 # What a check decides from, all in memory: users and their host lists,
 # deletions, revocations, app tokens. This is the hot path: a few dictionary
 # lookups, no database access unless another process changed it.
 
-# `token`: the credential was an app token; `basic`: it came as HTTP Basic.
-Decision = collections.namedtuple("Decision", "verdict user host token basic", defaults=(None, None, False, False))
+# `token`: the credential was an app token; `basic`: it came as HTTP Basic;
+# `headers`: the identity the apps behind receive with an ALLOW.
+Decision = collections.namedtuple(
+    "Decision", "verdict user host token basic headers", defaults=(None, None, False, False, ())
+)
 DENIED = Decision(Verdict.DENY)
+IDENTITY_HEADERS = ("Remote-User", "Remote-Name", "Remote-Email", "Remote-Groups")
+HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def identity_headers(name, rule):
+    """The four identity headers of a user, always all four (empty when unset), so a client's own
+    copy never reaches the app; None if a stored value cannot be a header value.
+
+    Remote-Name carries the name's UTF-8 bytes, as Authelia sends it (WSGI wants them as latin-1 text).
+    """
+    values = (name, rule.full_name.encode("utf-8").decode("latin-1"), rule.email, rule.groups)
+    if not USER_NAME.fullmatch(name) or any(HEADER_UNSAFE.search(value) for value in values):
+        return None
+    return tuple(zip(IDENTITY_HEADERS, values))
 
 
 @bounded_memo
@@ -1744,80 +1860,105 @@ class Throttle:
             return True
 
 
+# One consistent picture of the database, swapped in by one assignment: a
+# reader takes `gate.view` once and sees rules, deletions and tokens of the
+# same moment. `revoked` is the one part that changes in place (a logout in
+# this process), always under Gate._revocations_lock.
+View = collections.namedtuple("View", "version rules deleted revoked app_tokens allowed")
+EMPTY_VIEW = View(None, {}, {}, {}, {}, {})
+
+
+def build_view(snapshot, revoked):
+    """The View of a Snapshot; users whose stored name or identity cannot be sent are left out (logged)."""
+    rules, allowed = {}, {}
+    for name, rule in snapshot.rules.items():
+        headers = identity_headers(name, rule)
+        if headers is None:
+            log.warning("user %r skipped: a stored name or identity value cannot be a header value", name)
+            continue
+        rules[name] = rule
+        for token in (False, True):
+            allowed[(name, token)] = Decision(Verdict.ALLOW, name, None, token, False, headers)
+    return View(snapshot.version, rules, snapshot.deleted, revoked, snapshot.app_tokens, allowed)
+
+
 class Gate:
-    """Turns a Request into a Decision, from memory refreshed when the database changes.
+    """Turns a Request into a Decision, from a View of the database refreshed when it changes.
 
     Revocations that could not be written yet (the database was locked) are
     kept in memory, merged into every refresh and written when it lets us.
     """
 
-    def __init__(self, store, session_key, cookie_name):
+    def __init__(self, store, session_key, cookie_name, session_ttl=86400, session_max=2592000):
         self.store = store
         self.session_key = session_key
         self.cookie_name = cookie_name
+        self.session_ttl = session_ttl
+        self.session_max = session_max
+        self.renew_after = session_ttl - session_ttl // 2  # seconds left when a navigation renews
+        self.view = EMPTY_VIEW
         self._claims = {}  # Cookie header -> claims of its session cookies whose signature holds
-        self._rules = {}  # user name -> Rule
-        self._deleted = {}  # name -> when it was last deleted
-        self._revoked = {}  # jti -> expires
         self._unwritten = {}  # jti -> expires: revocations the database has not taken yet
-        self._app_tokens = {}  # SHA-256 -> AppToken
+        self._revocations_lock = threading.Lock()  # guards view.revoked and _unwritten
         self._last_used = {}  # SHA-256 -> when, written in batches
         self._next_flush = 0.0
-        self._version = None
         self._next_refresh = 0.0
-        self._lock = threading.Lock()
-        self._host_answers = {}  # (patterns, (host, port)) -> may open: 20 patterns cost one lookup
-        self._allow_decisions = {}  # (user, by app token) -> the ALLOW Decision
+        self._next_token_check = 0.0
+        self._refresh_lock = threading.Lock()
 
     # -- Keeping up with the database --
 
-    def refresh(self, now, force=False):
-        """Reload if any connection changed the database.
+    def refresh(self, now, force=False, due=False):
+        """Reload the View if any connection changed the database (`force`: reload anyway).
 
-        /verify calls this at most every REFRESH_SECONDS: one PRAGMA, no table
-        read unless something changed, and never a wait for another thread.
+        /verify calls this at most every REFRESH_SECONDS (`due`: now): one PRAGMA,
+        no table read unless something changed. Without `force` it never waits
+        for another thread's refresh; the PRAGMA itself may wait for the watch
+        connection (at most its 100 ms busy timeout).
         """
-        if not force and self._next_refresh - REFRESH_SECONDS <= now < self._next_refresh:
+        if not (force or due) and self._next_refresh - REFRESH_SECONDS <= now < self._next_refresh:
             return  # checked recently (a clock set back counts as due)
-        if not self._lock.acquire(blocking=force):
+        if not self._refresh_lock.acquire(blocking=force):
             return  # another thread is already looking
         try:
             self._next_refresh = now + REFRESH_SECONDS
             with contextlib.suppress(sqlite3.Error):  # still locked: kept, and tried at the next refresh
                 self._write_unwritten()
-            if force or self.store.data_version() != self._version:
+            if force or self.store.data_version() != self.view.version:
                 self._load(self.store.snapshot(), now)
             self._flush_if_due(now)
         except sqlite3.Error as error:
             log.warning("cannot refresh from the database, serving from memory: %s", error)
         finally:
-            self._lock.release()
+            self._refresh_lock.release()
 
     def _load(self, snapshot, now):
-        self._version = snapshot.version
-        self._rules, self._deleted, self._app_tokens = snapshot.rules, snapshot.deleted, snapshot.app_tokens
-        revoked = {jti: exp for jti, exp in snapshot.revoked.items() if exp > now}
-        revoked.update(self._unwritten)
-        self._revoked = revoked
+        with self._revocations_lock:  # a logout in this process is never lost between the two
+            revoked = {jti: exp for jti, exp in snapshot.revoked.items() if exp > now}
+            revoked.update(self._unwritten)
+            self.view = build_view(snapshot, revoked)
 
     def _write_unwritten(self):
-        if self._unwritten:
+        with self._revocations_lock:
             pending = dict(self._unwritten)
+        if pending:
             self.store.revoke(pending, quick=True)
-            for jti in pending:
-                self._unwritten.pop(jti, None)
+            with self._revocations_lock:
+                for jti in pending:
+                    self._unwritten.pop(jti, None)
 
     def revoke(self, jti, expires):
         """End one session: at once in this process, in the database as soon as it lets us."""
-        self._revoked[jti] = expires
-        self._unwritten[jti] = expires
+        with self._revocations_lock:
+            self.view.revoked[jti] = expires
+            self._unwritten[jti] = expires
         try:
             self._write_unwritten()
         except sqlite3.Error as error:
             log.warning("logout kept in memory until the database answers: %s", error)
 
     def flush_last_used(self):
-        """Write the app tokens' last-used times collected so far."""
+        """Write the app tokens' last-used times collected so far (also at shutdown)."""
         batch, self._last_used = self._last_used, {}
         if batch:
             try:
@@ -1833,31 +1974,35 @@ class Gate:
             threading.Thread(target=self.flush_last_used, daemon=True).start()
 
     def user_count(self):
-        return len(self._rules)
+        return len(self.view.rules)
 
-    # -- Sessions --
+    # -- Sessions and devices --
 
     def session(self, request):
-        """The claims of a valid session cookie of this request, or None; every value of the name is judged."""
-        return self._live_session(request)[0]
+        """The claims of the valid session cookie of this request, or None (see _live_session)."""
+        self.refresh(request.now)
+        return self._live_session(request, self.view)
 
-    def _live_session(self, request):
-        """(claims, the user's Rule) of a valid session cookie, or (None, None)."""
+    def _live_session(self, request, view):
+        """The claims of a valid session cookie, or None.
+
+        Every value of the cookie name is judged; values that are valid for
+        different users count as none (a sibling subdomain planted one).
+        """
         header = request.cookie_header
         if not header:
-            return None, None
-        self.refresh(request.now)
+            return None
         signed = self._claims.get(header)
         if signed is None:
             signed = self._signed_sessions(request)
-        now = request.now
+        now, found = request.now, None
         for claims in signed:
             # Checked on every request, cached or not: expiry, revocation, the user.
-            if claims["exp"] > now and claims["jti"] not in self._revoked:
-                rule = self._current_rule(claims)
-                if rule is not None:
-                    return claims, rule
-        return None, None
+            if claims["exp"] > now and claims["jti"] not in view.revoked and self._current(claims, view):
+                if found is not None and found["sub"] != claims["sub"]:
+                    return None
+                found = found or claims
+        return found
 
     def _signed_sessions(self, request):
         signed = []
@@ -1872,38 +2017,61 @@ class Gate:
             self._claims[header] = signed
         return signed
 
-    def user_current(self, claims):
-        """The token's user exists, was not deleted since, and their sessions were not ended since."""
-        return self._current_rule(claims) is not None
+    @staticmethod
+    def _current(claims, view):
+        """The session's user exists, and was neither deleted nor had their sessions ended since its login."""
+        rule = view.rules.get(claims["sub"])
+        login = claims["auth_time"]
+        return rule is not None and login > view.deleted.get(claims["sub"], -1) and login >= rule.sessions_after
 
-    def _current_rule(self, claims):
-        """The Rule of a current token's user, else None (a rule is read once: refreshes replace the dict)."""
-        rule = self._rules.get(claims["sub"])
-        if rule is None:
+    def device_user_exists(self, claims):
+        """A device cookie's user exists and was not deleted since it was issued. Ending sessions
+        does not end a device: it only narrows which seed a code is tried against."""
+        view = self.view
+        return claims["sub"] in view.rules and claims["iat"] > view.deleted.get(claims["sub"], -1)
+
+    def renewal(self, claims, now):
+        """The claims a renewed session gets, or None when renewing would gain nothing (past its cap)."""
+        expires = min(int(now) + self.session_ttl, claims["auth_time"] + self.session_max)
+        if expires <= claims["exp"]:
             return None
-        iat = claims["iat"]
-        if iat > self._deleted.get(claims["sub"], -1) and iat >= rule.sessions_after:
-            return rule
-        return None
+        renewed = new_claims(claims["sub"], now, 0, claims["auth_time"])
+        renewed["exp"] = expires
+        return renewed
 
     # -- The decision --
 
     def decide(self, request):
-        """ALLOW (user), FORBIDDEN (user, host), DENY, or BAD_TOKEN for a failed app token."""
+        """ALLOW (user), RENEW, FORBIDDEN (user, host), DENY, or BAD_TOKEN for a failed app token."""
+        self.refresh(request.now)
+        view = self.view
         presented = request.authorization and presented_app_token(request.authorization)
         if presented:
-            self.refresh(request.now)
-            return self._decide_app_token(request, *presented)
-        claims, rule = self._live_session(request)
+            return self._decide_app_token(request, view, *presented)
+        claims = self._live_session(request, view)
         if claims is None:
             return DENIED
-        if rule.hosts is None:  # the common case: every host, nothing to look up
-            return self._allowed(claims["sub"], False)
-        return self._by_host(request, claims["sub"], rule.hosts)
+        name = claims["sub"]
+        hosts = view.rules[name].hosts
+        decision = view.allowed[(name, False)] if hosts is None else self._by_host(request, view, name, hosts)
+        # One comparison on the hot path: renewal is looked at only past half the idle lifetime.
+        if claims["exp"] - request.now < self.renew_after and decision.verdict is Verdict.ALLOW:
+            return self._renewal_due(request, claims) or decision
+        return decision
 
-    def _decide_app_token(self, request, token, basic_user):
-        entry = self._app_tokens.get(app_token_key(token))
-        rule = entry and self._rules.get(entry.user)
+    def _renewal_due(self, request, claims):
+        """RENEW for a browser navigation (GET/HEAD: never lose a form) to a known URL, when renewing gains time."""
+        if request.wants_html and request.original_url and self.renewal(claims, request.now):
+            return Decision(Verdict.RENEW, claims["sub"])
+        return None
+
+    def _decide_app_token(self, request, view, token, basic_user):
+        key = app_token_key(token)
+        entry = view.app_tokens.get(key)
+        if entry is None and key is not None and self._check_tokens_now(request.now):
+            view = self.view  # created a moment ago by -token: a script may use it at once
+            entry = view.app_tokens.get(key)
+        rule = entry and view.rules.get(entry.user)
         basic = basic_user is not None
         if (
             rule is None
@@ -1911,39 +2079,25 @@ class Gate:
             or (basic and basic_user != entry.user)
         ):
             return Decision(Verdict.BAD_TOKEN, token=True, basic=basic)
-        self._last_used[app_token_key(token)] = request.now
-        return self._by_host(request, entry.user, rule.hosts, entry.hosts, token=True)
+        self._last_used[key] = request.now
+        return self._by_host(request, view, entry.user, rule.hosts, entry.hosts, token=True)
 
-    def _by_host(self, request, name, patterns, token_patterns=None, token=False):
-        """ALLOW unless a host list (None: every host) leaves out the original host; no host, no entry."""
-        if patterns is None and token_patterns is None:  # the common case: nothing to look up
-            return self._allowed(name, token)
-        for hosts in (patterns, token_patterns):
-            if hosts is not None and not self._may_open(hosts, request.original_host):
-                host = request.original_url and url_host(request.original_url)
-                return Decision(Verdict.FORBIDDEN, name, host, token)
-        return Decision(Verdict.ALLOW, name, None, token)
-
-    def _allowed(self, name, token):
-        """The ALLOW decision for a user, made once (a namedtuple per request costs the hot path)."""
-        decision = self._allow_decisions.get((name, token))
-        if decision is None:
-            if len(self._allow_decisions) >= TOKEN_CACHE_SIZE:
-                self._allow_decisions.clear()
-            decision = self._allow_decisions[(name, token)] = Decision(Verdict.ALLOW, name, None, token)
-        return decision
-
-    def _may_open(self, patterns, host):
-        if host is None:
+    def _check_tokens_now(self, now):
+        """Refresh now for an unknown token, at most every TOKEN_CHECK_SECONDS: a flood of wrong tokens costs nothing."""
+        if self._next_token_check - TOKEN_CHECK_SECONDS <= now < self._next_token_check:
             return False
-        key = (patterns, host)
-        answer = self._host_answers.get(key)
-        if answer is None:
-            answer = any(host_matches(host[0], host[1], pattern) for pattern in patterns)
-            if len(self._host_answers) >= TOKEN_CACHE_SIZE:
-                self._host_answers.clear()  # many hosts named by strangers: start again
-            self._host_answers[key] = answer
-        return answer
+        self._next_token_check = now + TOKEN_CHECK_SECONDS
+        self.refresh(now, due=True)
+        return True
+
+    @staticmethod
+    def _by_host(request, view, name, patterns, token_patterns=None, token=False):
+        """ALLOW unless a host list (None: every host) leaves out the original host; no host, no entry."""
+        host = request.original_host
+        for hosts in (patterns, token_patterns):
+            if hosts is not None and (host is None or not any(host_matches(*host, p) for p in hosts)):
+                return Decision(Verdict.FORBIDDEN, name, host and host[0], token)
+        return view.allowed[(name, token)]
 
 
 # --- App --------------------------------------------------------------------
@@ -1976,7 +2130,7 @@ class Metrics:
         with self._lock:
             lines = [
                 *_counter("forward_auth_verify_total", "Verify and auth decisions by result.",
-                          ("allow", "redirect", "deny", "forbidden", "bad_token"), self.verify),
+                          ("allow", "renew", "redirect", "deny", "forbidden", "bad_token"), self.verify),
                 *_counter("forward_auth_app_tokens_total", "Checks that presented an app token, by result.",
                           ("allow", "forbidden", "bad_token"), self.app_tokens),
                 *_counter("forward_auth_logins_total", "Login attempts by result.",
@@ -2032,13 +2186,13 @@ class Cookies:
 
     def login(self, claims):
         """Set-Cookie headers for a login: a fresh session, and the device cookie re-issued."""
-        s = self.settings
-        session = sign_token(claims, self.session_key)
         device = sign_token(new_claims(claims["sub"], claims["iat"], DEVICE_COOKIE_SECONDS), self.device_key)
-        return [
-            ("Set-Cookie", self.header(self.session_name, session, s.session_ttl, s.same_site)),
-            ("Set-Cookie", self.header(self.device_name, device, DEVICE_COOKIE_SECONDS, "Strict")),
-        ]
+        return [self.session(claims), ("Set-Cookie", self.header(self.device_name, device, DEVICE_COOKIE_SECONDS, "Strict"))]
+
+    def session(self, claims):
+        """The Set-Cookie header of a session token; the browser keeps it until the token expires."""
+        token = sign_token(claims, self.session_key)
+        return ("Set-Cookie", self.header(self.session_name, token, claims["exp"] - claims["iat"], self.settings.same_site))
 
     def expired_session(self):
         return ("Set-Cookie", self.header(self.session_name, "", 0, self.settings.same_site))
@@ -2061,12 +2215,16 @@ class Cookies:
         return "; ".join(parts)
 
     def device(self, request, gate):
-        """The claims of a valid device cookie of a current user, or None; every value is judged."""
+        """The claims of a valid device cookie of an existing user, or None. Every value is judged;
+        values valid for different users count as none (a sibling subdomain planted one)."""
+        found = None
         for token in request.cookie_values(self.device_name):
             claims, _ = verify_token(token, self.device_key, request.now)
-            if claims is not None and gate.user_current(claims):
-                return claims
-        return None
+            if claims is not None and gate.device_user_exists(claims):
+                if found is not None and found["sub"] != claims["sub"]:
+                    return None
+                found = found or claims
+        return found
 
     def csrf(self, request, extra_headers=()):
         """(the form's CSRF token, page headers), setting the pre-login cookie if the browser has none."""
@@ -2100,13 +2258,17 @@ class SignIn:
         self.limiter = limiter
         self.metrics = metrics
         self._warned_plain_http = False
+        self._unusable_seeds = set()  # users already logged as having a seed pyotp cannot use
 
     def page(self, request):
-        """GET /login: the form; signed in, the page that offers to sign out, or on to `next`."""
+        """GET /login: the form; signed in, the page that offers to sign out, or on to `next`
+        (with renew=1, after issuing a renewed session cookie)."""
         next_value = request.query.get("next", request.query.get("redirect_uri", ""))
         claims = self.gate.session(request)
         if claims is None:
             return self.form(request, 200, next_value)
+        if request.query.get("renew") == "1":
+            return self._renew(request, claims, self.safe_next(request, next_value))
         if next_value:
             return 302, [("Location", self.safe_next(request, next_value))], b""
         csrf, headers = self.cookies.csrf(request)
@@ -2161,10 +2323,15 @@ class SignIn:
             self.count(Outcome.CSRF, None, request)
             raise _Refused(403, "This form expired. Please enter the code again.")
 
-    def attempt(self, request, device, judge):
-        """Run `judge` within the guessing limits; the new session's claims, or _Refused."""
+    def attempt(self, request, device, judge, ceiling=True):
+        """Run `judge` within the guessing limits; the new session's claims, or _Refused.
+
+        A device is limited per device; anyone else per client IP and, with `ceiling`, by the
+        global ceiling of anonymous clients too (an invitation's first code is not: it is
+        tried against one pending seed).
+        """
         key = f"device:{device['jti']}" if device else limiter_key(request.ip)
-        is_device = device is not None
+        is_device = device is not None or not ceiling  # the limiter's "device": counted per key only
         wait = self.limiter.acquire(key, device=is_device, now=request.now)
         if wait:
             self.count(Outcome.LIMITED, None, request)
@@ -2185,13 +2352,35 @@ class SignIn:
             raise _Refused(401, "Wrong code. Try again.")
         return claims
 
+    def _renew(self, request, claims, location):
+        """A fresh session cookie for a session past half its idle lifetime: a new `jti` (the old one
+        revoked), the same login and session record, expiry now + idle lifetime but never past the cap."""
+        renewed = self.gate.renewal(claims, request.now)
+        if renewed is not None:
+            self.store.renew_session(claims["jti"], claims["exp"], session_record(renewed, request))
+            self.gate.revoke(claims["jti"], claims["exp"])
+            log.info("renew user=%s ip=%s", claims["sub"], request.ip)
+            return 302, [self.cookies.session(renewed), ("Location", location)], b""
+        return 302, [("Location", location)], b""
+
+    def _usable(self, users):
+        """Users whose stored seed pyotp can use; each other one is logged once and skipped."""
+        usable = []
+        for user in users:
+            if usable_seed(user.seed):
+                usable.append(user)
+            elif user.name not in self._unusable_seeds:
+                self._unusable_seeds.add(user.name)
+                log.warning("user %r skipped: the stored seed is not base32", user.name)
+        return usable
+
     def _judge_code(self, request, code, device):
         """(outcome, claims). With a device cookie only its own user's seed is tried: an
         enrolled user minting device cookies must get no guesses at other users' codes."""
         users = self.store.active_users()
         if device is not None:
             users = [user for user in users if user.name == device["sub"]]
-        found = match_code(code, users, request.now)
+        found = match_code(code, self._usable(users), request.now)
         if found is None:
             return Outcome.FAILURE, None
         user, step = found
@@ -2237,7 +2426,9 @@ class SignIn:
 
 def session_record(claims, request):
     """The sessions-table row of a login: when, who, from where, with what."""
-    return SessionRecord(claims["jti"], claims["sub"], claims["iat"], claims["exp"], str(request.ip), request.user_agent)
+    return SessionRecord(
+        claims["jti"], claims["sub"], claims["auth_time"], claims["exp"], str(request.ip), request.user_agent
+    )
 
 
 class Enrolment:
@@ -2252,9 +2443,12 @@ class Enrolment:
         """The invitation of a link, or HTTPError 410 with the page that says to ask for a new one."""
         invite = self.store.invite(digest(token), now) if INVITE_SHAPE.fullmatch(token) else None
         if invite is None:
-            page = render_page(f"Link expired · {self.settings.app_name}", INVITE_GONE)
-            raise HTTPError(410, page, [("Content-Type", "text/html; charset=utf-8")])
+            raise self._gone(INVITE_GONE)
         return invite
+
+    def _gone(self, template):
+        page = render_page(f"Link expired · {self.settings.app_name}", template)
+        return HTTPError(410, page, [("Content-Type", "text/html; charset=utf-8")])
 
     def page(self, request, token, status=200):
         """The first step: one button, and no seed (chat apps fetch links to draw previews)."""
@@ -2262,12 +2456,13 @@ class Enrolment:
         csrf, headers = self.signin.cookies.csrf(request)
         page = render_page(
             f"Set up · {self.settings.app_name}", INVITE_START, app_name=self.settings.app_name, name=invite.user,
-            invite=token, csrf=csrf, expires=format_time(invite.expires),
+            invite=token, csrf=csrf, expires=human_time(invite.expires, request.now),
         )
         return status, headers, page
 
     def submit(self, request, form):
-        """The button shows the seed; a right first code activates it and signs the person in."""
+        """The button binds the link to this browser and shows the seed; a right first code
+        activates it and signs the person in. Any other browser gets 410."""
         token = form.get("invite", "")
         try:
             self.signin.guard(request, form)
@@ -2275,24 +2470,54 @@ class Enrolment:
             return self.page(request, token, status=403)
         invite = self._live_invite(token, request.now)
         if "otp" not in form:
-            return self._setup(request, token, invite, 200)
+            return self._open(request, token, invite)
+        browser = self._browser_digest(request)
+        if browser is None or invite.browser != browser:
+            raise self._gone(INVITE_ELSEWHERE)
         try:
-            judge = functools.partial(self._judge, request, form["otp"], token, invite)
-            claims = self.signin.attempt(request, None, judge)
+            judge = functools.partial(self._judge, request, form["otp"], token, browser, invite)
+            # Tried against this one pending seed: the per-IP limit, never the anonymous ceiling.
+            claims = self.signin.attempt(request, None, judge, ceiling=False)
         except _Refused as refusal:
             return self._setup(request, token, invite, refusal.status, refusal.message, refusal.headers,
                                refusal.disabled)
         log.info("invite result=accepted user=%s ip=%s", invite.user, request.ip)
         return self.signin.signed_in(request, claims, "/")
 
-    def _judge(self, request, code, token, invite):
+    def _open(self, request, token, invite):
+        """The button: bind the pending seed to this browser (a cookie), unless another browser has it."""
+        nonce = self._browser_nonce(request)
+        extra = []
+        if nonce is None:
+            nonce = secrets.token_urlsafe(32)
+            lifetime = max(1, int(invite.expires - request.now))
+            extra.append(("Set-Cookie", self.signin.cookies.header(self.cookie_name, nonce, lifetime, "Lax",
+                                                                   domain=False)))
+        if not self.store.open_invite(digest(token), digest(nonce), request.now):
+            raise self._gone(INVITE_ELSEWHERE)
+        if invite.browser is None:
+            log.info("invite result=opened user=%s ip=%s", invite.user, request.ip)
+        return self._setup(request, token, invite, 200, extra_headers=extra)
+
+    @property
+    def cookie_name(self):
+        return self.settings.cookie_name + "_invite"
+
+    def _browser_nonce(self, request):
+        return next((v for v in request.cookie_values(self.cookie_name) if INVITE_SHAPE.fullmatch(v)), None)
+
+    def _browser_digest(self, request):
+        nonce = self._browser_nonce(request)
+        return nonce and digest(nonce)
+
+    def _judge(self, request, code, token, browser, invite):
         pending = User(invite.user, invite.seed, 0, None, -1)
-        found = match_code(code, [pending], request.now)
+        found = match_code(code, self.signin._usable([pending]), request.now)
         if found is None:
             return Outcome.FAILURE, None
         claims = new_claims(invite.user, request.now, self.settings.session_ttl)
-        if not self.store.accept_invite(digest(token), found[1], session_record(claims, request)):
-            return Outcome.FAILURE, None  # used or voided a moment ago
+        if not self.store.accept_invite(digest(token), browser, found[1], session_record(claims, request)):
+            raise self._gone(INVITE_GONE)  # finished in another tab a moment ago: counts nothing
         return Outcome.SUCCESS, claims
 
     def _setup(self, request, token, invite, status, message="", extra_headers=(), disabled=False):
@@ -2320,7 +2545,7 @@ class App:
             settings.max_login_attempts, settings.rate_limit_window, settings.global_max_failures, clock=clock
         )
         self.metrics = Metrics()
-        self.gate = Gate(store, key, settings.cookie_name)
+        self.gate = Gate(store, key, settings.cookie_name, settings.session_ttl, settings.session_max)
         self.gate.refresh(clock(), force=True)
         self.cookies = Cookies(settings, key)
         self.signin = SignIn(
@@ -2360,7 +2585,13 @@ class App:
         except Exception:
             log.exception("unexpected error on %s %s", request.method, request.path[:200])
             status, headers, body = 500, [], b"Internal error\n"
-        return self._respond(start_response, status, headers, body, request.method == "HEAD")
+        try:
+            return self._respond(start_response, status, headers, body, request.method == "HEAD")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:  # a header the server refused: fail closed, never a traceback
+            log.exception("cannot send the answer to %s %s", request.method, request.path[:200])
+            return self._respond(start_response, 500, [], b"Internal error\n", False)
 
     def _route(self, method, path):
         handler = self.routes.get(("*", path)) or self.routes.get(("GET" if method == "HEAD" else method, path))
@@ -2378,7 +2609,7 @@ class App:
         if status == 200 and not body:
             # The allow answer to the proxy: nothing a browser renders, so no
             # page headers; each header costs waitress time on the hot path.
-            start_response("200 OK", headers + EMPTY_BODY)
+            start_response("200 OK", [*headers, *EMPTY_BODY])
             return [b""]
         if isinstance(body, str):
             body = body.encode("utf-8")
@@ -2405,8 +2636,10 @@ class App:
         decision = self.gate.decide(request)
         verdict = decision.verdict
         if verdict is Verdict.ALLOW:
-            # Remote-User always set, so a client's own copy never passes.
-            result, answer = "allow", (200, [("Remote-User", decision.user)], b"")
+            # All four identity headers always set, so a client's own copy never passes.
+            result, answer = "allow", (200, decision.headers, b"")
+        elif verdict is Verdict.RENEW:
+            result, answer = "renew", self._renew(request)
         elif verdict is Verdict.FORBIDDEN:
             result, answer = "forbidden", self._forbidden(request, decision)
         elif verdict is Verdict.BAD_TOKEN:
@@ -2418,23 +2651,59 @@ class App:
 
     def _verify_denial(self, request):
         if not request.wants_html:
-            return "deny", (401, [], b"Unauthorized\n")
+            return "deny", self._unauthorized(request)
         if request.original_problem:
             raise HTTPError(400, b"Bad forwarded URL\n")  # refused, never echoed
-        return "redirect", (302, [("Location", self.login_location(request.original_url))], b"")
+        return "redirect", (302, [("Location", self.login_location(request))], b"")
 
     def _auth_denial(self, request):
         # Never a redirect status and never 400: nginx turns both into a 500.
-        return "deny", (401, [("Location", self._absolute_login_location(request))], b"Unauthorized\n")
+        status, headers, body = self._unauthorized(request)
+        return "deny", (status, [("Location", self._nginx_login_location(request)), *headers], body)
 
-    def _absolute_login_location(self, request):
-        """The login URL for nginx, absolute: nginx treats a relative Location as an internal redirect."""
-        original = request.original_url
-        location = self.login_location(original)
+    def _renew(self, request):
+        """A browser navigation whose session is past half its idle lifetime goes once through the
+        login host, which issues the renewed cookie: no proxy has to pass a Set-Cookie from the check."""
+        location = self.login_location(request, renew=True)
+        if request.path == "/auth":
+            return 401, [("Location", location)], b"Unauthorized\n"
+        return 302, [("Location", location)], b""
+
+    def _unauthorized(self, request):
+        """401; with a Basic challenge on BASIC_AUTH_HOSTS for a client that sent no credential at
+        all, so CalDAV/WebDAV clients ask for NAME:TOKEN (they send it only when challenged)."""
+        host = request.original_host
+        if (
+            self.settings.basic_auth_hosts
+            and host is not None
+            and request.authorization is None
+            and not request.cookie_values(self.settings.cookie_name)
+            and any(host_matches(*host, pattern) for pattern in self.settings.basic_auth_hosts)
+        ):
+            return 401, [self._basic_challenge()], b"Unauthorized\n"
+        return 401, [], b"Unauthorized\n"
+
+    def _basic_challenge(self):
+        realm = self.settings.app_name.replace("\\", "").replace('"', "")
+        return ("WWW-Authenticate", f'Basic realm="{realm}"')
+
+    def login_location(self, request, renew=False):
+        """LOGIN_URL?next=<original URL>; a relative LOGIN_URL on the original URL's scheme and host
+        (Traefik 3 resolves a relative Location against forward-auth's own address), else relative."""
+        login = self.settings.login_url
+        query = [("renew", "1")] if renew else []
+        if request.original_url:
+            query.append(("next", request.original_url))
+        location = login + ("?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="") if query else "")
+        if login.startswith("/") and request.original_base:
+            return request.original_base + location
+        return location
+
+    def _nginx_login_location(self, request):
+        """The login URL for nginx, always absolute: nginx treats a relative Location as an internal redirect."""
+        location = self.login_location(request)
         if not location.startswith("/"):
             return location
-        if original:
-            return url_base(original) + location
         # No usable original URL: this request's own Host, which nginx sets, never
         # a client's X-Forwarded-Host that nginx passed through.
         try:
@@ -2444,12 +2713,15 @@ class App:
         return f"{scheme}://{host}{location}"
 
     def _forbidden(self, request, decision):
+        # Once a minute per user and host name: a port in Host does not make a new line.
         if self.forbidden_log.due((decision.user, decision.host), request.now):
             log.info("forbidden user=%s host=%s ip=%s", decision.user, decision.host or "-", request.ip)
         if request.path == "/verify" and request.wants_html:
+            original = request.original_url
+            query = "?" + urllib.parse.urlencode({"next": original}, quote_via=urllib.parse.quote) if original else ""
             page = render_page(
                 f"Not allowed · {self.settings.app_name}", FORBIDDEN_PAGE, name=decision.user,
-                host=decision.host or "this address", logout=self.signin.logout_url(),
+                host=decision.host or "this address", logout=self.signin.logout_url() + query,
             )
             return 403, [("Content-Type", "text/html; charset=utf-8")], page
         return 403, [], b""
@@ -2459,13 +2731,7 @@ class App:
             log.info("app-token result=refused ip=%s", request.ip)  # never the token
         if not decision.basic:
             return 401, [], b"Unauthorized\n"
-        realm = self.settings.app_name.replace("\\", "").replace('"', "")
-        return 401, [("WWW-Authenticate", f'Basic realm="{realm}"')], b"Unauthorized\n"
-
-    def login_location(self, original):
-        if original is None:
-            return self.settings.login_url
-        return f"{self.settings.login_url}?next={urllib.parse.quote(original, safe='')}"
+        return 401, [self._basic_challenge()], b"Unauthorized\n"
 
     # -- Login and logout --
 
@@ -2491,7 +2757,13 @@ class App:
         claims = self.gate.session(request)
         if claims is not None:
             self._end_session(request, claims, everywhere)
-        return 302, [self.cookies.expired_session(), ("Location", self.settings.login_url)], b""
+        # With `next` (the refusal page's "sign in as someone else"), the login page returns there.
+        try:
+            target = self.signin.safe_next(request, request.query.get("next", ""))
+        except HTTPError:  # no usable host to judge `next` by: the cookie is expired all the same
+            target = "/"
+        query = "?" + urllib.parse.urlencode({"next": target}, quote_via=urllib.parse.quote) if target != "/" else ""
+        return 302, [self.cookies.expired_session(), ("Location", self.settings.login_url + query)], b""
 
     def _end_session(self, request, claims, everywhere):
         self.gate.revoke(claims["jti"], claims["exp"])

@@ -453,12 +453,21 @@ def test_a_user_name_can_be_added_once(store):
     assert [u.name for u in store.users()] == ["alice"]
 
 
+def _login_record(name="alice"):
+    return fa.SessionRecord(fa.secrets.token_urlsafe(8), name, NOW, NOW + 60, "127.0.0.1", "test")
+
+
 def test_an_accepted_step_never_goes_backwards(store, alice):
-    assert store.accept_step("alice", 100, NOW)
-    assert not store.accept_step("alice", 100, NOW)
-    assert not store.accept_step("alice", 99, NOW)
-    assert store.accept_step("alice", 101, NOW)
+    assert store.accept_login("alice", 100, _login_record())
+    assert not store.accept_login("alice", 100, _login_record())
+    assert not store.accept_login("alice", 99, _login_record())
+    assert store.accept_login("alice", 101, _login_record())
     assert store.users()[0].last_step == 101
+
+
+def test_a_pending_user_accepts_no_login_step(store):
+    store.create_invite("carol", fa.digest("x" * 43), fa.new_seed(), NOW, NOW + 60)
+    assert not store.accept_login("carol", 100, _login_record("carol"))
 
 
 def test_the_generated_cookie_key_is_kept(db_path, store):
