@@ -51,7 +51,6 @@ import sqlite3
 import sys
 import threading
 import time
-import types
 import urllib.parse
 
 import pyotp
@@ -539,7 +538,7 @@ class Database:
         try:
             _create_private_file(path)
         except OSError as error:
-            raise RuntimeError(f"cannot open the database {path}: {error.strerror}") from None
+            raise OSError(f"cannot open the database {path}: {error.strerror}") from None
         self._conn = self._connect()
         self._lock = threading.Lock()
         self._migrate()
@@ -925,7 +924,6 @@ def verify_token(token, key, now):
         return None, "malformed"
     if not _claims_well_formed(claims):
         return None, "claims"
-    claims.setdefault("auth_time", claims["iat"])  # a 2.0 token: its login is when it was issued
     if claims["exp"] <= now:
         return None, "expired"
     return claims, None
@@ -967,6 +965,11 @@ def new_claims(subject, now, lifetime, auth_time=None):
     now = int(now)
     auth_time = now if auth_time is None else auth_time
     return {"sub": subject, "iat": now, "exp": now + lifetime, "jti": secrets.token_urlsafe(16), "auth_time": auth_time}
+
+
+def login_time(claims):
+    """When the session of these claims began: `auth_time`, kept across renewals; a 2.0 token's `iat`."""
+    return claims.get("auth_time", claims["iat"])
 
 
 def derive_key(key, purpose):
@@ -1253,9 +1256,10 @@ def original_target(x_original_url, proto, host, uri, own_scheme, own_host):
 
 def _forwarded_target(scheme, host, uri):
     try:
-        base = "%s://%s" % request_origin(scheme, host)
+        scheme, netloc = request_origin(scheme, host)
     except ValueError as error:
         return None, None, str(error)
+    base = f"{scheme}://{netloc}"
     uri = "/" if uri is None else uri
     if not uri.startswith("/") or uri.startswith("//") or _has_unsafe_characters(uri):
         return base, None, "bad forwarded URI"
@@ -1820,6 +1824,7 @@ Decision = collections.namedtuple(
 DENIED = Decision(Verdict.DENY)
 IDENTITY_HEADERS = ("Remote-User", "Remote-Name", "Remote-Email", "Remote-Groups")
 HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+HEADER_ASCII = re.compile(r"[\x21-\x7e]+([ ][\x21-\x7e]+)*", re.ASCII)  # printable, no edge spaces
 
 
 def identity_headers(name, rule):
@@ -1828,8 +1833,12 @@ def identity_headers(name, rule):
 
     Remote-Name carries the name's UTF-8 bytes, as Authelia sends it (WSGI wants them as latin-1 text).
     """
-    values = (name, rule.full_name.encode("utf-8").decode("latin-1"), rule.email, rule.groups)
-    if not USER_NAME.fullmatch(name) or any(HEADER_UNSAFE.search(value) for value in values):
+    try:
+        values = (name, rule.full_name.encode("utf-8").decode("latin-1"), rule.email.encode("ascii").decode(),
+                  rule.groups.encode("ascii").decode())
+    except (UnicodeError, AttributeError):  # AttributeError: not text at all (a hand-edited database)
+        return None
+    if not isinstance(name, str) or not HEADER_ASCII.fullmatch(name) or any(HEADER_UNSAFE.search(value) for value in values):
         return None
     return tuple(zip(IDENTITY_HEADERS, values))
 
@@ -2021,7 +2030,7 @@ class Gate:
     def _current(claims, view):
         """The session's user exists, and was neither deleted nor had their sessions ended since its login."""
         rule = view.rules.get(claims["sub"])
-        login = claims["auth_time"]
+        login = login_time(claims)
         return rule is not None and login > view.deleted.get(claims["sub"], -1) and login >= rule.sessions_after
 
     def device_user_exists(self, claims):
@@ -2032,10 +2041,11 @@ class Gate:
 
     def renewal(self, claims, now):
         """The claims a renewed session gets, or None when renewing would gain nothing (past its cap)."""
-        expires = min(int(now) + self.session_ttl, claims["auth_time"] + self.session_max)
+        login = login_time(claims)
+        expires = min(int(now) + self.session_ttl, login + self.session_max)
         if expires <= claims["exp"]:
             return None
-        renewed = new_claims(claims["sub"], now, 0, claims["auth_time"])
+        renewed = new_claims(claims["sub"], now, 0, login)
         renewed["exp"] = expires
         return renewed
 
@@ -2427,7 +2437,7 @@ class SignIn:
 def session_record(claims, request):
     """The sessions-table row of a login: when, who, from where, with what."""
     return SessionRecord(
-        claims["jti"], claims["sub"], claims["auth_time"], claims["exp"], str(request.ip), request.user_agent
+        claims["jti"], claims["sub"], login_time(claims), claims["exp"], str(request.ip), request.user_agent
     )
 
 
@@ -2811,51 +2821,12 @@ def __getattr__(name):
 # --- CLI --------------------------------------------------------------------
 
 
-class _UsageError(Exception):
-    pass
+class UsageError(Exception):
+    """The command line is wrong: one line on stderr, exit 2, nothing changed."""
 
 
-NEXT_FREE_NAME = object()  # -generate without a NAME: user, user2, ...
-EVERYONE = object()  # -tokens / -sessions without a NAME
-
-
-def build_parser():
-    import argparse  # here, not at the top: serving without arguments never needs it
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise _UsageError(message)
-
-    parser = Parser(
-        prog="forward_auth.py",
-        description="TOTP-only forward authentication for Caddy, nginx and Traefik.",
-        epilog="Without a command it serves. Settings come from environment variables (see README).",
-        allow_abbrev=False,
-    )
-    commands = parser.add_mutually_exclusive_group()
-    for flag, kwargs in COMMANDS:
-        commands.add_argument(flag, "-" + flag, **kwargs)
-    parser.add_argument("--url", metavar="BASE", help="with -invite: the https://host the link starts with")
-    parser.add_argument("--hosts", metavar="PATTERN,...", help="with -token: hosts the token may open")
-    parser.add_argument("--days", metavar="N", help="with -token: expire after N days")
-    return parser
-
-
-# (flag, argparse keywords): one row a command, in the order the help lists them.
-COMMANDS = (
-    ("-generate", {"nargs": "?", "const": NEXT_FREE_NAME, "metavar": "NAME", "help": "add a user and print its enrolment"}),
-    ("-invite", {"metavar": "NAME", "help": "print a single-use enrolment link (new user, or reset a lost phone)"}),
-    ("-list", {"action": "store_true", "help": "list users"}),
-    ("-allow", {"nargs": "+", "metavar": "NAME PATTERN", "help": "set the hosts NAME may open (* for every host)"}),
-    ("-token", {"nargs": 2, "metavar": ("NAME", "LABEL"), "help": "create an app token for scripts and monitors"}),
-    ("-tokens", {"nargs": "?", "const": EVERYONE, "metavar": "NAME", "help": "list app tokens"}),
-    ("-revoke-token", {"nargs": 2, "metavar": ("NAME", "LABEL"), "help": "delete an app token"}),
-    ("-sessions", {"nargs": "?", "const": EVERYONE, "metavar": "NAME", "help": "list live sessions"}),
-    ("-logout", {"metavar": "NAME", "help": "end every session of NAME (the user stays)"}),
-    ("-revoke", {"metavar": "NAME", "help": "delete a user and end their sessions"}),
-    ("-backup", {"metavar": "FILE", "help": "write an online backup of the database"}),
-    ("-version", {"action": "store_true", "help": "print the version"}),
-)
+class CommandError(Exception):
+    """A command could not do what it was asked (no such user, a file exists): one line, exit 1."""
 
 
 HALF_BLOCKS = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
@@ -2905,46 +2876,10 @@ def next_free_name(store):
     return next(f"user{n}" for n in range(2, len(taken) + 3) if f"user{n}" not in taken)
 
 
-def _checked_name(name):
+def _checked_name(name, what="name"):
     if not USER_NAME.fullmatch(name):
-        raise _UsageError(f"invalid name {name!r}: use 1-64 of A-Z a-z 0-9 . _ @ -")
+        raise UsageError(f"invalid {what} {name!r}: use 1-64 of A-Z a-z 0-9 . _ @ -")
     return name
-
-
-def cmd_generate(store, settings, name=NEXT_FREE_NAME, clock=time.time):
-    name = next_free_name(store) if name is NEXT_FREE_NAME else _checked_name(name)
-    seed = new_seed()
-    if not store.add_user(name, seed, clock()):
-        raise RuntimeError(f"user {name!r} already exists")
-    print_enrolment(name, seed, settings.app_name)
-    return 0
-
-
-def cmd_list(store, clock=time.time):
-    users = store.users()
-    if not users:
-        print("no users")
-    invites = store.invites()
-    for user in users:
-        if user.seed:
-            state = f"created {format_time(user.created)}\tlast login {format_time(user.last_login)}"
-        else:
-            expires = invites.get(user.name)
-            ends = "expired" if expires is None or expires <= clock() else f"expires {format_time(expires)}"
-            state = f"pending (invite {ends})"
-        print(f"{user.name}\t{state}\thosts {user.hosts}")
-    return 0
-
-
-def cmd_allow(store, name_and_patterns):
-    if len(name_and_patterns) < 2:
-        raise _UsageError("-allow needs a NAME and at least one PATTERN (* for every host)")
-    name, raw = name_and_patterns[0], name_and_patterns[1:]
-    patterns = _patterns(raw)
-    if not store.set_hosts(name, patterns):
-        raise RuntimeError(f"no user named {name!r}")
-    print(f"{name} may open: {_hosts_text(patterns)} (takes effect within a second)")
-    return 0
 
 
 def _patterns(raw):
@@ -2954,29 +2889,78 @@ def _patterns(raw):
         try:
             pattern = as_host_pattern(text)
         except ValueError as error:
-            raise _UsageError(str(error)) from None
+            raise UsageError(str(error)) from None
         if pattern not in patterns:
             patterns.append(pattern)
     return (EVERY_HOST,) if EVERY_HOST in patterns else tuple(patterns)
 
 
-def cmd_invite(store, settings, name, base=None, clock=time.time):
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(text):
+    """Stored text made safe for a terminal: control characters (a tab that fakes a column, U+009B
+    that starts a terminal command) as \\xNN escapes."""
+    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+class CLI:
+    """What a command works with: the settings, the clock, and the database, opened on first use
+    (so that a usage error is reported before a missing database)."""
+
+    def __init__(self, settings, creates_database=False, clock=time.time):
+        self.settings = settings
+        self.clock = clock
+        self._creates = creates_database
+        self._store = None
+
+    @property
+    def store(self):
+        if self._store is None:
+            if not self._creates:
+                _require_database(self.settings.db_path)
+            self._store = Store(self.settings.db_path)
+        return self._store
+
+    def close(self):
+        if self._store is not None:
+            self._store.close()
+
+    def require_user(self, name):
+        user = self.store.user(name)
+        if user is None:
+            raise CommandError(f"no user named {name!r}")
+        return user
+
+
+def cmd_generate(cli, name=None):
+    if name is not None:
+        _checked_name(name)
+    store = cli.store
+    name = next_free_name(store) if name is None else name
+    seed = new_seed()
+    if not store.add_user(name, seed, cli.clock()):
+        raise CommandError(f"user {name!r} already exists")
+    print_enrolment(name, seed, cli.settings.app_name)
+
+
+def cmd_invite(cli, name, url=None):
     _checked_name(name)
-    link_base = _invite_base(settings, base)
+    link_base = _invite_base(cli.settings, url)
     token = secrets.token_urlsafe(32)
-    now = clock()
-    expires = int(now) + settings.invite_ttl
-    new = store.create_invite(name, digest(token), new_seed(), now, expires)
-    path = urllib.parse.urlsplit(settings.login_url).path or "/login"
+    now = cli.clock()
+    expires = int(now) + cli.settings.invite_ttl
+    new = cli.store.create_invite(name, digest(token), new_seed(), now, expires)
+    path = urllib.parse.urlsplit(cli.settings.login_url).path or "/login"
     what = "a new user, who can sign in once the link is used" if new else (
         "their old authenticator and every session stopped working now; hosts and app tokens are kept")
     print(f"Invitation for {name}: {what}.")
     print(f"Link: {link_base}{path}?invite={token}")
-    print(f"Expires: {format_time(expires)} (in {_duration(settings.invite_ttl)}); it works once.")
+    print(f"Expires: {format_time(expires)} (in {_duration(cli.settings.invite_ttl)}); it works once.")
     if not link_base:
         print("Open it on the address of any protected app, e.g. https://app.example.com" + path + "?invite=…")
-    print(f"Send it to {name} directly (a message to them, not a group): whoever opens it first enrols.")
-    return 0
+    print(f"Send it to {name} directly (a message to them, not a group): it shows the setup code to the first "
+          "browser that opens it, and only to that one. -list shows when it was opened.")
 
 
 def _invite_base(settings, base):
@@ -2988,7 +2972,7 @@ def _invite_base(settings, base):
     parts = urllib.parse.urlsplit(base.strip())
     host = normalise_host(parts.netloc, parts.scheme) if parts.scheme in DEFAULT_PORTS else None
     if host is None or "@" in parts.netloc or parts.path.strip("/") or parts.query:
-        raise _UsageError(f"--url {base!r}: expected https://host (the address of a protected app)")
+        raise UsageError(f"--url {base!r}: expected https://host (the address of a protected app)")
     return f"{parts.scheme}://{host}"
 
 
@@ -3001,78 +2985,266 @@ def _duration(seconds):
     return plural_minutes(seconds)
 
 
-def cmd_token(store, name, label, hosts=None, days=None, clock=time.time):
+def cmd_list(cli):
+    users = cli.store.users()
+    if not users:
+        print("no users")
+    invites = cli.store.invites()
+    for user in users:
+        print("\t".join(shown(column) for column in _user_columns(user, invites.get(user.name), cli.clock())))
+
+
+def _user_columns(user, invite, now):
+    if user.seed:
+        columns = [user.name, f"created {format_time(user.created)}", f"last login {format_time(user.last_login)}"]
+    else:
+        opened = f"opened {format_time(invite.opened)}, " if invite and invite.opened else ""
+        ends = "expired" if invite is None or invite.expires <= now else f"expires {format_time(invite.expires)}"
+        columns = [user.name, f"pending ({opened}invite {ends})"]
+    columns.append(f"hosts {user.hosts}")
+    for label, value in (("name", user.full_name), ("email", user.email), ("groups", user.groups)):
+        if value:
+            columns.append(f"{label} {value}")
+    return columns
+
+
+def cmd_user(cli, name, full_name=None, email=None, groups=None):
+    """Set who NAME is for the apps behind; a flag given replaces that field, an empty value clears it."""
     _checked_name(name)
-    if not USER_NAME.fullmatch(label):
-        raise _UsageError(f"invalid label {label!r}: use 1-64 of A-Z a-z 0-9 . _ @ -")
+    changes = {"full_name": _checked_full_name(full_name), "email": _checked_email(email),
+               "groups": _checked_groups(groups)}
+    if all(value is None for value in changes.values()):
+        raise UsageError("-user needs at least one of --name, --email, --groups")
+    if not cli.store.set_identity(name, **changes):
+        raise CommandError(f"no user named {name!r}")
+    user = cli.store.user(name)
+    print(shown(f"{name}: name {user.full_name or '-'}, email {user.email or '-'}, groups {user.groups or '-'} "
+                "(the apps see it within a second)"))
+
+
+def _checked_full_name(text):
+    if text is None or text == "":
+        return text
+    if len(text) > 100 or not text.isprintable() or text != text.strip():
+        raise UsageError(f"--name {text!r}: use 1-100 printable characters, no spaces at either end")
+    return text
+
+
+def _checked_email(text):
+    if text is None or text == "":
+        return text
+    local, at, domain = text.partition("@")
+    if not (at and local and domain and "@" not in domain and len(text) <= 254 and text.isascii()
+            and text.isprintable() and not any(c.isspace() or c == "," for c in text)):
+        raise UsageError(f"--email {text!r}: expected one address such as alice@example.com")
+    return text
+
+
+def _checked_groups(text):
+    if text is None or text == "":
+        return None if text is None else ()
+    groups = text.split(",")
+    for group in groups:
+        _checked_name(group, "group")
+    return tuple(dict.fromkeys(groups))
+
+
+def cmd_allow(cli, name, *raw):
+    _checked_name(name)
+    if not raw:
+        raise UsageError("-allow needs a NAME and at least one PATTERN (* for every host)")
+    patterns = _patterns(raw)
+    if not cli.store.set_hosts(name, patterns):
+        raise CommandError(f"no user named {name!r}")
+    print(f"{name} may open: {_hosts_text(patterns)} (takes effect within a second)")
+
+
+def cmd_token(cli, name, label, hosts=None, days=None):
+    _checked_name(name)
+    _checked_name(label, "label")
     patterns = _patterns(hosts.split(",")) if hosts is not None else (EVERY_HOST,)
     expires = None
     if days is not None:
         try:
-            expires = int(clock()) + _as_int(days, 1, 3650) * 86400
+            expires = int(cli.clock()) + _as_int(days, 1, 3650) * 86400
         except ValueError as error:
-            raise _UsageError(f"--days: {error}") from None
+            raise UsageError(f"--days: {error}") from None
+    user = cli.require_user(name)
+    user_patterns = _hosts_rule(user.hosts)
+    if user_patterns is not None and patterns != (EVERY_HOST,):
+        useless = [p for p in patterns if not any(patterns_overlap(p, u) for u in user_patterns)]
+        if len(useless) == len(patterns):
+            raise CommandError(f"{name} may open only {user.hosts}: a token for {','.join(patterns)} would open "
+                               "nothing (change their hosts with -allow first)")
+        if useless:
+            print(f"note: {name} may not open {','.join(useless)}; the token will not open it either",
+                  file=sys.stderr)
     token = APP_TOKEN_PREFIX + secrets.token_urlsafe(32)
-    store.add_app_token(name, label, digest(token), patterns, clock(), expires)
+    try:
+        cli.store.add_app_token(name, label, digest(token), patterns, cli.clock(), expires)
+    except RuntimeError as error:
+        raise CommandError(str(error)) from None
     print(token)
     ends = format_time(expires) if expires else "never"
     print(f"App token {label!r} for {name} (hosts {_hosts_text(patterns)}, expires {ends}). "
           "It is shown only now: store it where the script reads it.", file=sys.stderr)
-    return 0
 
 
-def cmd_tokens(store, name):
-    tokens = store.app_tokens(None if name is EVERYONE else name)
+def patterns_overlap(a, b):
+    """Whether some host[:port] matches both host patterns."""
+    if EVERY_HOST in (a, b):
+        return True
+    (name_a, port_a), (name_b, port_b) = split_host(a), split_host(b)
+    if port_a is not None and port_b is not None and port_a != port_b:
+        return False
+    if name_a.startswith("*.") and name_b.startswith("*."):
+        return name_a.endswith(name_b[1:]) or name_b.endswith(name_a[1:]) or name_a == name_b
+    if name_a.startswith("*."):
+        return host_matches(name_b, None, name_a)
+    if name_b.startswith("*."):
+        return host_matches(name_a, None, name_b)
+    return name_a == name_b
+
+
+def cmd_tokens(cli, name=None):
+    if name is not None:
+        cli.require_user(name)
+    tokens = cli.store.app_tokens(name)
     if not tokens:
         print("no app tokens")
     for t in tokens:
         expires = format_time(t.expires) if t.expires else "never"
-        print(f"{t.user}\t{t.label}\thosts {t.hosts}\tcreated {format_time(t.created)}\texpires {expires}"
-              f"\tlast used {format_time(t.last_used)}")
-    return 0
+        print(shown(f"{t.user}\t{t.label}\thosts {t.hosts}\tcreated {format_time(t.created)}\texpires {expires}"
+                    f"\tlast used {format_time(t.last_used)}").replace("\\x09", "\t"))
 
 
-def cmd_revoke_token(store, name, label):
-    if not store.delete_app_token(name, label):
-        raise RuntimeError(f"{name!r} has no token labelled {label!r}")
+def cmd_revoke_token(cli, name, label):
+    if not cli.store.delete_app_token(name, label):
+        raise CommandError(f"{name!r} has no token labelled {label!r}")
     print(f"deleted {name}'s token {label!r}: refused within a second")
-    return 0
 
 
-def cmd_sessions(store, name, clock=time.time):
-    sessions = store.live_sessions(None if name is EVERYONE else name, clock())
+def cmd_sessions(cli, name=None):
+    if name is not None:
+        cli.require_user(name)
+    sessions = cli.store.live_sessions(name, cli.clock())
     if not sessions:
         print("no live sessions")
     for s in sessions:
-        print(f"{format_time(s.created)}\t{s.user}\t{s.ip}\t{s.agent}")
-    return 0
+        columns = (f"login {format_time(s.created)}", s.user, s.ip, f"expires {format_time(s.expires)}", s.agent)
+        print("\t".join(shown(column) for column in columns))
 
 
-def cmd_logout(store, name, clock=time.time):
-    if not store.end_sessions(name, clock()):
-        raise RuntimeError(f"no user named {name!r}")
+def cmd_logout(cli, name):
+    if not cli.store.end_sessions(name, cli.clock()):
+        raise CommandError(f"no user named {name!r}")
     print(f"ended every session of {name} (within a second); they can sign in again")
-    return 0
 
 
-def cmd_revoke(store, name, clock=time.time):
-    if not store.delete_user(name, clock()):
-        raise RuntimeError(f"no user named {name!r}")
+def cmd_revoke(cli, name):
+    if not cli.store.delete_user(name, cli.clock()):
+        raise CommandError(f"no user named {name!r}")
     print(f"revoked {name}: their sessions and app tokens stop working within a second")
-    return 0
 
 
-def cmd_backup(store, destination):
+def cmd_backup(cli, destination):
     if os.path.lexists(destination):
-        raise RuntimeError(f"{destination} exists; not overwriting it")
+        raise CommandError(f"{destination} exists; not overwriting it")
     try:
-        store.backup(destination)
+        cli.store.backup(destination)
     except FileExistsError:
-        raise RuntimeError(f"{destination} exists; not overwriting it") from None
+        raise CommandError(f"{destination} exists; not overwriting it") from None
     except OSError as error:
-        raise RuntimeError(f"cannot write {destination}: {error.strerror}") from None
+        raise CommandError(f"cannot write {destination}: {error.strerror}") from None
     print(f"backup written to {destination}")
-    return 0
+
+
+def cmd_version(cli):
+    print(f"forward-auth {__version__}")
+
+
+# One row a command, in the order the help lists them: its flag, its arguments
+# ("[X]" optional, "X..." one or more), the flags it takes, the function that runs
+# it (called with the CLI, the arguments, and the flags given), whether it may
+# create the database, and its help line.
+Command = collections.namedtuple("Command", "flag args flags run creates help")
+COMMANDS = (
+    Command("-generate", ("[NAME]",), (), cmd_generate, True, "add a user and print its enrolment"),
+    Command("-invite", ("NAME",), ("url",), cmd_invite, True,
+            "print a single-use enrolment link (new user, or reset a lost phone)"),
+    Command("-list", (), (), cmd_list, False, "list users"),
+    Command("-user", ("NAME",), ("name", "email", "groups"), cmd_user, False,
+            "set NAME's display name, email and groups for the apps behind"),
+    Command("-allow", ("NAME", "PATTERN..."), (), cmd_allow, False, "set the hosts NAME may open (* for every host)"),
+    Command("-token", ("NAME", "LABEL"), ("hosts", "days"), cmd_token, False,
+            "create an app token for scripts and monitors"),
+    Command("-tokens", ("[NAME]",), (), cmd_tokens, False, "list app tokens"),
+    Command("-revoke-token", ("NAME", "LABEL"), (), cmd_revoke_token, False, "delete an app token"),
+    Command("-sessions", ("[NAME]",), (), cmd_sessions, False, "list live sessions"),
+    Command("-logout", ("NAME",), (), cmd_logout, False, "end every session of NAME (the user stays)"),
+    Command("-revoke", ("NAME",), (), cmd_revoke, False, "delete a user and end their sessions"),
+    Command("-backup", ("FILE",), (), cmd_backup, False, "write an online backup of the database"),
+    Command("-version", (), (), cmd_version, False, "print the version"),
+)
+# --flag: (keyword of the command's function, metavar, help).
+FLAGS = {
+    "url": ("url", "BASE", "the https://host the link starts with"),
+    "name": ("full_name", "TEXT", "display name, sent as Remote-Name (empty clears)"),
+    "email": ("email", "ADDRESS", "email, sent as Remote-Email (empty clears)"),
+    "groups": ("groups", "G1,G2", "groups, sent as Remote-Groups (empty clears)"),
+    "hosts": ("hosts", "PATTERN,...", "hosts the token may open"),
+    "days": ("days", "N", "expire after N days"),
+}
+
+
+def build_parser():
+    import argparse  # here, not at the top: serving without arguments never needs it
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(message)
+
+    parser = Parser(
+        prog="forward_auth.py",
+        description="TOTP-only forward authentication for Caddy, nginx and Traefik.",
+        epilog="Without a command it serves. Settings come from environment variables (see README).",
+        allow_abbrev=False,  # a typo (-generat, -log) must never run a command that changes state
+    )
+    commands = parser.add_mutually_exclusive_group()
+    for command in COMMANDS:
+        commands.add_argument(command.flag, "-" + command.flag, dest=command.flag, **_argparse_shape(command))
+    for flag, (_, metavar, help_text) in FLAGS.items():
+        takers = ", ".join(c.flag for c in COMMANDS if flag in c.flags)
+        parser.add_argument("--" + flag, dest="--" + flag, metavar=metavar, help=f"with {takers}: {help_text}")
+    return parser
+
+
+def _argparse_shape(command):
+    args = command.args
+    if not args:
+        return {"action": "store_const", "const": [], "help": command.help}
+    if args[-1].endswith("..."):
+        last = args[-1][:-3]
+        return {"nargs": "+", "metavar": (" ".join(args[:-1] + (last,)), last), "help": command.help}
+    if args[0].startswith("["):
+        return {"nargs": "?", "const": [], "type": lambda value: [value], "metavar": args[0][1:-1],
+                "help": command.help}
+    return {"nargs": len(args), "metavar": args if len(args) > 1 else args[0], "help": command.help}
+
+
+def parse_command(argv):
+    """(Command, its arguments, {keyword: flag value}) of a command line; UsageError otherwise."""
+    parsed = vars(build_parser().parse_args(argv))
+    given = [(c, parsed[c.flag]) for c in COMMANDS if parsed[c.flag] is not None]
+    flags = {flag: parsed["--" + flag] for flag in FLAGS if parsed["--" + flag] is not None}
+    if not given:
+        raise UsageError(f"--{next(iter(flags))} needs a command that takes it (see -h)")
+    command, values = given[0]
+    values = values if isinstance(values, list) else [values]
+    for flag in flags:
+        if flag not in command.flags:
+            raise UsageError(f"{command.flag} does not take --{flag}")
+    return command, values, {FLAGS[flag][0]: value for flag, value in flags.items()}
 
 
 def configure_logging(settings):
@@ -3115,7 +3287,7 @@ SERVER_OPTIONS = {
 
 
 def create_server(app, settings, **overrides):
-    """A waitress server for `app`, listening but not yet running; RuntimeError naming the address."""
+    """A waitress server for `app`, listening but not yet running; OSError naming the address."""
     import waitress.server
 
     options = {"host": settings.host, "port": settings.port, "threads": settings.threads, **SERVER_OPTIONS}
@@ -3124,7 +3296,7 @@ def create_server(app, settings, **overrides):
         return waitress.server.create_server(app, **options)
     except OSError as error:
         where = _listen_address(options["host"], options["port"])
-        raise RuntimeError(f"cannot listen on {where}: {error.strerror or error}") from None
+        raise OSError(f"cannot listen on {where}: {error.strerror or error}") from None
 
 
 def _listen_address(host, port):
@@ -3141,12 +3313,17 @@ def check_listen_host(host):
         raise ConfigError(f"HOST: cannot resolve {host!r} (use an address such as 127.0.0.1 or ::1)") from None
 
 
-def serve(settings, store):
+def serve(settings, store, environ=None):
     configure_logging(settings)
-    app = make_app(settings, store=store)
-    server = create_server(app, settings)  # listening first: a start that fails changes nothing
+    try:
+        app = make_app(settings, store=store)
+        server = create_server(app, settings)  # listening first: a start that fails changes nothing
+    except BaseException:
+        store.close()
+        raise
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # from here on, a stop is a clean exit
     try:
+        warn_near_misses(environ or {})
         _first_start(store, settings, app)
         _return_freed_memory()
         where = _listen_address(settings.host, server.effective_port)
@@ -3156,14 +3333,45 @@ def serve(settings, store):
         pass
     finally:
         server.close()
+        app.gate.flush_last_used()  # a normal stop keeps the app tokens' last-used times
+        store.close()
         log.info("stopped")
     return 0
+
+
+def warn_near_misses(environ):
+    """One warning line per environment variable that looks like a setting but is none
+    (SECURE_COOKIE for SECURE_COOKIES): a typo must not leave a default in place unnoticed."""
+    known = {name for _, name, _, _ in SETTINGS}
+    known |= {name + "_FILE" for name in known}
+    for variable in sorted(environ):
+        if variable in known or not variable.isupper() or len(variable) < 6:
+            continue
+        close = [name for name in sorted(known) if _edit_distance(variable, name) <= 2]
+        if close:
+            log.warning("environment variable %s is not a setting; did you mean %s?", variable, close[0])
+
+
+def _edit_distance(a, b):
+    """Levenshtein distance, stopping early beyond 2 (all that near misses need)."""
+    if abs(len(a) - len(b)) > 2:
+        return 3
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
 
 
 def _first_start(store, settings, app):
     """A first user in a database that never had one; else, with no one able to log in, how to add one."""
     if not store.had_user():
-        cmd_generate(store, settings)
+        name = next_free_name(store)
+        seed = new_seed()
+        store.add_user(name, seed, app.clock())
+        print_enrolment(name, seed, settings.app_name)
         app.refresh(app.clock(), force=True)
     elif not store.active_users():
         log.info("no users: add one with `forward_auth.py -invite NAME` (or -generate NAME at this terminal)")
@@ -3188,85 +3396,42 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-SERVE = types.SimpleNamespace(**{flag.lstrip("-").replace("-", "_"): None for flag, _ in COMMANDS})
-
-
-def run_command(args, store, settings):
-    """The command `args` names, or serving; returns the exit code."""
-    if args.generate is not None:
-        return cmd_generate(store, settings, args.generate)
-    if args.invite is not None:
-        return cmd_invite(store, settings, args.invite, args.url)
-    if args.list:
-        return cmd_list(store)
-    if args.allow is not None:
-        return cmd_allow(store, args.allow)
-    if args.token is not None:
-        return cmd_token(store, *args.token, hosts=args.hosts, days=args.days)
-    if args.tokens is not None:
-        return cmd_tokens(store, args.tokens)
-    if args.revoke_token is not None:
-        return cmd_revoke_token(store, *args.revoke_token)
-    if args.sessions is not None:
-        return cmd_sessions(store, args.sessions)
-    if args.logout is not None:
-        return cmd_logout(store, args.logout)
-    if args.revoke is not None:
-        return cmd_revoke(store, args.revoke)
-    if args.backup is not None:
-        return cmd_backup(store, args.backup)
-    return serve(settings, store)
-
-
 def main(argv=None, environ=None):
     """Run the command line; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
     try:
-        args = build_parser().parse_args(argv) if argv else SERVE
-    except _UsageError as error:
+        command = parse_command(argv) if argv else None
+    except UsageError as error:
         return _fail(error, 2)
     except SystemExit as exit_:  # -h prints help and exits 0
         return exit_.code
-    if args.version:
-        print(f"forward-auth {__version__}")
+    if command is not None and command[0].run is cmd_version:
+        cmd_version(None)
         return 0
     try:
-        settings = Settings.from_env(os.environ if environ is None else environ)
-    except ConfigError as error:
-        return _fail(error, 2)
-    store = None
-    try:
-        if args is SERVE:
+        settings = Settings.from_env(environ)
+        if command is None:
             check_listen_host(settings.host)
-        elif args.generate is None and args.invite is None:
-            check_usage(args)  # a usage error says so first, database or not
-            _require_database(settings.db_path)
-        store = Store(settings.db_path)
-        return run_command(args, store, settings)
-    except (_UsageError, ConfigError) as error:
+            return serve(settings, Store(settings.db_path), environ)
+        return run_command(settings, *command)
+    except (UsageError, ConfigError) as error:
         return _fail(error, 2)
     except BrokenPipeError:
         # `-generate | head -3`: the reader has what it wanted; say nothing more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (RuntimeError, OSError, sqlite3.Error) as error:
+    except (CommandError, OSError, sqlite3.Error) as error:
         return _fail(error, 1)
+
+
+def run_command(settings, command, values, flags):
+    cli = CLI(settings, creates_database=command.creates)
+    try:
+        command.run(cli, *values, **flags)
     finally:
-        if store is not None:
-            store.close()
-
-
-def check_usage(args):
-    """The usage errors a command can have before it opens the database (_UsageError)."""
-    if args.allow is not None:
-        if len(args.allow) < 2:
-            raise _UsageError("-allow needs a NAME and at least one PATTERN (* for every host)")
-        _patterns(args.allow[1:])
-    if args.token is not None:
-        _checked_name(args.token[0])
-        _checked_name(args.token[1])
-        if args.hosts is not None:
-            _patterns(args.hosts.split(","))
+        cli.close()
+    return 0
 
 
 def _require_database(path):
@@ -3275,7 +3440,7 @@ def _require_database(path):
     if not os.path.exists(path):
         where = os.path.abspath(path)
         relative = "" if os.path.isabs(path) else " (DB_PATH is relative to the current directory)"
-        raise RuntimeError(f"no database at {where}{relative}: set DB_PATH to the server's database")
+        raise CommandError(f"no database at {where}{relative}: set DB_PATH to the server's database")
 
 
 def _fail(error, code):

@@ -666,7 +666,12 @@ def _misshapen(code):
         code + "\n",
         code[:5],
         code + "0",
-        code[:3] + " " + code[3:],
+        code[:3] + "  " + code[3:],
+        code[:2] + " " + code[2:],
+        code[:3] + "\t" + code[3:],
+        code[:3] + "_" + code[3:],
+        code[:3] + " -" + code[3:],
+        code[:3] + "\u2009" + code[3:],
         "",
     ]
 
@@ -677,6 +682,13 @@ def test_a_code_must_be_exactly_six_ascii_digits():
     for bad in _misshapen(code):
         assert fa.match_code(bad, [user], NOW) is None, bad
     assert fa.match_code(code, [user], NOW) is not None
+
+
+@pytest.mark.parametrize("separator", [" ", "-"])
+def test_a_code_typed_as_the_app_shows_it_is_the_same_code(separator):
+    user = fa.User("alice", fa.new_seed(), 0, None, 0)
+    code = code_at(user.seed, NOW)
+    assert fa.match_code(code[:3] + separator + code[3:], [user], NOW) == (user, fa.step_at(NOW))
 
 
 def test_every_users_seed_is_tried():
@@ -1068,10 +1080,18 @@ def test_a_malformed_host_pattern_is_refused(value):
     [
         # nginx passes a client's own X-Forwarded-Host; Caddy a client's own X-Original-URL.
         ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com/", "HTTP_X_FORWARDED_HOST": "app2.example.com"}, None),
-        ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com/x", "HTTP_X_FORWARDED_HOST": "APP1.example.com."},
-         "https://app1.example.com/x"),
-        ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com/x", "HTTP_X_FORWARDED_URI": "/y"},
-         "https://app1.example.com/x"),
+        ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com/x", "HTTP_X_FORWARDED_HOST": "APP1.example.com.",
+          "HTTP_X_FORWARDED_PROTO": "https"}, "https://app1.example.com/x"),
+        ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com/x", "HTTP_X_FORWARDED_HOST": "app1.example.com:443",
+          "HTTP_X_FORWARDED_PROTO": "https", "HTTP_X_FORWARDED_URI": "/y"}, "https://app1.example.com/x"),
+        # 3.0: they must agree on scheme and port too; a missing X-Forwarded-Proto is the request's own.
+        ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com/x", "HTTP_X_FORWARDED_HOST": "app1.example.com"}, None),
+        ({"HTTP_X_ORIGINAL_URL": "http://plain.example.com/", "HTTP_X_FORWARDED_HOST": "plain.example.com",
+          "HTTP_X_FORWARDED_PROTO": "https"}, None),
+        ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com:8443/", "HTTP_X_FORWARDED_HOST": "app1.example.com",
+          "HTTP_X_FORWARDED_PROTO": "https"}, None),
+        ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com/x", "HTTP_X_FORWARDED_URI": "/y"}, None),
+        ({"HTTP_X_ORIGINAL_URL": "https://app1.example.com/x", "HTTP_X_FORWARDED_PROTO": "http"}, None),
     ],
 )
 def test_original_url_headers_of_both_families_must_name_the_same_host(headers, expected):
@@ -1334,8 +1354,19 @@ def test_a_refused_browser_navigation_gets_a_page_that_names_user_and_host(app, 
     r = check(app, logged_in, "https://app2.example.com/x", headers={"Accept": "text/html"})
     assert r.status == 403 and r.header("Remote-User") is None
     assert "Signed in as alice, who may not open app2.example.com." in r.text
-    assert 'href="/logout"' in r.text and "Sign in as someone else" in r.text
+    link = 'href="/logout?next=https%3A%2F%2Fapp2.example.com%2Fx"'
+    assert link in r.text and "Sign in as someone else" in r.text
     assert r.header("Content-Security-Policy") == fa.PAGE_CSP and r.header("X-Frame-Options") == "DENY"
+    # The link ends the session and keeps `next`: after signing in as the other person, they land there.
+    out = call(app, "GET", "/logout", query="next=https%3A%2F%2Fapp2.example.com%2Fx",
+               headers={"Cookie": logged_in, "Host": "app2.example.com"})
+    assert out.status == 302 and out.header("Location") == "/login?next=https%3A%2F%2Fapp2.example.com%2Fx"
+    assert check(app, logged_in).status == 401
+
+
+def test_logout_keeps_only_a_safe_next(app, logged_in):
+    r = call(app, "GET", "/logout", query="next=https%3A%2F%2Fevil.example%2F", headers={"Cookie": logged_in})
+    assert r.status == 302 and r.header("Location") == "/login"
 
 
 def test_the_refusal_page_escapes_the_user_name(store, clock):
@@ -1477,9 +1508,34 @@ def test_token_checks_read_no_database(token_app, store):
     store._conn, store._watch, saved = None, None, (store._conn, store._watch)
     try:
         assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 200
-        assert check(app, headers={"Authorization": "Bearer fat_" + "C" * 43}).status == 401
     finally:
         store._conn, store._watch = saved
+
+
+def test_a_token_made_a_moment_ago_works_at_once(token_app, store, clock):
+    app, _ = token_app
+    assert check(app).status in (302, 401)  # the gate has just refreshed
+    fresh = "fat_" + "F" * 43
+    store.add_app_token("alice", "fresh", fa.digest(fresh), ("*",), clock(), None)
+    assert check(app, headers={"Authorization": f"Bearer {fresh}"}).status == 200
+
+
+def test_a_flood_of_unknown_tokens_looks_in_the_database_once_per_tenth_of_a_second(token_app, store, clock):
+    app, _ = token_app
+    looks = []
+    original = store.data_version
+    store.data_version = lambda: looks.append(1) or original()
+    try:
+        app.refresh(clock(), force=True)
+        clock.advance(0.01)  # within the 0.5 s in which /verify does not look on its own
+        for _ in range(50):
+            assert check(app, headers={"Authorization": "Bearer fat_" + "C" * 43}).status == 401
+        assert len(looks) == 1
+        clock.advance(fa.TOKEN_CHECK_SECONDS)
+        assert check(app, headers={"Authorization": "Bearer fat_" + "C" * 43}).status == 401
+        assert len(looks) == 2
+    finally:
+        del store.data_version
 
 
 def test_last_used_is_written_in_batches_at_most_once_a_minute(token_app, store, clock):
@@ -1545,7 +1601,9 @@ def test_verify_sends_a_browser_to_login_with_the_original_url(app):
     }
     r = call(app, "GET", "/verify", headers=headers)
     assert r.status == 302
-    assert r.header("Location") == "/login?next=" + urllib.parse.quote("https://app.example.com/some/path?x=1", safe="")
+    # Absolute (3.0): Traefik resolves a relative Location against forward-auth's own address.
+    assert r.header("Location") == "https://app.example.com/login?next=" + urllib.parse.quote(
+        "https://app.example.com/some/path?x=1", safe="")
     assert r.header("Content-Length") == "0"
     assert r.header("Remote-User") is None
 
@@ -1958,13 +2016,23 @@ def open_invite(app, token, cookie=""):
                 headers={"Cookie": cookie} if cookie else None)
 
 
-def post_invite(app, token, page, otp=None, headers=None):
+def post_invite(app, token, page, otp=None, headers=None, browser=""):
+    """The button (no otp) or a first code, from the browser that holds `page`'s CSRF cookie and `browser`."""
     cookie, csrf = csrf_for(app, page)
     fields = {"invite": token, "csrf": csrf}
     if otp is not None:
         fields["otp"] = otp
+    cookie = "; ".join(c for c in (cookie, browser) if c)
     all_headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie, **(headers or {})}
     return call(app, "POST", "/login", headers=all_headers, body=urllib.parse.urlencode(fields).encode())
+
+
+def press_button(app, token):
+    """Open the link and press its button as one browser: (first page, setup page, that browser's cookie)."""
+    page = open_invite(app, token)
+    setup = post_invite(app, token, page)
+    assert setup.status == 200, setup.text
+    return page, setup, "auth_token_invite=" + setup.cookie_value("auth_token_invite")
 
 
 def test_an_invitation_link_shows_one_button_and_never_the_seed(app, store):
@@ -1979,9 +2047,9 @@ def test_an_invitation_link_shows_one_button_and_never_the_seed(app, store):
 
 def test_the_button_shows_qr_secret_and_link_and_a_reload_shows_the_same_seed(app, store):
     token, seed = invite(store)
-    page = open_invite(app, token)
+    page, _, browser = press_button(app, token)
     for _ in range(2):
-        r = post_invite(app, token, page)
+        r = post_invite(app, token, page, browser=browser)
         assert r.status == 200
         assert fa.group_secret(seed) in r.text and re.search(r"<svg[^>]*>.*</svg>", r.text, re.DOTALL)
         uri = fa.escape(fa.enrolment_uri(seed, "carol", "Forward Auth"))
@@ -1991,8 +2059,8 @@ def test_the_button_shows_qr_secret_and_link_and_a_reload_shows_the_same_seed(ap
 
 def test_a_right_first_code_activates_the_seed_and_signs_in_once(app, store, clock):
     token, seed = invite(store)
-    page = open_invite(app, token)
-    r = post_invite(app, token, page, otp=code_at(seed, clock()))
+    page, _, browser = press_button(app, token)
+    r = post_invite(app, token, page, otp=code_at(seed, clock()), browser=browser)
     assert (r.status, r.header("Location")) == (302, "/")
     cookie = session_cookie(app, r)
     assert r.cookie_value(app.cookies.device_name)
@@ -2006,17 +2074,18 @@ def test_a_right_first_code_activates_the_seed_and_signs_in_once(app, store, clo
 def test_the_first_code_is_not_accepted_again(app, store, clock):
     token, seed = invite(store)
     code = code_at(seed, clock())
-    assert post_invite(app, token, open_invite(app, token), otp=code).status == 302
+    page, _, browser = press_button(app, token)
+    assert post_invite(app, token, page, otp=code, browser=browser).status == 302
     assert login(app, code).status == 401  # RFC 6238 replay rules from that step on
 
 
 def test_a_wrong_first_code_counts_toward_the_limits(app, store, clock):
     token, seed = invite(store)
-    page = open_invite(app, token)
+    page, _, browser = press_button(app, token)
     wrong = wrong_code_for(seed, now=clock())
-    statuses = [post_invite(app, token, page, otp=wrong).status for _ in range(6)]
+    statuses = [post_invite(app, token, page, otp=wrong, browser=browser).status for _ in range(6)]
     assert statuses == [401] * 5 + [429]
-    again = post_invite(app, token, page, otp=wrong)
+    again = post_invite(app, token, page, otp=wrong, browser=browser)
     assert fa.group_secret(seed) in again.text  # the same seed, the field disabled for now
 
 
@@ -2056,16 +2125,17 @@ def test_a_reset_ends_the_old_seed_and_sessions_and_keeps_hosts_and_tokens(app, 
     assert login(app, code_at(alice, clock())).status == 401  # the old seed
     assert store.user("alice").hosts == "app1.example.com"
     assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 200
-    r = post_invite(app, link, open_invite(app, link), otp=code_at(seed, clock()))
+    page, _, browser = press_button(app, link)
+    r = post_invite(app, link, page, otp=code_at(seed, clock()), browser=browser)
     assert r.status == 302 and check(app, session_cookie(app, r)).status == 200
 
 
 def test_no_log_line_carries_the_invitation_token_or_the_seed(app, store, clock, caplog):
     caplog.set_level(logging.DEBUG)
     token, seed = invite(store)
-    page = open_invite(app, token)
-    post_invite(app, token, page, otp=wrong_code_for(seed, now=clock()))
-    post_invite(app, token, page, otp=code_at(seed, clock()))
+    page, _, browser = press_button(app, token)
+    post_invite(app, token, page, otp=wrong_code_for(seed, now=clock()), browser=browser)
+    post_invite(app, token, page, otp=code_at(seed, clock()), browser=browser)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "invite result=accepted user=carol" in text
     assert token not in text and seed not in text and fa.group_secret(seed) not in text
@@ -2078,7 +2148,8 @@ def test_each_login_records_its_session_and_lists_it_until_it_ends(app, alice, s
     agent = "Mozilla/5.0 " + "x" * 200
     r = login(app, code_at(alice, clock()), headers={"User-Agent": agent, "X-Forwarded-For": "198.51.100.7"})
     (session,) = store.live_sessions(None, clock())
-    assert session == fa.Session(int(clock()), "alice", "198.51.100.7", agent[:120])
+    ttl = app.settings.session_ttl
+    assert session == fa.Session(int(clock()), "alice", "198.51.100.7", agent[:120], int(clock()) + ttl)
     call(app, "GET", "/logout", headers={"Cookie": session_cookie(app, r)})
     assert store.live_sessions(None, clock()) == []
 
@@ -2176,11 +2247,14 @@ def test_a_cross_site_logout_is_refused(app, logged_in, headers):
 
 
 def test_auth_answers_an_unusable_forwarded_url_with_401_and_a_login_url_without_next(app):
-    for headers in ({"X-Forwarded-Host": "app.example.com", "X-Forwarded-Uri": "//evil"},
-                    {"X-Original-URL": "https://app.example.com//evil"},
-                    {"X-Original-URL": "javascript://x/"}):
-        r = call(app, "GET", "/auth", headers=dict(headers, Host="app.example.com"))
-        assert (r.status, r.header("Location")) == (401, "http://app.example.com/login"), headers
+    # A usable scheme and host with an unusable path: the login on that host (3.0), never the request's Host.
+    for headers, location in (
+        ({"X-Forwarded-Host": "app.example.com", "X-Forwarded-Uri": "//evil"}, "http://app.example.com/login"),
+        ({"X-Original-URL": "https://app.example.com//x"}, "https://app.example.com/login"),
+        ({"X-Original-URL": "javascript://x/"}, "http://own.example.com/login"),
+    ):
+        r = call(app, "GET", "/auth", headers=dict(headers, Host="own.example.com"))
+        assert (r.status, r.header("Location")) == (401, location), headers
 
 
 def test_auth_builds_its_location_from_the_original_url_not_the_clients_host(app):
@@ -2372,7 +2446,7 @@ def test_trusted_proxy_headers_reach_the_app_through_waitress(served):
         "X-Forwarded-Uri": "/p?q=1",
         "X-Forwarded-Port": "443",
     })
-    assert r.header("Location") == "/login?next=https%3A%2F%2Fapp.example.com%2Fp%3Fq%3D1"
+    assert r.header("Location") == "https://app.example.com/login?next=https%3A%2F%2Fapp.example.com%2Fp%3Fq%3D1"
 
 
 def test_an_untrusted_peers_forwarded_headers_do_not_count_through_waitress(store, clock, alice):
@@ -2740,7 +2814,10 @@ def test_token_prints_it_once_and_tokens_never_shows_it(db_path, capsys):
     (line,) = out.splitlines()
     assert line.startswith("alice\tuptime\thosts wiki.example.com grafana.example.com\tcreated ")
     assert "\texpires 20" in line and line.endswith("\tlast used never")
+    run_main(["-generate", "bob"], db_path, capsys)
     assert run_main(["-tokens", "bob"], db_path, capsys)[1] == "no app tokens\n"
+    assert run_main(["-tokens", "nobody"], db_path, capsys) == (1, "", "forward_auth: no user named 'nobody'\n")
+    assert run_main(["-sessions", "nobody"], db_path, capsys) == (1, "", "forward_auth: no user named 'nobody'\n")
 
 
 @pytest.mark.parametrize("args, code", [
@@ -2801,7 +2878,7 @@ def test_invite_ttl_seconds_sets_how_long_a_link_lives(db_path, capsys):
     before = time.time()
     _, out, _ = run_main(["-invite", "carol"], db_path, capsys, INVITE_TTL_SECONDS="3600")
     assert "(in 1 hour)" in out
-    expires = fa.Store(db_path).invites()["carol"]
+    expires = fa.Store(db_path).invites()["carol"].expires
     assert int(before) + 3600 <= expires <= time.time() + 3600
 
 
@@ -2825,7 +2902,7 @@ def test_logout_and_sessions(db_path, capsys, store, clock):
     app = fa.make_app(settings(), store=store, clock=FakeClock(time.time()))
     cookie = session_cookie(app, login(app, code_at(seed, app.clock()), headers={"User-Agent": "Firefox/140"}))
     code, out, _ = run_main(["-sessions"], db_path, capsys)
-    assert code == 0 and re.fullmatch(r"20\S+Z\talice\t127\.0\.0\.1\tFirefox/140\n", out)
+    assert code == 0 and re.fullmatch(r"login 20\S+Z\talice\t127\.0\.0\.1\texpires 20\S+Z\tFirefox/140\n", out)
     assert run_main(["-sessions", "bob"], db_path, capsys)[1] == "no live sessions\n"
     code, out, _ = run_main(["-logout", "alice"], db_path, capsys)
     assert code == 0 and "ended every session of alice" in out
@@ -3207,7 +3284,8 @@ TRAEFIK_HEADERS = {  # what Traefik's forwardAuth sends, with trustForwardHeader
 def test_traefik_headers_give_the_login_redirect(served):
     r = served.request("GET", "/verify", headers=TRAEFIK_HEADERS)
     assert r.status == 302
-    assert r.header("Location") == "/login?next=" + urllib.parse.quote("https://app.example.com/dashboard?tab=1", safe="")
+    assert r.header("Location") == "https://app.example.com/login?next=" + urllib.parse.quote(
+        "https://app.example.com/dashboard?tab=1", safe="")
 
 
 def test_traefik_headers_with_a_session_give_remote_user(served, logged_in):
