@@ -1645,8 +1645,7 @@ PAGE = """<!doctype html>
 LOGIN_FORM = """<h1>{app_name}</h1>
 {subtitle}{message}{note}<form method="post">
 <label for="otp">Code from your authenticator app</label>
-<input id="otp" name="otp" type="text" inputmode="numeric" pattern="[0-9]{{6}}" minlength="6"
- maxlength="6" autocomplete="one-time-code" placeholder="123456" autofocus required{disabled}>
+{otp_input}
 <input type="hidden" name="next" value="{next}">
 <input type="hidden" name="csrf" value="{csrf}">
 <button type="submit"{disabled}>Sign in</button>
@@ -1699,8 +1698,7 @@ INVITE_SETUP = """<h1>Set up your authenticator for {app_name}</h1>
 <p class="secret">{secret}</p>
 <form method="post">
 <label for="otp">The code your app now shows for {app_name}</label>
-<input id="otp" name="otp" type="text" inputmode="numeric" pattern="[0-9]{{6}}" minlength="6"
- maxlength="6" autocomplete="one-time-code" placeholder="123456" required{disabled}>
+{otp_input}
 <input type="hidden" name="invite" value="{invite}">
 <input type="hidden" name="csrf" value="{csrf}">
 <button type="submit"{disabled}>Finish and sign in</button>
@@ -1714,6 +1712,18 @@ INVITE_GONE = """<h1>This link no longer works</h1>
 INVITE_ELSEWHERE = """<h1>This link was opened on another device</h1>
 <p>An invitation shows its setup code to one browser only. Ask whoever sent it for a new link.</p>
 """
+
+# The one code field. One space or hyphen in the middle is allowed, as apps show
+# codes ("332 123"); a pattern of six digits made browsers cut such a paste short.
+OTP_INPUT = (
+    '<input id="otp" name="otp" type="text" inputmode="numeric" pattern="[0-9]{3}[ \\-]?[0-9]{3}" minlength="6"\n'
+    ' maxlength="7" autocomplete="one-time-code" placeholder="123 456" required'
+)
+
+
+def otp_input(autofocus=False, disabled=False):
+    return Markup(OTP_INPUT + (" autofocus" if autofocus else "") + (" disabled" if disabled else "") + ">")
+
 
 MESSAGE = '<p class="message" role="alert">{}</p>\n'
 PLAIN_HTTP_NOTE = (
@@ -1774,6 +1784,7 @@ def render_login(app_name, next_url, csrf, message="", disabled=False, device_us
         next=next_url,
         csrf=csrf,
         disabled=Markup(" disabled" if disabled else ""),
+        otp_input=otp_input(autofocus=True, disabled=disabled),
         forget=Markup(forget if device_user else ""),
     )
 
@@ -2538,6 +2549,7 @@ class Enrolment:
             f"Set up · {self.settings.app_name}", INVITE_SETUP, app_name=self.settings.app_name,
             message=message_markup(message), uri=uri, qr=Markup(qr_svg(uri)), secret=group_secret(invite.seed),
             invite=token, csrf=csrf, disabled=Markup(" disabled" if disabled else ""),
+            otp_input=otp_input(disabled=disabled),
         )
         return status, headers, page
 
@@ -2668,7 +2680,7 @@ class App:
 
     def _auth_denial(self, request):
         # Never a redirect status and never 400: nginx turns both into a 500.
-        status, headers, body = self._unauthorized(request)
+        status, headers, body = self._unauthorized(request) if not request.wants_html else (401, [], b"Unauthorized\n")
         return "deny", (status, [("Location", self._nginx_login_location(request)), *headers], body)
 
     def _renew(self, request):
@@ -3234,7 +3246,12 @@ def _argparse_shape(command):
 
 def parse_command(argv):
     """(Command, its arguments, {keyword: flag value}) of a command line; UsageError otherwise."""
-    parsed = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    for word in argv:  # argparse matches a prefix of a single-dash option even with allow_abbrev=False
+        option = word.split("=", 1)[0]
+        if option.startswith("-") and len(option) > 1 and option not in parser._option_string_actions:
+            raise UsageError(f"unknown option {option!r} (see -h)")
+    parsed = vars(parser.parse_args(argv))
     given = [(c, parsed[c.flag]) for c in COMMANDS if parsed[c.flag] is not None]
     flags = {flag: parsed["--" + flag] for flag in FLAGS if parsed["--" + flag] is not None}
     if not given:
@@ -3347,7 +3364,8 @@ def warn_near_misses(environ):
     for variable in sorted(environ):
         if variable in known or not variable.isupper() or len(variable) < 6:
             continue
-        close = [name for name in sorted(known) if _edit_distance(variable, name) <= 2]
+        close = [name for name in sorted(known)
+                 if _edit_distance(variable, name) <= 2 or name.startswith(variable + "_")]
         if close:
             log.warning("environment variable %s is not a setting; did you mean %s?", variable, close[0])
 

@@ -532,6 +532,42 @@ def test_a_1_0_database_whose_users_were_all_revoked_never_gets_a_fresh_first_us
     store.close()
 
 
+@pytest.fixture
+def database_2_0(tmp_path):
+    """A copy of a database written by forward-auth 2.0.0 (fixtures/make_2_0_fixture.py), and its notes."""
+    path = str(tmp_path / "two.db")
+    shutil.copy(os.path.join(HERE, "fixtures", "auth-2.0.db"), path)
+    with open(os.path.join(HERE, "fixtures", "auth-2.0.json")) as file:
+        return path, json.load(file)
+
+
+def test_a_2_0_database_keeps_users_hosts_tokens_invites_and_sessions_after_the_upgrade(database_2_0):
+    path, noted = database_2_0
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    store = fa.Store(path)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == fa.SCHEMA_VERSION
+    users = {u.name: u for u in store.users()}
+    assert {n: users[n].seed for n in ("alice", "bob")} == noted["seeds"] and users["carol"].seed == ""
+    assert users["bob"].hosts == "app1.example.com *.media.example.com"
+    assert (users["bob"].full_name, users["bob"].email, users["bob"].groups) == ("", "", "")
+    clock = FakeClock(noted["now"] + 1)
+    app = fa.make_app(settings(), store=store, clock=clock)
+    r = check(app, noted["alice_cookie"])
+    assert (r.status, r.header("Remote-User"), r.header("Remote-Groups")) == (200, "alice", "")
+    assert check(app, noted["ended_cookie"]).status == 401  # ended by -logout under 2.0
+    assert check(app, noted["bob_cookie"], "https://app2.example.com/").status == 403
+    assert check(app, headers={"Authorization": f"Bearer {noted['bob_token']}"}).header("Remote-User") == "bob"
+    assert store.invite(fa.digest(noted["invite_token"]), clock()).user == "carol"
+    # The 2.0 cookie has no auth_time: it renews with its issue time as the login.
+    clock.advance(86400 // 2 + 1)
+    r = check(app, noted["alice_cookie"], headers={"Accept": "text/html"})
+    assert r.status == 302 and "renew=1" in r.header("Location")
+    # The device cookie 2.0 issued still names alice (per-device limits, her seed only).
+    page = call(app, "GET", "/login", headers={"Cookie": noted["alice_device"]})
+    assert "Signing in as alice" in page.text
+    store.close()
+
+
 def test_a_newer_schema_is_refused_and_left_alone(db_path):
     conn = sqlite3.connect(db_path)
     conn.execute(f"PRAGMA user_version = {fa.SCHEMA_VERSION + 1}")
@@ -1163,7 +1199,7 @@ def test_the_login_page_has_its_security_headers_and_form(app):
     assert r.header("X-Content-Type-Options") == "nosniff"
     assert r.header("Referrer-Policy") == "same-origin"
     assert r.header("Cache-Control") == "no-store"
-    for attribute in ('inputmode="numeric"', 'autocomplete="one-time-code"', 'pattern="[0-9]{6}"', "autofocus"):
+    for attribute in ('inputmode="numeric"', 'autocomplete="one-time-code"', 'pattern="[0-9]{3}[ \\-]?[0-9]{3}"', "autofocus"):
         assert attribute in r.text
     assert '<label for="otp">' in r.text and 'name="viewport"' in r.text and "prefers-color-scheme" in r.text
     assert '<input type="hidden" name="next" value="/a">' in r.text
@@ -1210,7 +1246,7 @@ def test_the_login_page_says_where_the_person_is_going(store, clock):
     r = call(app, "GET", "/login", query="next=" + urllib.parse.quote("http://grafana.example.com/d/1"),
              headers={"Host": "auth.example.com"})
     assert '<p class="sub">to continue to grafana.example.com</p>' in r.text
-    assert 'placeholder="123456"' in r.text and 'autocomplete="one-time-code"' in r.text
+    assert 'placeholder="123 456"' in r.text and 'autocomplete="one-time-code"' in r.text
     assert 'inputmode="numeric"' in r.text and '<p class="hint">' not in r.text
     off_site = call(app, "GET", "/login", query="next=" + urllib.parse.quote("http://evil.example.net/"))
     assert "continue to" not in off_site.text
@@ -2903,6 +2939,7 @@ def test_logout_and_sessions(db_path, capsys, store, clock):
     cookie = session_cookie(app, login(app, code_at(seed, app.clock()), headers={"User-Agent": "Firefox/140"}))
     code, out, _ = run_main(["-sessions"], db_path, capsys)
     assert code == 0 and re.fullmatch(r"login 20\S+Z\talice\t127\.0\.0\.1\texpires 20\S+Z\tFirefox/140\n", out)
+    add_user(store, "bob")
     assert run_main(["-sessions", "bob"], db_path, capsys)[1] == "no live sessions\n"
     code, out, _ = run_main(["-logout", "alice"], db_path, capsys)
     assert code == 0 and "ended every session of alice" in out
@@ -3341,6 +3378,344 @@ def test_any_wsgi_server_can_load_forward_auth_app(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=20,
                             env=dict(os.environ, DB_PATH=str(tmp_path / "a.db"), PORT="3999"), check=False)
     assert result.stdout == "App 3999\n", result.stderr
+
+
+# --- 3.0: identity, challenges, renewal, and what the 2.0 review found --------
+
+
+def html_check(app, cookie, url="https://app1.example.com/x", path="/verify", headers=None):
+    return check(app, cookie, url, path, headers={"Accept": "text/html", **(headers or {})})
+
+
+def test_every_allow_carries_all_four_identity_headers_empty_when_unset(app, logged_in, store, clock):
+    r = check(app, logged_in)
+    assert [(n, r.header(n)) for n in fa.IDENTITY_HEADERS] == [
+        ("Remote-User", "alice"), ("Remote-Name", ""), ("Remote-Email", ""), ("Remote-Groups", "")]
+    store.set_identity("alice", full_name="Alice Müller", email="alice@example.com", groups=("family", "admins"))
+    clock.advance(1)  # a change is seen within a second
+    r = check(app, logged_in)
+    # Remote-Name carries the UTF-8 bytes (WSGI hands them on as latin-1 text).
+    assert r.header("Remote-Name").encode("latin-1").decode("utf-8") == "Alice Müller"
+    assert (r.header("Remote-Email"), r.header("Remote-Groups")) == ("alice@example.com", "family,admins")
+    token = new_app_token(store)
+    clock.advance(1)
+    r = check(app, headers={"Authorization": f"Bearer {token}"})
+    assert (r.status, r.header("Remote-User"), r.header("Remote-Email")) == (200, "alice", "alice@example.com")
+
+
+def test_user_sets_clears_and_validates_identity(db_path, capsys):
+    run_main(["-generate", "alice"], db_path, capsys)
+    code, out, err = run_main(["-user", "alice", "--name", "Alice Doe", "--email", "a@example.com",
+                               "--groups", "family,admins"], db_path, capsys)
+    assert (code, err) == (0, "") and "Alice Doe" in out
+    code, out, _ = run_main(["-list"], db_path, capsys)
+    assert out.rstrip("\n").endswith("\tname Alice Doe\temail a@example.com\tgroups family,admins")
+    for bad in (["--name", "x" * 101], ["--name", "a\x1bb"], ["--email", "a@b@c"], ["--email", "@b"],
+                ["--email", "a b@c"], ["--email", "a@" + "b" * 253], ["--groups", "a,,b"], ["--groups", "a b"], []):
+        assert run_main(["-user", "alice", *bad], db_path, capsys)[0] == 2, bad
+    assert fa.Store(db_path).user("alice").email == "a@example.com"  # nothing changed
+    assert run_main(["-user", "alice", "--email", ""], db_path, capsys)[0] == 0
+    user = fa.Store(db_path).user("alice")
+    assert (user.full_name, user.email, user.groups) == ("Alice Doe", "", "family,admins")
+    assert run_main(["-user", "nobody", "--name", "X"], db_path, capsys)[0] == 1
+
+
+def test_a_stored_name_or_seed_that_cannot_be_used_skips_that_user_only(app, store, clock, caplog):
+    good = add_user(store, "alice")
+    store._write("INSERT INTO users (name, seed, created) VALUES ('bad\nname', ?, 0)", (fa.new_seed(),))
+    store._write("INSERT INTO users (name, seed, created) VALUES ('badseed', 'not base32!', 0)")
+    store._write("UPDATE users SET full_name = 'x\ny' WHERE name = 'alice'")
+    clock.advance(1)
+    r = login(app, code_at(good, clock()))  # every seed is tried: the bad one must not break the login
+    assert r.status == 302
+    assert check(app, session_cookie(app, r)).status == 401  # alice's identity cannot be sent: skipped
+    store._write("UPDATE users SET full_name = '' WHERE name = 'alice'")
+    clock.advance(1)
+    assert check(app, session_cookie(app, r)).status == 200
+    text = caplog.text
+    assert "'badseed' skipped" in text and "'bad\\nname' skipped" in text
+
+
+CALDAV = {"basic_auth_hosts": ("cal.example.com",)}
+
+
+@pytest.mark.parametrize("path", ["/verify", "/auth"])
+def test_a_client_without_credentials_on_a_basic_auth_host_is_challenged(store, clock, alice, path):
+    app = fa.make_app(settings(**CALDAV, app_name='Home "Lab"'), store=store, clock=clock)
+    r = check(app, None, "https://cal.example.com/dav/", path, headers={"Accept": "*/*"})
+    assert r.status == 401 and r.header("WWW-Authenticate") == 'Basic realm="Home Lab"'
+    token = new_app_token(store)
+    clock.advance(1)
+    ok = check(app, None, "https://cal.example.com/dav/", path, headers={"Authorization": basic("alice", token)})
+    assert ok.status == 200 and ok.header("Remote-User") == "alice"
+    # Elsewhere, with a cookie, or as a browser navigation: no challenge.
+    assert check(app, None, "https://app1.example.com/", path).header("WWW-Authenticate") is None
+    assert check(app, "auth_token=junk", "https://cal.example.com/", path).header("WWW-Authenticate") is None
+    browser = html_check(app, None, "https://cal.example.com/", path)
+    assert browser.header("WWW-Authenticate") is None and "/login?next=" in browser.header("Location")
+
+
+def test_basic_auth_hosts_takes_host_patterns_as_allow_does():
+    env = {"BASIC_AUTH_HOSTS": "cal.example.com, *.dav.example.com:8443"}
+    assert fa.Settings.from_env(env).basic_auth_hosts == ("cal.example.com", "*.dav.example.com:8443")
+    with pytest.raises(fa.ConfigError, match="BASIC_AUTH_HOSTS"):
+        fa.Settings.from_env({"BASIC_AUTH_HOSTS": "exa..mple.com"})
+
+
+def test_one_host_rule_for_redirects_and_host_lists():
+    # A pattern with the default port matches for ALLOWED_REDIRECT_HOSTS as it does for -allow.
+    s = fa.Settings.from_env({"ALLOWED_REDIRECT_HOSTS": "app.example.com:443"})
+    assert fa.safe_next("https://app.example.com/x", "auth.example.com", s) == "https://app.example.com/x"
+    assert fa.safe_next("https://app.example.com:8443/x", "auth.example.com", s) == "/"
+    for value in ("exa..mple.com", "*", "a.*.b"):
+        with pytest.raises(fa.ConfigError):
+            fa.Settings.from_env({"ALLOWED_REDIRECT_HOSTS": value})
+        with pytest.raises(ValueError):
+            fa.as_host_pattern(value) if value != "*" else fa.as_redirect_hosts(value)
+
+
+# -- Staying signed in: the sliding session --
+
+TTL = 1000
+
+
+@pytest.fixture
+def sliding(store, clock, alice):
+    app = fa.make_app(settings(session_ttl=TTL, session_max=3 * TTL), store=store, clock=clock)
+    r = login(app, code_at(alice, clock()))
+    return app, session_cookie(app, r)
+
+
+def renew(app, cookie, next_url="https://app1.example.com/x"):
+    return call(app, "GET", "/login", query=urllib.parse.urlencode({"renew": "1", "next": next_url}),
+                headers={"Cookie": cookie, "Host": "app1.example.com"})
+
+
+def test_a_navigation_past_half_the_idle_lifetime_renews_once_through_the_login_host(sliding, clock, store):
+    app, cookie = sliding
+    clock.advance(TTL // 2 - 1)  # just under half: nothing
+    assert html_check(app, cookie).status == 200
+    clock.advance(2)  # just over half
+    r = html_check(app, cookie)
+    expected = "https://app1.example.com/login?renew=1&next=https%3A%2F%2Fapp1.example.com%2Fx"
+    assert (r.status, r.header("Location"), r.header("Remote-User")) == (302, expected, None)
+    auth = html_check(app, cookie, path="/auth")
+    assert (auth.status, auth.header("Location")) == (401, expected)
+    renewed = renew(app, cookie)
+    assert renewed.status == 302 and renewed.header("Location") == "https://app1.example.com/x"
+    fresh = session_cookie(app, renewed)
+    assert "Max-Age=1000" in renewed.cookies()["auth_token"] and fresh != cookie
+    assert check(app, cookie).status == 401  # the old jti is revoked
+    assert html_check(app, fresh).status == 200
+    (session,) = store.live_sessions("alice", clock())
+    assert (session.created, session.expires) == (int(NOW), int(clock()) + TTL)  # same login, new expiry
+
+
+def test_no_renewal_for_xhr_tokens_or_a_post(sliding, clock):
+    app, cookie = sliding
+    clock.advance(TTL // 2 + 1)
+    assert check(app, cookie).status == 200  # Accept: application/json
+    assert html_check(app, cookie, headers={"X-Requested-With": "XMLHttpRequest"}).status == 200
+    assert html_check(app, cookie, headers={"X-Forwarded-Method": "POST"}).status == 200
+
+
+def test_renewal_stops_at_the_cap(sliding, clock):
+    app, cookie = sliding
+    for _ in range(5):
+        clock.advance(TTL // 2 + 1)
+        r = html_check(app, cookie)
+        if r.status == 200:
+            break
+        cookie = session_cookie(app, renew(app, cookie))
+    # The cap is the login + 3 * TTL: the last renewal ends there, and nothing renews past it.
+    assert r.status == 200
+    claims = fa.verify_token(cookie.split("=", 1)[1], app.gate.session_key, clock())[0]
+    assert claims["exp"] == int(NOW) + 3 * TTL and claims["auth_time"] == int(NOW)
+    clock.now = int(NOW) + 3 * TTL
+    assert html_check(app, cookie).status == 302 and "renew" not in html_check(app, cookie).header("Location")
+
+
+def test_an_ended_session_cannot_be_renewed(sliding, clock, store):
+    app, cookie = sliding
+    clock.advance(TTL // 2 + 1)
+    store.end_sessions("alice", clock())
+    clock.advance(1)
+    r = renew(app, cookie)
+    assert r.status == 200 and 'name="otp"' in r.text and r.cookie_value("auth_token") is None
+
+
+def test_a_renewal_never_undoes_sign_out_everywhere(sliding, clock, store):
+    app, cookie = sliding
+    clock.advance(TTL // 2 + 1)
+    fresh = session_cookie(app, renew(app, cookie))
+    store.end_sessions("alice", clock())  # the renewed token keeps the login time, which is before this
+    clock.advance(1)
+    assert check(app, fresh).status == 401
+
+
+def test_a_2_0_cookie_without_auth_time_gets_the_cap_from_its_login(sliding, clock, store):
+    app, _ = sliding
+    old = {"sub": "alice", "iat": int(clock()), "exp": int(clock()) + TTL, "jti": "old-2-0"}
+    cookie = "auth_token=" + fa.sign_token(old, app.gate.session_key)
+    clock.advance(TTL // 2 + 1)
+    renewed = renew(app, cookie)
+    claims = fa.verify_token(renewed.cookie_value("auth_token"), app.gate.session_key, clock())[0]
+    assert claims["auth_time"] == old["iat"] and claims["exp"] == int(clock()) + TTL
+
+
+def test_session_max_must_be_at_least_the_idle_lifetime():
+    with pytest.raises(fa.ConfigError, match="SESSION_MAX_SECONDS"):
+        fa.Settings.from_env({"SESSION_TTL_SECONDS": "7200", "SESSION_MAX_SECONDS": "3600"})
+    assert fa.Settings.from_env({}).session_max == 30 * 86400
+
+
+# -- What the 2.0 review found --
+
+
+def test_an_invitation_is_revealed_to_one_browser_only(app, store, clock, db_path, capsys):
+    token, seed = invite(store)
+    page, setup, browser = press_button(app, token)
+    assert fa.group_secret(seed) in setup.text
+    assert "Max-Age" in setup.cookies()["auth_token_invite"] and "HttpOnly" in setup.cookies()["auth_token_invite"]
+    # Another browser (the link from a log, a forwarded message) sees the first page only.
+    other_page = open_invite(app, token)
+    assert other_page.status == 200 and fa.group_secret(seed) not in other_page.text
+    for otp in (None, code_at(seed, clock())):
+        r = post_invite(app, token, other_page, otp=otp)
+        assert r.status == 410 and "opened on another device" in r.text and seed not in r.text
+    assert app.metrics.logins["failure"] == 0
+    assert "pending (opened 20" in run_main(["-list"], db_path, capsys)[1]
+    # The browser that pressed it still finishes.
+    r = post_invite(app, token, page, otp=code_at(seed, clock()), browser=browser)
+    assert r.status == 302
+
+
+def test_a_finished_link_answers_410_in_another_tab_and_counts_nothing(app, store, clock):
+    token, seed = invite(store)
+    page, _, browser = press_button(app, token)
+    assert post_invite(app, token, page, otp=code_at(seed, clock()), browser=browser).status == 302
+    late = post_invite(app, token, page, otp=wrong_code_for(seed, now=clock()), browser=browser)
+    assert late.status == 410 and app.metrics.logins["failure"] == 0
+
+
+def trip_the_anonymous_ceiling(app, clock):
+    for i in range(app.settings.global_max_failures):
+        login(app, "000000", remote=f"203.0.113.{i + 1}")
+    assert login(app, "000000", remote="198.51.100.99").status == 429
+
+
+def test_signing_out_everywhere_keeps_the_device_out_of_a_strangers_lockout(app, logged_in, alice, clock, store):
+    page = call(app, "GET", "/login", headers={"Cookie": logged_in})
+    clock.advance(fa.STEP)
+    first = login(app, code_at(alice, clock()))
+    device = device_of(app, first)
+    assert first.status == 302 and device.endswith(first.cookie_value(app.cookies.device_name))
+    cookie, csrf = csrf_for(app, page)
+    call(app, "POST", "/logout", headers={"Cookie": f"{logged_in}; {cookie}",
+                                          "Content-Type": "application/x-www-form-urlencoded"},
+         body=f"all=1&csrf={csrf}".encode())
+    trip_the_anonymous_ceiling(app, clock)
+    clock.advance(fa.STEP)
+    r = login(app, code_at(alice, clock()), extra_cookie=device)
+    assert r.status == 302 and check(app, session_cookie(app, r)).status == 200
+
+
+def test_an_invitations_first_code_is_not_stopped_by_the_anonymous_ceiling(app, store, clock):
+    token, seed = invite(store)
+    page, _, browser = press_button(app, token)
+    trip_the_anonymous_ceiling(app, clock)
+    assert post_invite(app, token, page, otp=code_at(seed, clock()), browser=browser).status == 302
+
+
+def test_two_identities_in_one_cookie_name_count_as_none(app, store, clock):
+    seeds = {name: add_user(store, name) for name in ("alice", "mallory")}
+    app.refresh(clock(), force=True)
+    sessions, devices = {}, {}
+    for name, seed in seeds.items():
+        clock.advance(fa.STEP)
+        r = login(app, code_at(seed, clock()))
+        sessions[name], devices[name] = session_cookie(app, r), device_of(app, r)
+    assert check(app, f"{sessions['mallory']}; {sessions['alice']}").status == 401
+    assert check(app, f"{sessions['alice']}; {sessions['alice']}").header("Remote-User") == "alice"
+    page = call(app, "GET", "/login", headers={"Cookie": f"{devices['mallory']}; {devices['alice']}"})
+    assert "Signing in as" not in page.text
+    clock.advance(fa.STEP)
+    r = login(app, code_at(seeds["alice"], clock()), extra_cookie=f"{devices['mallory']}; {devices['alice']}")
+    assert r.status == 302 and check(app, session_cookie(app, r)).header("Remote-User") == "alice"
+
+
+def test_a_refusal_is_logged_once_per_user_and_host_name_whatever_the_port(app, logged_in, store, clock, caplog):
+    store.set_hosts("alice", ["app1.example.com"])
+    clock.advance(1)
+    caplog.set_level(logging.INFO)
+    for port in range(8000, 8050):
+        assert check(app, logged_in, f"https://app2.example.com:{port}/").status == 403
+    assert caplog.text.count("forbidden user=alice host=app2.example.com") == 1
+
+
+def test_the_cli_prints_stored_text_with_control_characters_escaped(db_path, capsys, store):
+    seed = add_user(store, "alice")
+    app = fa.make_app(settings(), store=store, clock=FakeClock(time.time()))
+    login(app, code_at(seed, app.clock()), headers={"User-Agent": "Evil\tcolumn\x9b31m"})
+    out = run_main(["-sessions"], db_path, capsys)[1]
+    assert out.count("\t") == 4 and "Evil\\x09column\\x9b31m" in out and "\x9b" not in out
+
+
+@pytest.mark.parametrize("args", [["-generat", "bob"], ["-log", "alice"], ["-list", "--days", "3"],
+                                  ["--url", "http://x"], ["-allow", "alice", "x", "--hosts", "y"],
+                                  ["-token", "alice", "bad label"]])
+def test_the_command_line_refuses_abbreviations_and_stray_flags(db_path, capsys, args):
+    run_main(["-generate", "alice"], db_path, capsys)
+    code, out, err = run_main(args, db_path, capsys)
+    assert (code, out, err.count("\n")) == (2, "", 1), err
+    assert [u.name for u in fa.Store(db_path).users()] == ["alice"]
+    if args[0] == "-token":
+        assert "invalid label" in err
+
+
+def test_help_shows_allow_as_a_name_and_patterns(capsys):
+    assert fa.main(["-h"]) == 0
+    assert "-allow NAME PATTERN [PATTERN ...]" in capsys.readouterr().out
+
+
+def test_a_token_that_could_open_nothing_is_refused(db_path, capsys):
+    run_main(["-generate", "carol"], db_path, capsys)
+    run_main(["-allow", "carol", "localhost:8080"], db_path, capsys)
+    code, out, err = run_main(["-token", "carol", "lbl", "--hosts", "other.example.com"], db_path, capsys)
+    assert (code, out) == (1, "") and "would open nothing" in err
+    code, out, err = run_main(["-token", "carol", "lbl", "--hosts", "localhost:8080,other.example.com"],
+                              db_path, capsys)
+    assert code == 0 and "may not open other.example.com" in err
+
+
+def test_patterns_overlap():
+    assert fa.patterns_overlap("*.example.com", "a.example.com")
+    assert fa.patterns_overlap("*.example.com", "*.b.example.com")
+    assert not fa.patterns_overlap("*.example.com", "example.com")
+    assert not fa.patterns_overlap("a.example.com:80", "a.example.com:443")
+    assert fa.patterns_overlap("a.example.com", "a.example.com:443")
+
+
+def test_a_near_miss_of_a_setting_name_is_warned_about_at_start(caplog):
+    caplog.set_level(logging.WARNING)
+    fa.warn_near_misses({"SECURE_COOKIE": "false", "HOME": "/root", "SESSION_TTL": "5", "PATH": "/bin"})
+    assert "SECURE_COOKIE is not a setting; did you mean SECURE_COOKIES?" in caplog.text
+    assert "SESSION_TTL is not a setting" in caplog.text and "HOME" not in caplog.text
+
+
+def test_the_invitation_page_says_when_it_expires_as_people_read_it(app, store, clock):
+    token, _ = invite(store, now=clock(), ttl=3 * 86400)
+    page = open_invite(app, token)
+    day = time.gmtime(clock() + 3 * 86400)
+    assert f"expires in 3 days, on {time.strftime('%A', day)} {day.tm_mday} {time.strftime('%B', day)}" in page.text
+
+
+def test_the_code_fields_accept_a_code_typed_as_the_app_shows_it(app, alice, clock):
+    page = call(app, "GET", "/login")
+    assert 'maxlength="7"' in page.text and 'pattern="[0-9]{3}[ \\-]?[0-9]{3}"' in page.text
+    code = code_at(alice, clock())
+    assert login(app, f"{code[:3]} {code[3:]}").status == 302
+
 
 
 # --- Hostile input ----------------------------------------------------------
