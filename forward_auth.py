@@ -1309,21 +1309,45 @@ def split_host(host, default_port=None):
     return name, int(port)
 
 
-def host_matches(host, port, pattern):
-    """Whether (host, port) is matched by a host pattern.
+class HostList:
+    """Host patterns parsed once; `matches(host, port)` is the one host rule.
 
     `*` matches every host; `*.example.com` any depth of subdomain, never
     example.com itself (on a dot boundary, so not evilexample.com); a pattern
-    without a port any port. Hosts are normalised (lower case, no trailing dot).
+    without a port any port (as Authelia and tinyauth), `host:port` that port
+    only. Hosts are normalised (lower case, no trailing dot). Names are one
+    dictionary lookup, so a list of 20 costs what a list of one does.
     """
-    if pattern == EVERY_HOST:
-        return True
-    name, wanted_port = split_host(pattern)
-    if wanted_port is not None and wanted_port != port:
-        return False
-    if name.startswith("*."):
-        return host.endswith(name[1:]) and len(host) > len(name) - 1
-    return host == name
+
+    __slots__ = ("every", "names", "wildcards")
+
+    def __init__(self, patterns):
+        self.every = EVERY_HOST in patterns
+        self.names = {}  # name -> ports it may have (None: any)
+        self.wildcards = []  # (".example.com", port or None)
+        for pattern in patterns:
+            name, port = split_host(pattern)
+            if name.startswith("*."):
+                self.wildcards.append((name[1:], port))
+            elif port is None or self.names.get(name, ()) is not None:
+                self.names[name] = None if port is None else {*self.names.get(name, ()), port}
+
+    def matches(self, host, port):
+        if self.every:
+            return True
+        if host in self.names:
+            ports = self.names[host]
+            if ports is None or port in ports:
+                return True
+        return any(
+            host.endswith(suffix) and len(host) > len(suffix) and wanted in (None, port)
+            for suffix, wanted in self.wildcards
+        )
+
+
+def host_matches(host, port, pattern):
+    """Whether (host, port) is matched by one host pattern (see HostList)."""
+    return HostList((pattern,)).matches(host, port)
 
 
 def redirect_allowed(scheme, host, login_host, settings):
@@ -1335,7 +1359,7 @@ def redirect_allowed(scheme, host, login_host, settings):
     domain = (settings.cookie_domain or "").lstrip(".")
     if domain and (name == domain or name.endswith("." + domain)):
         return True
-    return any(host_matches(name, port, pattern) for pattern in settings.allowed_redirect_hosts)
+    return HostList(settings.allowed_redirect_hosts).matches(name, port)
 
 
 def safe_next(value, login_host, settings):
@@ -1896,10 +1920,15 @@ def build_view(snapshot, revoked):
         if headers is None:
             log.warning("user %r skipped: a stored name or identity value cannot be a header value", name)
             continue
-        rules[name] = rule
+        rules[name] = rule._replace(hosts=_host_list(rule.hosts))
         for token in (False, True):
             allowed[(name, token)] = Decision(Verdict.ALLOW, name, None, token, False, headers)
-    return View(snapshot.version, rules, snapshot.deleted, revoked, snapshot.app_tokens, allowed)
+    app_tokens = {key: entry._replace(hosts=_host_list(entry.hosts)) for key, entry in snapshot.app_tokens.items()}
+    return View(snapshot.version, rules, snapshot.deleted, revoked, app_tokens, allowed)
+
+
+def _host_list(patterns):
+    return None if patterns is None else HostList(patterns)
 
 
 class Gate:
@@ -2112,12 +2141,13 @@ class Gate:
         return True
 
     @staticmethod
-    def _by_host(request, view, name, patterns, token_patterns=None, token=False):
-        """ALLOW unless a host list (None: every host) leaves out the original host; no host, no entry."""
-        host = request.original_host
-        for hosts in (patterns, token_patterns):
-            if hosts is not None and (host is None or not any(host_matches(*host, p) for p in hosts)):
-                return Decision(Verdict.FORBIDDEN, name, host and host[0], token)
+    def _by_host(request, view, name, hosts, token_hosts=None, token=False):
+        """ALLOW unless a HostList (None: every host) leaves out the original host; no host, no entry."""
+        if hosts is not None or token_hosts is not None:
+            host = request.original_host
+            for allowed in (hosts, token_hosts):
+                if allowed is not None and (host is None or not allowed.matches(*host)):
+                    return Decision(Verdict.FORBIDDEN, name, host and host[0], token)
         return view.allowed[(name, token)]
 
 
@@ -2574,6 +2604,7 @@ class App:
             settings, store=store, gate=self.gate, cookies=self.cookies, limiter=self.limiter, metrics=self.metrics
         )
         self.enrolment = Enrolment(settings, store=store, signin=self.signin)
+        self.basic_auth_hosts = HostList(settings.basic_auth_hosts)
         self.forbidden_log = Throttle()
         self.bad_token_log = Throttle()
         self.routes = {
@@ -2700,7 +2731,7 @@ class App:
             and host is not None
             and request.authorization is None
             and not request.cookie_values(self.settings.cookie_name)
-            and any(host_matches(*host, pattern) for pattern in self.settings.basic_auth_hosts)
+            and self.basic_auth_hosts.matches(*host)
         ):
             return 401, [self._basic_challenge()], b"Unauthorized\n"
         return 401, [], b"Unauthorized\n"
