@@ -3,7 +3,8 @@
 The proxy (Caddy ``forward_auth``, nginx ``auth_request``, Traefik
 ``forwardAuth``) asks this service, on every request, whether the browser is
 logged in: ``/verify`` (Caddy, Traefik) and ``/auth`` (nginx) answer ``200``
-with ``Remote-User`` from a signed session cookie or an app token, ``403``
+with ``Remote-User`` (and ``Remote-Name``, ``-Email``, ``-Groups``) from a
+signed session cookie or an app token, ``403``
 when that user may not open the host, or send the browser to ``/login``,
 where a person types the 6-digit code from an authenticator app.
 
@@ -13,12 +14,16 @@ Usage::
     python forward_auth.py -invite alice        # a single-use enrolment link for alice
     python forward_auth.py -generate alice      # add a user, print secret + QR code here
     python forward_auth.py -allow alice 'wiki.example.com' '*.media.example.com'
+    python forward_auth.py -user alice --name 'Alice Doe' --email alice@example.com --groups family
     python forward_auth.py -token alice backup  # an app token for a script
+    python forward_auth.py -tokens              # app tokens (never the token itself)
+    python forward_auth.py -revoke-token alice backup
     python forward_auth.py -list                # users, their hosts, last login
     python forward_auth.py -sessions            # live sessions
     python forward_auth.py -logout alice        # end alice's sessions
     python forward_auth.py -revoke alice        # delete a user, end their sessions
     python forward_auth.py -backup FILE         # consistent online copy of the database
+    python forward_auth.py -version
 
 Configuration is read from environment variables (see ``SETTINGS``), each with
 a ``*_FILE`` variant for Docker/systemd secrets.
@@ -28,7 +33,7 @@ no second factor. One factor, the TOTP code, guarded by replay protection and
 guessing limits; the README gives the arithmetic.
 """
 
-__version__ = "2.0.0"
+__version__ = "3.0.0"
 
 import base64
 import bisect
