@@ -116,7 +116,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1
 
 
 class Verdict(enum.Enum):
-    """What a check decides; the values are the metrics' labels."""
+    """What a check decides; the values are the metrics' labels (a DENY is counted by how it was
+    answered: `deny`, or `redirect` for a browser sent to the login page)."""
 
     ALLOW = "allow"
     FORBIDDEN = "forbidden"  # a valid user who may not open this host
@@ -453,7 +454,15 @@ User = collections.namedtuple(
 )
 AppToken = collections.namedtuple("AppToken", "user label hosts created expires last_used")
 Invite = collections.namedtuple("Invite", "user seed expires browser opened")
-Session = collections.namedtuple("Session", "created user ip agent expires")
+
+
+class SessionRecord(collections.namedtuple("SessionRecord", "jti user created expires ip agent")):
+    """A login as the sessions table keeps it (`created`: the login time, kept across renewals)."""
+
+    def row(self):
+        return (self.jti, self.user, int(self.created), int(self.expires), self.ip, self.agent[:USER_AGENT_CHARS])
+
+
 # What the check path holds of a user: its host patterns (None: every host), when
 # its sessions were last ended (-logout, a reset by -invite), and who it is for the apps.
 Rule = collections.namedtuple("Rule", "hosts sessions_after full_name email groups")
@@ -529,13 +538,16 @@ def _hosts_rule(text):
     return None if EVERY_HOST in patterns or not patterns else patterns
 
 
-class Database:
-    """The SQLite file: connections, transactions, the schema and its migrations.
+class Store:
+    """The SQLite file and what forward-auth keeps in it: users, sessions, app
+    tokens, invitations and the cookie key.
 
     One connection for queries and writes, one for noticing changes other
     processes commit (``PRAGMA data_version`` only moves for other connections)
-    and for writes that must not wait. Each is guarded by a lock because
-    waitress serves from several threads.
+    and for writes that must not wait; each is guarded by a lock because
+    waitress serves from several threads. The schema and its migrations are in
+    one place (MIGRATIONS). One short method per query, returning plain tuples;
+    a change that must be whole is one transaction.
     """
 
     def __init__(self, path):
@@ -615,13 +627,7 @@ class Database:
             self._conn.close()
             self._watch.close()
 
-
-class Store(Database):
-    """What forward-auth keeps: users, sessions, app tokens, invitations and the cookie key.
-
-    One short method per query, returning plain tuples; a change that must be
-    whole is one transaction.
-    """
+    # -- The cookie key --
 
     def cookie_key(self):
         """The generated HMAC key, created once by whichever process asks first."""
@@ -728,11 +734,11 @@ class Store(Database):
 
     def live_sessions(self, name, now):
         """Sessions not expired and not ended, newest first."""
-        sql = """SELECT s.created, s.user, s.ip, s.agent, s.expires FROM sessions s JOIN users u ON u.name = s.user
+        sql = """SELECT s.jti, s.user, s.created, s.expires, s.ip, s.agent FROM sessions s JOIN users u ON u.name = s.user
                  WHERE s.expires > ? AND s.created >= u.sessions_after
                  AND s.jti NOT IN (SELECT jti FROM revoked) AND (? IS NULL OR s.user = ?)
                  ORDER BY s.created DESC, s.rowid DESC"""
-        return [Session(*row) for row in self._query(sql, (int(now), name, name))]
+        return [SessionRecord(*row) for row in self._query(sql, (int(now), name, name))]
 
     def revoke(self, revocations, quick=False):
         """Store {jti: expires}; `quick` waits at most 100 ms for a lock (then sqlite3.Error)."""
@@ -862,13 +868,6 @@ class Store(Database):
                 conn.execute("COMMIT")
             return Snapshot(version, rules, deleted, revoked, app_tokens)
 
-class SessionRecord(collections.namedtuple("SessionRecord", "jti user created expires ip agent")):
-    """A login as the sessions table keeps it."""
-
-    def row(self):
-        return (self.jti, self.user, int(self.created), int(self.expires), self.ip, self.agent[:USER_AGENT_CHARS])
-
-
 def _create_private_file(path, exclusive=False):
     """Create `path` with mode 0600 before SQLite opens it (SQLite would use the umask)."""
     flags = os.O_CREAT | os.O_WRONLY | (os.O_EXCL if exclusive else 0)
@@ -937,7 +936,9 @@ def verify_token(token, key, now):
 def _plain_hs256_header(segment):
     """A header another HS256 signer may write: alg HS256, typ JWT or absent, nothing else.
 
-    No `none`, no other alg, and no key hints (kid, jku, jwk, x5u, crit) to follow.
+    Why accept one at all: with JWT_SECRET set, a script may mint a session
+    with a JWT library (PyJWT, jose), whose header is spelled differently from
+    ours. No `none`, no other alg, and no key hints (kid, jku, jwk, x5u, crit) to follow.
     A long segment is refused unread: json.loads of "[[[[…" raises RecursionError.
     """
     if len(segment) > MAX_HEADER_SEGMENT:
@@ -1094,22 +1095,6 @@ class RateLimiter:
                     self._count(bucket, limit, now)
             if outcome is Outcome.SUCCESS:
                 self._buckets.pop(key, None)
-
-    def retry_after(self, key, device=False):
-        """Seconds until `key` may try again; 0 when it may try now."""
-        now = self.clock()
-        with self._lock:
-            return max(self._wait(bucket, limit, now) for bucket, limit in self._buckets_for(key, device))
-
-    def failure(self, key, device=False):
-        """Count a failure that was not acquired."""
-        now = self.clock()
-        with self._lock:
-            for bucket, limit in self._buckets_for(key, device):
-                self._count(bucket, limit, now)
-
-    def __len__(self):
-        return len(self._buckets)
 
     def _buckets_for(self, key, device):
         bucket = self._buckets.pop(key, None) or _Bucket()
@@ -2180,7 +2165,7 @@ class Metrics:
 
     def count_login(self, outcome):
         with self._lock:
-            self.logins[Outcome.CSRF.value if outcome is Outcome.CROSS_SITE else outcome.value] += 1
+            self.logins[outcome.value] += 1
 
     def render(self, users):
         with self._lock:
@@ -2190,7 +2175,7 @@ class Metrics:
                 *_counter("forward_auth_app_tokens_total", "Checks that presented an app token, by result.",
                           ("allow", "forbidden", "bad_token"), self.app_tokens),
                 *_counter("forward_auth_logins_total", "Login attempts by result.",
-                          ("success", "failure", "replay", "limited", "csrf"), self.logins),
+                          ("success", "failure", "replay", "limited", "csrf", "cross-site"), self.logins),
                 "# HELP forward_auth_rate_limited_total Login attempts refused by the guessing limits.",
                 "# TYPE forward_auth_rate_limited_total counter",
                 f"forward_auth_rate_limited_total {self.logins[Outcome.LIMITED.value]}",
@@ -2669,8 +2654,6 @@ class App:
             # page headers; each header costs waitress time on the hot path.
             start_response("200 OK", [*headers, *EMPTY_BODY])
             return [b""]
-        if isinstance(body, str):
-            body = body.encode("utf-8")
         headers = list(headers)
         if not any(name == "Content-Type" for name, _ in headers):
             headers.append(("Content-Type", "text/plain; charset=utf-8"))
@@ -2693,15 +2676,16 @@ class App:
         started = time.perf_counter()
         decision = self.gate.decide(request)
         verdict = decision.verdict
+        result = verdict.value
         if verdict is Verdict.ALLOW:
             # All four identity headers always set, so a client's own copy never passes.
-            result, answer = "allow", (200, decision.headers, b"")
+            answer = (200, decision.headers, b"")
         elif verdict is Verdict.RENEW:
-            result, answer = "renew", self._renew(request)
+            answer = self._renew(request)
         elif verdict is Verdict.FORBIDDEN:
-            result, answer = "forbidden", self._forbidden(request, decision)
+            answer = self._forbidden(request, decision)
         elif verdict is Verdict.BAD_TOKEN:
-            result, answer = "bad_token", self._bad_token(request, decision)
+            answer = self._bad_token(request, decision)
         else:
             result, answer = denial(request)
         self.metrics.observe_verify(result, decision, time.perf_counter() - started)
@@ -3432,7 +3416,7 @@ def _first_start(store, settings, app):
 
 
 def _return_freed_memory():
-    """Hand the compiler's freed memory back to the OS (about 1.7 MB of RSS).
+    """Hand the compiler's freed memory back to the OS (some of what compiling the script took).
 
     Python compiles this script afresh at every start (__main__ gets no .pyc)
     and glibc keeps what the compiler freed; malloc_trim returns it.
