@@ -1274,6 +1274,34 @@ def test_the_page_moves_only_for_those_who_want_motion():
 # --- Gate: sessions from memory ---------------------------------------------
 
 
+def test_revocations_from_many_threads_survive_concurrent_reloads(app, store, clock):
+    """revoke() and a reload of the View race: no logout may be lost from memory."""
+    jtis = [f"jti-{n}" for n in range(400)]
+    reloading = threading.Event()
+
+    def reload_forever():
+        while not reloading.is_set():
+            app.gate.refresh(clock(), force=True)
+
+    def revoke(part):
+        for jti in part:
+            app.gate.revoke(jti, clock() + 3600)
+
+    reloader = threading.Thread(target=reload_forever)
+    workers = [threading.Thread(target=revoke, args=(jtis[n::4],)) for n in range(4)]
+    reloader.start()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    reloading.set()
+    reloader.join(30)
+    assert not any(t.is_alive() for t in [reloader, *workers])
+    assert set(jtis) <= set(app.gate.view.revoked)
+    app.gate.refresh(clock(), force=True)
+    assert set(jtis) <= set(app.gate.view.revoked)  # and written: the database has them too
+
+
 def test_verify_never_allows_a_tampered_cookie(app, logged_in):
     name, token = logged_in.split("=", 1)
     h, p, s = token.split(".")
