@@ -851,7 +851,7 @@ class Store:
             conn.execute("BEGIN")
             try:
                 rules = {
-                    name: Rule(_hosts_rule(hosts), after, full_name, email, groups)
+                    name: Rule(hosts, after, full_name, email, groups)
                     for name, hosts, after, full_name, email, groups in conn.execute(
                         "SELECT name, hosts, sessions_after, full_name, email, groups_list FROM users"
                     )
@@ -859,7 +859,7 @@ class Store:
                 deleted = dict(conn.execute("SELECT name, at FROM deleted"))
                 revoked = dict(conn.execute("SELECT jti, expires FROM revoked"))
                 app_tokens = {
-                    digest: AppToken(user, label, _hosts_rule(hosts), created, expires, None)
+                    digest: AppToken(user, label, hosts, created, expires, None)
                     for digest, user, label, hosts, created, expires in conn.execute(
                         "SELECT hash, user, label, hosts, created, expires FROM app_tokens"
                     )
@@ -867,6 +867,7 @@ class Store:
             finally:
                 conn.execute("COMMIT")
             return Snapshot(version, rules, deleted, revoked, app_tokens)
+
 
 def _create_private_file(path, exclusive=False):
     """Create `path` with mode 0600 before SQLite opens it (SQLite would use the umask)."""
@@ -1903,21 +1904,32 @@ EMPTY_VIEW = View(None, {}, {}, {}, {}, {})
 
 
 def build_view(snapshot, revoked):
-    """The View of a Snapshot; users whose stored name or identity cannot be sent are left out (logged)."""
+    """The View of a Snapshot. Nothing read from the database may fail a request later: a user
+    whose stored name, identity, host list or times cannot be used is left out (one log line
+    naming them), and so is a token of that kind; everyone else keeps working."""
     rules, allowed = {}, {}
     for name, rule in snapshot.rules.items():
         headers = identity_headers(name, rule)
-        if headers is None:
-            log.warning("user %r skipped: a stored name or identity value cannot be a header value", name)
+        if headers is None or not isinstance(rule.sessions_after, int) or not isinstance(rule.hosts, str):
+            log.warning("user %r skipped: a stored value cannot be used (a name or identity that cannot be "
+                        "a header value, or a malformed host list)", name)
             continue
         rules[name] = rule._replace(hosts=_host_list(rule.hosts))
         for token in (False, True):
             allowed[(name, token)] = Decision(Verdict.ALLOW, name, None, token, False, headers)
-    app_tokens = {key: entry._replace(hosts=_host_list(entry.hosts)) for key, entry in snapshot.app_tokens.items()}
-    return View(snapshot.version, rules, snapshot.deleted, revoked, app_tokens, allowed)
+    app_tokens = {}
+    for key, entry in snapshot.app_tokens.items():
+        if isinstance(entry.hosts, str) and (entry.expires is None or isinstance(entry.expires, int)):
+            app_tokens[key] = entry._replace(hosts=_host_list(entry.hosts))
+        else:
+            log.warning("app token %r of %r skipped: its stored hosts or expiry cannot be used", entry.label, entry.user)
+    deleted = {name: at for name, at in snapshot.deleted.items() if isinstance(at, int)}
+    return View(snapshot.version, rules, deleted, revoked, app_tokens, allowed)
 
 
-def _host_list(patterns):
+def _host_list(text):
+    """The HostList of a stored host list (None: every host)."""
+    patterns = _hosts_rule(text)
     return None if patterns is None else HostList(patterns)
 
 
@@ -1973,7 +1985,8 @@ class Gate:
 
     def _load(self, snapshot, now):
         with self._revocations_lock:  # a logout in this process is never lost between the two
-            revoked = {jti: exp for jti, exp in snapshot.revoked.items() if exp > now}
+            # Expired ones need no revocation; one whose stored expiry is not a number stays revoked.
+            revoked = {jti: exp for jti, exp in snapshot.revoked.items() if not isinstance(exp, int) or exp > now}
             revoked.update(self._unwritten)
             self.view = build_view(snapshot, revoked)
 
@@ -3067,7 +3080,7 @@ def _checked_email(text):
         return text
     local, at, domain = text.partition("@")
     if not (at and local and domain and "@" not in domain and len(text) <= 254 and text.isascii()
-            and text.isprintable() and not any(c.isspace() or c == "," for c in text)):
+            and text.isprintable() and not any(c.isspace() for c in text)):
         raise UsageError(f"--email {text!r}: expected one address such as alice@example.com")
     return text
 

@@ -3478,6 +3478,20 @@ def test_a_stored_name_or_seed_that_cannot_be_used_skips_that_user_only(app, sto
     assert "'badseed' skipped" in text and "'bad\\nname' skipped" in text
 
 
+def test_stored_values_of_the_wrong_type_never_fail_a_check(app, store, clock, logged_in):
+    """A hand-edited database (SQLite keeps any type in any column): skipped, logged, never a 500."""
+    add_user(store, "bob")
+    store.set_hosts("bob", ["app1.example.com"])
+    store._write("UPDATE users SET hosts = 42, sessions_after = 'x' WHERE name = 'bob'")
+    store._write("INSERT INTO revoked VALUES ('odd', 'not a time')")
+    store._write("INSERT INTO deleted VALUES ('carol', 'yesterday')")
+    new_app_token(store, "alice", "odd")
+    store._write("UPDATE app_tokens SET expires = 'soon'")
+    clock.advance(1)
+    assert check(app, logged_in).status == 200
+    assert check(app, headers={"Authorization": "Bearer fat_" + "Z" * 43}).status == 401
+
+
 CALDAV = {"basic_auth_hosts": ("cal.example.com",)}
 
 
