@@ -2254,8 +2254,8 @@ class Cookies:
     def expired_device(self):
         return ("Set-Cookie", self.header(self.device_name, "", 0, "Strict"))
 
-    def header(self, name, value, max_age, same_site, domain=True):
-        parts = [f"{name}={value}", "Path=/"]
+    def header(self, name, value, max_age, same_site, domain=True, path="/"):
+        parts = [f"{name}={value}", f"Path={path}"]
         if max_age is not None:
             parts.append(f"Max-Age={max_age}")
             if max_age == 0:
@@ -2545,8 +2545,10 @@ class Enrolment:
         if nonce is None:
             nonce = secrets.token_urlsafe(32)
             lifetime = max(1, int(invite.expires - request.now))
+            # Path: the login page only, so the apps on this host never receive it.
+            path = urllib.parse.urlsplit(self.settings.login_url).path or "/login"
             extra.append(("Set-Cookie", self.signin.cookies.header(self.cookie_name, nonce, lifetime, "Lax",
-                                                                   domain=False)))
+                                                                   domain=False, path=path)))
         if not self.store.open_invite(digest(token), digest(nonce), request.now):
             raise self._gone(INVITE_ELSEWHERE)
         if invite.browser is None:

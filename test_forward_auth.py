@@ -3632,7 +3632,8 @@ def test_an_invitation_is_revealed_to_one_browser_only(app, store, clock, db_pat
     token, seed = invite(store)
     page, setup, browser = press_button(app, token)
     assert fa.group_secret(seed) in setup.text
-    assert "Max-Age" in setup.cookies()["auth_token_invite"] and "HttpOnly" in setup.cookies()["auth_token_invite"]
+    bound = setup.cookies()["auth_token_invite"]
+    assert "Max-Age" in bound and "HttpOnly" in bound and "Path=/login;" in bound  # the apps never see it
     # Another browser (the link from a log, a forwarded message) sees the first page only.
     other_page = open_invite(app, token)
     assert other_page.status == 200 and fa.group_secret(seed) not in other_page.text
