@@ -1784,7 +1784,9 @@ def message_markup(message):
     return Markup(MESSAGE.format(escape(message)) if message else "")
 
 
-def render_login(app_name, next_url, csrf, message="", disabled=False, device_user=None, plain_http=False):
+def render_login(app_name, next_url, csrf, refusal=None, device_user=None, plain_http=False):
+    """The login page; a `refusal` (a _Refused) says why the last attempt failed."""
+    message, disabled = (refusal.message, refusal.disabled) if refusal else ("", False)
     host = url_host(next_url) if next_url.startswith(("http://", "https://")) else ""
     forget = FORGET_DEVICE.format(next=escape(next_url), csrf=escape(csrf), name=escape(device_user or ""))
     subtitle = f"Signing in as {device_user}" if device_user else ""
@@ -2219,11 +2221,19 @@ def _counter(name, help_text, labels, counts):
 
 
 class _Refused(Exception):
-    """A login attempt refused: the form again with a message, rendered in one place."""
+    """A login attempt refused: the form again with a message; passed whole to the page that renders it."""
 
     def __init__(self, status, message, headers=(), disabled=False):
         super().__init__(message)
         self.status, self.message, self.headers, self.disabled = status, message, list(headers), disabled
+
+
+HTML = ("Content-Type", "text/html; charset=utf-8")
+
+
+def html_page(status, page, headers=()):
+    """A page answer: its type and the headers given (cookies, Retry-After)."""
+    return status, [HTML, *headers], page
 
 
 class Cookies:
@@ -2280,14 +2290,13 @@ class Cookies:
                 found = found or claims
         return found
 
-    def csrf(self, request, extra_headers=()):
-        """(the form's CSRF token, page headers), setting the pre-login cookie if the browser has none."""
-        headers = [("Content-Type", "text/html; charset=utf-8"), *extra_headers]
+    def csrf(self, request):
+        """(the form's CSRF token, the Set-Cookie headers of the pre-login cookie if the browser has none)."""
         nonce = next((v for v in request.cookie_values(self.csrf_name) if INVITE_SHAPE.fullmatch(v)), None)
-        if nonce is None:
-            nonce = secrets.token_urlsafe(32)
-            headers.append(("Set-Cookie", self.header(self.csrf_name, nonce, None, "Lax", domain=False)))
-        return self.csrf_token(nonce), headers
+        if nonce is not None:
+            return self.csrf_token(nonce), []
+        nonce = secrets.token_urlsafe(32)
+        return self.csrf_token(nonce), [("Set-Cookie", self.header(self.csrf_name, nonce, None, "Lax", domain=False))]
 
     def csrf_token(self, nonce):
         return _b64encode(hmac.new(self.csrf_key, nonce.encode(), hashlib.sha256).digest())
@@ -2320,25 +2329,27 @@ class SignIn:
         next_value = request.query.get("next", request.query.get("redirect_uri", ""))
         claims = self.gate.session(request)
         if claims is None:
-            return self.form(request, 200, next_value)
+            return self.form(request, next_value)
         if request.query.get("renew") == "1":
             return self._renew(request, claims, self.safe_next(request, next_value))
         if next_value:
             return 302, [("Location", self.safe_next(request, next_value))], b""
-        csrf, headers = self.cookies.csrf(request)
+        csrf, cookie = self.cookies.csrf(request)
         name = self.settings.app_name
         page = render_page(name, SIGNED_IN, app_name=name, name=claims["sub"], csrf=csrf, logout=self.logout_url())
-        return 200, headers, page
+        return html_page(200, page, cookie)
 
-    def form(self, request, status, next_value, message="", extra_headers=(), disabled=False):
-        """The login page; it carries only a validated next."""
-        csrf, headers = self.cookies.csrf(request, extra_headers)
+    def form(self, request, next_value, refusal=None):
+        """The login page, with why the last attempt was refused; it carries only a validated next."""
+        csrf, cookie = self.cookies.csrf(request)
         device = self.cookies.device(request, self.gate)
         page = render_login(
-            self.settings.app_name, self.safe_next(request, next_value), csrf, message, disabled,
+            self.settings.app_name, self.safe_next(request, next_value), csrf, refusal,
             device["sub"] if device else None, self._cookies_will_be_dropped(request),
         )
-        return status, headers, page
+        if refusal is None:
+            return html_page(200, page, cookie)
+        return html_page(refusal.status, page, [*refusal.headers, *cookie])
 
     def _cookies_will_be_dropped(self, request):
         """Plain HTTP with Secure cookies: the browser drops them (http://localhost excepted), so the
@@ -2365,7 +2376,7 @@ class SignIn:
             device = self.cookies.device(request, self.gate)
             claims = self.attempt(request, device, lambda: self._judge_code(request, form.get("otp", ""), device))
         except _Refused as refusal:
-            return self.form(request, refusal.status, next_value, refusal.message, refusal.headers, refusal.disabled)
+            return self.form(request, next_value, refusal)
         return self.signed_in(request, claims, self.safe_next(request, next_value))
 
     def guard(self, request, form):
@@ -2444,7 +2455,8 @@ class SignIn:
         return Outcome.SUCCESS, claims
 
     def signed_in(self, request, claims, location):
-        self.gate.refresh(request.now, force=True)  # the user may be new to this process's cache
+        if claims["sub"] not in self.gate.view.rules:
+            self.gate.refresh(request.now, due=True)  # new to this process (made a moment ago by the CLI)
         return 302, [*self.cookies.login(claims), ("Location", location)], b""
 
     def _forget_device(self, request, next_value):
@@ -2488,10 +2500,11 @@ def session_record(claims, request):
 class Enrolment:
     """Invitation links: a page with one button, the seed once asked for, the first code to finish."""
 
-    def __init__(self, settings, *, store, signin):
+    def __init__(self, settings, *, store, cookies, signin):
         self.settings = settings
         self.store = store
-        self.signin = signin
+        self.cookies = cookies
+        self.signin = signin  # the guard, the limits and the session every sign-in shares
 
     def _live_invite(self, token, now):
         """The invitation of a link, or HTTPError 410 with the page that says to ask for a new one."""
@@ -2502,17 +2515,17 @@ class Enrolment:
 
     def _gone(self, template):
         page = render_page(f"Link expired · {self.settings.app_name}", template)
-        return HTTPError(410, page, [("Content-Type", "text/html; charset=utf-8")])
+        return HTTPError(410, page, [HTML])
 
     def page(self, request, token, status=200):
         """The first step: one button, and no seed (chat apps fetch links to draw previews)."""
         invite = self._live_invite(token, request.now)
-        csrf, headers = self.signin.cookies.csrf(request)
+        csrf, cookie = self.cookies.csrf(request)
         page = render_page(
             f"Set up · {self.settings.app_name}", INVITE_START, app_name=self.settings.app_name, name=invite.user,
             invite=token, csrf=csrf, expires=human_time(invite.expires, request.now),
         )
-        return status, headers, page
+        return html_page(status, page, cookie)
 
     def submit(self, request, form):
         """The button binds the link to this browser and shows the seed; a right first code
@@ -2533,8 +2546,7 @@ class Enrolment:
             # Tried against this one pending seed: the per-IP limit, never the anonymous ceiling.
             claims = self.signin.attempt(request, None, judge, ceiling=False)
         except _Refused as refusal:
-            return self._setup(request, token, invite, refusal.status, refusal.message, refusal.headers,
-                               refusal.disabled)
+            return self._setup(request, token, invite, refusal)
         log.info("invite result=accepted user=%s ip=%s", invite.user, request.ip)
         return self.signin.signed_in(request, claims, "/")
 
@@ -2547,13 +2559,13 @@ class Enrolment:
             lifetime = max(1, int(invite.expires - request.now))
             # Path: the login page only, so the apps on this host never receive it.
             path = urllib.parse.urlsplit(self.settings.login_url).path or "/login"
-            extra.append(("Set-Cookie", self.signin.cookies.header(self.cookie_name, nonce, lifetime, "Lax",
-                                                                   domain=False, path=path)))
+            extra.append(("Set-Cookie", self.cookies.header(self.cookie_name, nonce, lifetime, "Lax",
+                                                            domain=False, path=path)))
         if not self.store.open_invite(digest(token), digest(nonce), request.now):
             raise self._gone(INVITE_ELSEWHERE)
         if invite.browser is None:
             log.info("invite result=opened user=%s ip=%s", invite.user, request.ip)
-        return self._setup(request, token, invite, 200, extra_headers=extra)
+        return self._setup(request, token, invite, bound_cookie=extra)
 
     @property
     def cookie_name(self):
@@ -2576,9 +2588,11 @@ class Enrolment:
             raise self._gone(INVITE_GONE)  # finished in another tab a moment ago: counts nothing
         return Outcome.SUCCESS, claims
 
-    def _setup(self, request, token, invite, status, message="", extra_headers=(), disabled=False):
-        """The second step: QR code, the secret in groups of four, the otpauth link, a field for the first code."""
-        csrf, headers = self.signin.cookies.csrf(request, extra_headers)
+    def _setup(self, request, token, invite, refusal=None, bound_cookie=()):
+        """The second step: QR code, the secret in groups of four, the otpauth link, a field for the
+        first code; with a refusal, why the last code was not taken."""
+        csrf, cookie = self.cookies.csrf(request)
+        message, disabled = (refusal.message, refusal.disabled) if refusal else ("", False)
         uri = enrolment_uri(invite.seed, invite.user, self.settings.app_name)
         page = render_page(
             f"Set up · {self.settings.app_name}", INVITE_SETUP, app_name=self.settings.app_name,
@@ -2586,7 +2600,8 @@ class Enrolment:
             invite=token, csrf=csrf, disabled=Markup(" disabled" if disabled else ""),
             otp_input=otp_input(disabled=disabled),
         )
-        return status, headers, page
+        status, headers = (refusal.status, refusal.headers) if refusal else (200, [])
+        return html_page(status, page, [*headers, *bound_cookie, *cookie])
 
 
 class App:
@@ -2608,7 +2623,7 @@ class App:
         self.signin = SignIn(
             settings, store=store, gate=self.gate, cookies=self.cookies, limiter=self.limiter, metrics=self.metrics
         )
-        self.enrolment = Enrolment(settings, store=store, signin=self.signin)
+        self.enrolment = Enrolment(settings, store=store, cookies=self.cookies, signin=self.signin)
         self.basic_auth_hosts = HostList(settings.basic_auth_hosts)
         self.forbidden_log = Throttle()
         self.bad_token_log = Throttle()
@@ -2780,7 +2795,7 @@ class App:
                 f"Not allowed · {self.settings.app_name}", FORBIDDEN_PAGE, name=decision.user,
                 host=decision.host or "this address", logout=self.signin.logout_url() + query,
             )
-            return 403, [("Content-Type", "text/html; charset=utf-8")], page
+            return html_page(403, page)
         return 403, [], b""
 
     def _bad_token(self, request, decision):
