@@ -1740,12 +1740,12 @@ def otp_input(autofocus=False, disabled=False):
     return Markup(OTP_INPUT + (" autofocus" if autofocus else "") + (" disabled" if disabled else "") + ">")
 
 
-MESSAGE = '<p class="message" role="alert">{}</p>\n'
+MESSAGE = '<p class="message" role="alert">{message}</p>\n'
 PLAIN_HTTP_NOTE = (
     '<p class="note">This page came over plain HTTP but SECURE_COOKIES=true: the browser will not keep the '
     "sign-in. Serve it over HTTPS, or set SECURE_COOKIES=false to try it on plain HTTP.</p>\n"
 )
-SUBTITLE = '<p class="sub">to continue to {}</p>\n'
+SUBTITLE = '<p class="sub">{text}</p>\n'
 
 # No form-action: Chromium applies it to the redirect after the POST, which
 # would block returning to another host of a shared login (COOKIE_DOMAIN).
@@ -1771,38 +1771,45 @@ def escape(text):
 
 
 def render_page(title, template, **values):
-    """A whole page: `template` filled with `values`, each HTML-escaped unless it is markup (a Markup)."""
-    filled = {name: value if isinstance(value, Markup) else escape(str(value)) for name, value in values.items()}
-    return PAGE.format(title=escape(title), css=PAGE_CSS, body=template.format(**filled)).encode("utf-8")
+    """A whole page: `template` filled with `values` (see fragment)."""
+    return PAGE.format(title=escape(title), css=PAGE_CSS, body=fragment(template, **values)).encode("utf-8")
 
 
 class Markup(str):
-    """Text that is already HTML (made here from escaped parts): render_page does not escape it again."""
+    """Text that is already HTML (made by fragment()): filling a template does not escape it again."""
+
+
+def fragment(template, **values):
+    """`template` filled with `values`, each HTML-escaped unless it is Markup; the result is Markup.
+    The one way HTML is put together here, so no value is ever escaped by hand (or forgotten)."""
+    filled = {name: value if isinstance(value, Markup) else escape(str(value)) for name, value in values.items()}
+    return Markup(template.format(**filled))
 
 
 def message_markup(message):
-    return Markup(MESSAGE.format(escape(message)) if message else "")
+    return fragment(MESSAGE, message=message) if message else Markup("")
 
 
 def render_login(app_name, next_url, csrf, refusal=None, device_user=None, plain_http=False):
     """The login page; a `refusal` (a _Refused) says why the last attempt failed."""
     message, disabled = (refusal.message, refusal.disabled) if refusal else ("", False)
     host = url_host(next_url) if next_url.startswith(("http://", "https://")) else ""
-    forget = FORGET_DEVICE.format(next=escape(next_url), csrf=escape(csrf), name=escape(device_user or ""))
-    subtitle = f"Signing in as {device_user}" if device_user else ""
+    subtitle = fragment(SUBTITLE, text=f"to continue to {host}") if host else Markup("")
+    if device_user:
+        subtitle = Markup(subtitle + fragment(SUBTITLE, text=f"Signing in as {device_user}"))
+    forget = fragment(FORGET_DEVICE, next=next_url, csrf=csrf, name=device_user) if device_user else Markup("")
     return render_page(
         f"Sign in · {app_name}",
         LOGIN_FORM,
         app_name=app_name,
-        subtitle=Markup((SUBTITLE.format(escape(host)) if host else "") + (
-            f'<p class="sub">{escape(subtitle)}</p>\n' if subtitle else "")),
+        subtitle=subtitle,
         message=message_markup(message),
         note=Markup(PLAIN_HTTP_NOTE if plain_http else ""),
         next=next_url,
         csrf=csrf,
         disabled=Markup(" disabled" if disabled else ""),
         otp_input=otp_input(autofocus=True, disabled=disabled),
-        forget=Markup(forget if device_user else ""),
+        forget=forget,
     )
 
 
