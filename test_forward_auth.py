@@ -36,21 +36,9 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 import forward_auth as fa
+from conftest import NOW, FakeClock, Response, Server, code_at, csrf_token_of, wrong_code_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-T0 = 1_800_000_000.0  # a fixed "now", mid-step: 1_800_000_000 % 30 == 0, so add 10 s below
-NOW = T0 + 10
-
-
-class FakeClock:
-    def __init__(self, now=NOW):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 # --- Fakes, fixtures and helpers --------------------------------------------
@@ -77,33 +65,6 @@ def settings(**overrides):
     base = {"secure_cookies": False, "db_path": ":unused:"}
     base.update(overrides)
     return fa.Settings(**base)
-
-
-class Response:
-    def __init__(self, status, headers, body):
-        self.status = status
-        self.header_list = headers
-        self.body = body
-
-    def header(self, name):
-        values = self.headers_named(name)
-        return values[0] if values else None
-
-    def headers_named(self, name):
-        return [v for k, v in self.header_list if k.lower() == name.lower()]
-
-    def cookies(self):
-        """{name: full Set-Cookie line}."""
-        return {line.split("=", 1)[0]: line for line in self.headers_named("Set-Cookie")}
-
-    def cookie_value(self, name):
-        """The value a Set-Cookie gives `name`, or None if the response sets no such cookie."""
-        line = self.cookies().get(name)
-        return None if line is None else line.split(";", 1)[0].split("=", 1)[1]
-
-    @property
-    def text(self):
-        return self.body.decode("utf-8")
 
 
 def call(app, method="GET", path="/", query="", headers=None, body=b"", remote="127.0.0.1"):
@@ -146,15 +107,6 @@ def add_user(store, name="alice", now=NOW - 3600):
     seed = fa.new_seed()
     assert store.add_user(name, seed, now)
     return seed
-
-
-def code_at(seed, now, offset=0):
-    return pyotp.TOTP(seed).generate_otp(fa.step_at(now) + offset)
-
-
-def csrf_token_of(page_text):
-    """The CSRF token a form carries."""
-    return re.search(r'name="csrf" value="([^"]+)"', page_text).group(1)
 
 
 def login_with(app, page, code, next_value="/"):
@@ -238,38 +190,6 @@ def device_of(app, response):
     return f"{app.cookies.device_name}={response.cookie_value(app.cookies.device_name)}"
 
 
-class Server:
-    """The app on real waitress (production arguments), port 0, in a thread."""
-
-    def __init__(self, app, **overrides):
-        self.app = app
-        self.server = fa.create_server(app, app.settings, host="127.0.0.1", port=0, **overrides)
-        self.port = self.server.effective_port
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-
-    def request(self, method, path, headers=None, body=None, conn=None):
-        own = conn is None
-        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            data = response.read()
-            return Response(response.status, response.getheaders(), data)
-        finally:
-            if own:
-                conn.close()
-
-    def stop(self):
-        def close_all():
-            for channel in list(self.server._map.values()):
-                channel.close()
-
-        self.server.trigger.pull_trigger(close_all)
-        self.thread.join(5)
-        self.server.task_dispatcher.shutdown()
-
-
 @pytest.fixture
 def served(app):
     server = Server(app)
@@ -281,11 +201,6 @@ def secret_of(out):
     """The secret of an enrolment block, which prints it in groups of four."""
     grouped = re.search(r"^Secret: ([A-Z2-7]{4}(?: [A-Z2-7]{1,4})*)$", out, re.MULTILINE).group(1)
     return grouped.replace(" ", "")
-
-
-def wrong_code_for(*seeds, now=NOW):
-    codes = {code_at(seed, now, offset) for seed in seeds for offset in (-1, 0, 1)}
-    return next(c for c in ("000000", "111111", "222222", "333333") if c not in codes)
 
 
 def form_login(server, app, code, xff=None, csrf=None, cookie_extra=""):
@@ -1514,7 +1429,9 @@ def test_a_token_is_stored_only_as_its_hash(token_app, db_path, store):
     store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     for suffix in ("", "-wal"):
         with open(db_path + suffix, "rb") as file:
-            assert token.encode() not in file.read() and token[4:].encode() not in file.read()
+            stored = file.read()
+        assert token.encode() not in stored and token[4:].encode() not in stored
+        assert stored or suffix == "-wal"  # the checkpoint emptied the WAL into the main file
     assert store.app_tokens()[0].label == "monitor"
 
 
@@ -1592,7 +1509,7 @@ def test_token_checks_read_no_database(token_app, store):
 
 def test_a_token_made_a_moment_ago_works_at_once(token_app, store, clock):
     app, _ = token_app
-    assert check(app).status in (302, 401)  # the gate has just refreshed
+    assert check(app).status == 401  # the gate has just refreshed
     fresh = "fat_" + "F" * 43
     store.add_app_token("alice", "fresh", fa.digest(fresh), ("*",), clock(), None)
     assert check(app, headers={"Authorization": f"Bearer {fresh}"}).status == 200
@@ -2276,7 +2193,8 @@ def test_sign_out_everywhere_ends_every_session_of_the_user(app, logged_in, alic
                                           ("/logout", "GET"), ("/logout", "POST")])
 def test_a_deeply_nested_token_header_is_just_no_session(app, path, method, caplog):
     r = call(app, method, path, headers={"Cookie": f"auth_token={nested_token()}"})
-    assert r.status in (200, 302, 401) and "Traceback" not in caplog.text
+    expected = {"/verify": 302, "/auth": 401, "/login": 200, "/logout": 302}[path]
+    assert r.status == expected and "Traceback" not in caplog.text
 
 
 def test_a_deeply_nested_device_cookie_is_just_no_device(app, alice, clock):
@@ -2986,7 +2904,7 @@ def test_logout_and_sessions(db_path, capsys, store, clock):
     code, out, _ = run_main(["-logout", "alice"], db_path, capsys)
     assert code == 0 and "ended every session of alice" in out
     app.clock.advance(1)
-    assert call(app, "GET", "/verify", headers={"Cookie": cookie}).status in (302, 401)
+    assert call(app, "GET", "/verify", headers={"Cookie": cookie}).status == 302
     assert run_main(["-sessions"], db_path, capsys)[1] == "no live sessions\n"
     assert run_main(["-logout", "nobody"], db_path, capsys)[0] == 1
 
@@ -3127,9 +3045,11 @@ def test_cli_revoke_ends_sessions_of_a_running_server_within_a_second(tmp_path):
         revoke = subprocess.run(check=False, args=[sys.executable, os.path.join(HERE, "forward_auth.py"), "-revoke", user.name],
                                 env=environ, capture_output=True, text=True, timeout=10)
         assert revoke.returncode == 0, revoke.stderr
-        revoked_at = time.monotonic()
+        # The 1-second bound itself is tested in-process with the injected clock (REFRESH_SECONDS);
+        # here, across processes, only that it happens, with a generous deadline for a busy machine.
+        deadline = time.monotonic() + 10
         while http_get(port, "/verify", cookie).status == 200:
-            assert time.monotonic() - revoked_at < 1.0
+            assert time.monotonic() < deadline
         store.close()
     finally:
         process.terminate()
@@ -3857,7 +3777,11 @@ def restricted_session(store, clock):
 )
 def test_no_cookie_forwarded_header_or_origin_yields_a_500(restricted_session, method, path, cookie_parts, fuzz,
                                                            headers, authorization):
-    app, session, token, bob, device, bob_device = restricted_session
+    app, _, token, _, device, bob_device = restricted_session
+    # Fresh sessions for every example: one app serves all of them, and an example's /logout
+    # must not leave the later ones without a valid session (which would make the asserts vacuous).
+    session, bob = (f"auth_token={fa.sign_token(fa.new_claims(name, app.clock(), 3600), app.gate.session_key)}"
+                    for name in ("alice", "bob"))
     values = {"session": session, "junk": "auth_token=junk", "nested": f"auth_token={nested_token(300)}",
               "device-junk": f"auth_token_device={nested_token(300)}", "csrf-junk": "auth_token_csrf=" + "x" * 43,
               "fuzz": fuzz, "bob": bob, "device": device, "bob-device": bob_device}
