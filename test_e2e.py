@@ -9,6 +9,7 @@ Missing components skip with a hint locally; with FORWARD_AUTH_REQUIRE_E2E=1
 """
 
 import base64
+import contextlib
 import http.client
 import http.server
 import json
@@ -16,6 +17,7 @@ import os
 import posixpath
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -982,7 +984,9 @@ def test_the_quick_start_caddyfile_protects_an_app_in_chromium(tmp, browser):
     # PYTHONUNBUFFERED: a terminal would show the enrolment block at once; a file gets it flushed too.
     env = dict(os.environ, PORT=str(auth_port), PYTHONUNBUFFERED="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     env.pop("DB_PATH", None)
-    server = subprocess.Popen(["sh", "-c", commands[1]], cwd=checkout, env=env, stdout=out, stderr=subprocess.STDOUT)
+    # Its own process group: the shell's child (python) is stopped with it, by the group's id.
+    server = subprocess.Popen(["sh", "-c", commands[1]], cwd=checkout, env=env, stdout=out, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     caddy = None
     try:
         wait_for_port(auth_port, server, out_path)
@@ -1034,7 +1038,8 @@ def test_the_quick_start_caddyfile_protects_an_app_in_chromium(tmp, browser):
     finally:
         if caddy:
             caddy.stop()
-        server.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)
         out.close()
 
