@@ -221,7 +221,30 @@ def traefik_config(port, service_port, upstream_port):
     return text.replace(".example.com`", f".{DOMAIN}`")
 
 
-class Launched:
+class Background:
+    """A process the tests start (a proxy, an app), its output in a log file; stopped by its pid.
+    Stopped again, and the error raised, if it does not come up on `port`."""
+
+    def start(self, command, env, log_path, port):
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, self.process, log_path)
+        except AssertionError:
+            self.stop()
+            raise
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+class Launched(Background):
     """Caddy, nginx or Traefik in the foreground on a config written into `folder`, listening on `port`.
 
     For Traefik the config is the file provider's (dynamic) configuration; the entrypoint and the
@@ -249,23 +272,7 @@ class Launched:
             command = [nginx_binary(), "-p", folder, "-e", os.path.join(folder, "error.log"), "-c", config,
                        "-g", "daemon off;"]
             env = dict(os.environ)
-        log_path = os.path.join(folder, f"{kind}.log")
-        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_for_port(port, self.process, log_path)
-        except AssertionError:
-            self.stop()
-            raise
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+        self.start(command, env, os.path.join(folder, f"{kind}.log"), port)
 
 
 class Proxy:
@@ -1468,12 +1475,17 @@ def old_cookie_is_refused(proxy, host, value, login_host=None):
     assert script.status == 401 and reached_app(script) is None
 
 
-def test_a_browser_back_after_half_the_idle_lifetime_lands_on_its_page_with_a_fresh_cookie(renewing_proxy, browser):
-    proxy = renewing_proxy
+def signed_in_browser(proxy, browser, path):
+    """(proxy, its forward-auth, the app host, a browser context, its page) after a login in Chromium at `path`."""
     service, host = proxy.single, home_of(proxy)
     context = browser.new_context()
     page = context.new_page()
-    sign_in_in_chromium(page, service, proxy.url(host, "/start"))
+    sign_in_in_chromium(page, service, proxy.url(host, path))
+    return proxy, service, host, context, page
+
+
+def test_a_browser_back_after_half_the_idle_lifetime_lands_on_its_page_with_a_fresh_cookie(renewing_proxy, browser):
+    proxy, service, host, context, page = signed_in_browser(renewing_proxy, browser, "/start")
     old = session_cookie_in(context)["value"]
     service.clock.advance(PAST_HALF)
     target = proxy.url(host, "/later/page?x=1&y=two")
@@ -1498,11 +1510,7 @@ def test_a_browser_back_after_half_the_idle_lifetime_lands_on_its_page_with_a_fr
 
 
 def test_at_the_renewal_point_a_script_is_let_through_and_not_redirected(renewing_proxy, browser):
-    proxy = renewing_proxy
-    service, host = proxy.single, home_of(proxy)
-    context = browser.new_context()
-    page = context.new_page()
-    sign_in_in_chromium(page, service, proxy.url(host, "/app"))
+    proxy, service, host, context, page = signed_in_browser(renewing_proxy, browser, "/app")
     old = session_cookie_in(context)["value"]
     service.clock.advance(PAST_HALF)
     for headers in ({"X-Requested-With": "XMLHttpRequest"}, {"Accept": "application/json"}):
@@ -1523,11 +1531,7 @@ def test_at_the_renewal_point_a_script_is_let_through_and_not_redirected(renewin
 
 
 def test_renewals_stop_at_the_cap_and_then_the_browser_gets_the_plain_login_page(renewing_proxy, browser):
-    proxy = renewing_proxy
-    service, host = proxy.single, home_of(proxy)
-    context = browser.new_context()
-    page = context.new_page()
-    sign_in_in_chromium(page, service, proxy.url(host, "/start"))  # logged in at L
+    proxy, service, host, context, page = signed_in_browser(renewing_proxy, browser, "/start")  # logged in at L
     navigations = Navigations(page)
     values = [session_cookie_in(context)["value"]]
     for step, left in ((1, SHORT_SESSIONS["session_ttl"]), (2, SHORT_SESSIONS["session_max"] - 2 * PAST_HALF)):

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ import forward_auth as fa
 from test_e2e import (
     DOMAIN,
     HERE,
+    Background,
     Echo,
     ForwardAuth,
     Launched,
@@ -49,7 +49,6 @@ from test_e2e import (
     run_cli,
     sections,
     started,
-    wait_for_port,
 )
 
 CAL, METRICS, OTHER = (f"{name}.{DOMAIN}" for name in ("cal", "metrics", "other"))
@@ -86,7 +85,7 @@ def ini(text):
 # --- Radicale ---------------------------------------------------------------------------------
 
 
-class Radicale:
+class Radicale(Background):
     """Radicale on a free loopback port, configured by the README's radicale block (its port and
     storage folder swapped), its storage in `folder`."""
 
@@ -101,26 +100,10 @@ class Radicale:
         path = os.path.join(folder, "radicale.ini")
         with open(path, "w") as file:
             config.write(file)
-        log_path = os.path.join(folder, "radicale.log")
-        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         # No HOME config: Radicale reads only the file named here.
         env = dict(os.environ, HOME=folder, XDG_CONFIG_HOME=folder)
-        self.process = subprocess.Popen([sys.executable, "-m", "radicale", "--config", path], env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_for_port(self.port, self.process, log_path)
-        except AssertionError:
-            self.stop()
-            raise
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+        self.start([sys.executable, "-m", "radicale", "--config", path], env, os.path.join(folder, "radicale.log"),
+                   self.port)
 
     def stored_events(self, user):
         """{calendar: [the .ics texts]} in Radicale's own storage for `user`."""
@@ -423,7 +406,7 @@ def prometheus_scrape_config(caddy_port, token_file, wrong_token_file):
             + snippet.rstrip("\n") + "\n" + wrong)
 
 
-class Prometheus:
+class Prometheus(Background):
     def __init__(self, folder, config_text):
         self.port = free_port()
         config = os.path.join(folder, "prometheus.yml")
@@ -431,20 +414,9 @@ class Prometheus:
             file.write(config_text)
         data = os.path.join(folder, "data")
         os.makedirs(data, exist_ok=True)
-        log_path = os.path.join(folder, "prometheus.log")
-        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [prometheus_binary(), f"--config.file={config}", f"--storage.tsdb.path={data}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, HOME=folder))
-        try:
-            wait_for_port(self.port, self.process, log_path)
-        except AssertionError:
-            self.stop()
-            raise
-
-    def stop(self):
-        Launched.stop(self)
+        self.start([prometheus_binary(), f"--config.file={config}", f"--storage.tsdb.path={data}",
+                    f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+                   dict(os.environ, HOME=folder), os.path.join(folder, "prometheus.log"), self.port)
 
     def targets(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)

@@ -414,13 +414,17 @@ def test_seeds_have_160_bits():
 FIXTURE_1_0 = os.path.join(HERE, "fixtures", "auth-1.0.db")
 
 
+def copy_of_fixture(tmp_path, version):
+    """A copy of the database forward-auth VERSION wrote (fixtures/), and what its writer noted."""
+    path = str(tmp_path / f"auth-{version}.db")
+    shutil.copy(os.path.join(HERE, "fixtures", f"auth-{version}.db"), path)
+    with open(os.path.join(HERE, "fixtures", f"auth-{version}.json")) as file:
+        return path, json.load(file)
+
+
 @pytest.fixture
 def old_database(tmp_path):
-    """A copy of a database written by forward-auth 1.0.0, and what its writer noted."""
-    path = str(tmp_path / "old.db")
-    shutil.copy(FIXTURE_1_0, path)
-    with open(os.path.join(HERE, "fixtures", "auth-1.0.json")) as file:
-        return path, json.load(file)
+    return copy_of_fixture(tmp_path, "1.0")
 
 
 def test_a_1_0_database_opens_in_2_0_with_users_seeds_steps_and_revocations(old_database):
@@ -463,11 +467,7 @@ def test_a_1_0_database_whose_users_were_all_revoked_never_gets_a_fresh_first_us
 
 @pytest.fixture
 def database_2_0(tmp_path):
-    """A copy of a database written by forward-auth 2.0.0 (fixtures/make_2_0_fixture.py), and its notes."""
-    path = str(tmp_path / "two.db")
-    shutil.copy(os.path.join(HERE, "fixtures", "auth-2.0.db"), path)
-    with open(os.path.join(HERE, "fixtures", "auth-2.0.json")) as file:
-        return path, json.load(file)
+    return copy_of_fixture(tmp_path, "2.0")  # written by fixtures/make_2_0_fixture.py
 
 
 def test_a_2_0_database_keeps_users_hosts_tokens_invites_and_sessions_after_the_upgrade(database_2_0):
