@@ -2018,11 +2018,12 @@ class Gate:
             revoked.update(self._unwritten)
             self.view = build_view(snapshot, revoked)
 
-    def _write_unwritten(self):
+    def _write_unwritten(self, wait=False):
+        """Write the revocations the database has not taken yet (`wait`: as long as a write may wait)."""
         with self._revocations_lock:
             pending = dict(self._unwritten)
         if pending:
-            self.store.revoke(pending, quick=True)
+            self.store.revoke(pending, quick=not wait)
             with self._revocations_lock:
                 for jti in pending:
                     self._unwritten.pop(jti, None)
@@ -2036,6 +2037,15 @@ class Gate:
             self._write_unwritten()
         except sqlite3.Error as error:
             log.warning("logout kept in memory until the database answers: %s", error)
+
+    def write_before_stopping(self):
+        """At shutdown: logouts held in memory must not be lost with the process (a restart would
+        bring those sessions back), nor the app tokens' last-used times."""
+        try:
+            self._write_unwritten(wait=True)
+        except sqlite3.Error as error:
+            log.error("%d logouts could not be written and are lost with this process: %s", len(self._unwritten), error)
+        self.flush_last_used()
 
     def flush_last_used(self):
         """Write the app tokens' last-used times collected so far (also at shutdown)."""
@@ -3436,7 +3446,7 @@ def serve(settings, store, environ=None):
         pass
     finally:
         server.close()
-        app.gate.flush_last_used()  # a normal stop keeps the app tokens' last-used times
+        app.gate.write_before_stopping()  # logouts held in memory, app tokens' last-used times
         store.close()
         log.info("stopped")
     return 0

@@ -1665,7 +1665,8 @@ def test_traefik_never_lets_an_underscore_spelling_of_an_identity_header_reach_t
                 "POST", body)
         assert r.status == 302, r.status
         cookie = f"auth_token={r.cookie_value('auth_token')}"
-        forged = {"Remote_User": "admin", "Remote_Groups": "admins", "Remote_Name": "Admin", "Remote_Email": "a@x"}
+        forged = {"Remote_User": "admin", "Remote_Groups": "admins", "Remote_Name": "Admin", "Remote_Email": "a@x",
+                  "Remote.User": "root", "REMOTE~GROUPS": "wheel"}
         r = get("/", {"Cookie": cookie, "Accept": "application/json", **forged})
         assert r.status == 200
         names = {k.lower().replace("_", "-"): [] for k, _ in seen[-1]}
@@ -1673,6 +1674,7 @@ def test_traefik_never_lets_an_underscore_spelling_of_an_identity_header_reach_t
             names[k.lower().replace("_", "-")].append(v)
         assert names.get("remote-user") == ["alice"], seen[-1]
         assert "admins" not in names.get("remote-groups", []), seen[-1]
+        assert not [value for _, value in seen[-1] if value in forged.values()], seen[-1]  # no spelling passes
     finally:
         process.terminate()
         process.wait(10)

@@ -1203,6 +1203,22 @@ def test_the_page_moves_only_for_those_who_want_motion():
 # --- Gate: sessions from memory ---------------------------------------------
 
 
+def test_a_logout_held_in_memory_is_written_before_the_server_stops(app, logged_in, db_path, clock):
+    """Found by the second review pass: a logout the locked database could not take lived only in
+    memory; a restart brought the session back (and a renewal turned it into a new one)."""
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert call(app, "GET", "/logout", headers={"Cookie": logged_in}).status == 302
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    app.gate.write_before_stopping()
+    restarted = fa.make_app(settings(), store=fa.Store(db_path), clock=clock)
+    assert check(restarted, logged_in).status == 401
+    restarted.store.close()
+
+
 def test_revocations_from_many_threads_survive_concurrent_reloads(app, store, clock):
     """revoke() and a reload of the View race: no logout may be lost from memory."""
     jtis = [f"jti-{n}" for n in range(400)]
@@ -3309,7 +3325,10 @@ def test_traefik_headers_with_a_session_give_remote_user(served, logged_in):
 def test_traefik_example_points_at_verify():
     text = read("traefik.example.yml")
     assert 'address: "http://127.0.0.1:3000/verify"' in text and "trustForwardHeader: true" in text
-    assert "- Remote-User" in text
+    regex = re.compile(re.search(r'authResponseHeadersRegex: "(.*)"', text).group(1).replace("(?i)", ""), re.I)
+    # The four identity headers are copied, and a client's odd spellings of them are deleted too.
+    assert all(regex.match(name) for name in (*fa.IDENTITY_HEADERS, "Remote_User", "REMOTE.USER", "remote~email"))
+    assert not any(regex.match(name) for name in ("Remote-Addr", "X-Remote-User", "Remote-Username"))
 
 
 def test_pip_installs_a_forward_auth_command_that_is_main(tmp_path):
