@@ -456,11 +456,13 @@ AppToken = collections.namedtuple("AppToken", "user label hosts created expires 
 Invite = collections.namedtuple("Invite", "user seed expires browser opened")
 
 
-class SessionRecord(collections.namedtuple("SessionRecord", "jti user created expires ip agent")):
-    """A login as the sessions table keeps it (`created`: the login time, kept across renewals)."""
+class SessionRecord(collections.namedtuple("SessionRecord", "jti user created expires ip agent sid", defaults=(None,))):
+    """A login as the sessions table keeps it (`created`: the login time, `sid`: the session's id,
+    both kept across renewals)."""
 
     def row(self):
-        return (self.jti, self.user, int(self.created), int(self.expires), self.ip, self.agent[:USER_AGENT_CHARS])
+        return (self.jti, self.user, int(self.created), int(self.expires), self.ip, self.agent[:USER_AGENT_CHARS],
+                self.sid or self.jti)
 
 
 # What the check path holds of a user: its host patterns (None: every host), when
@@ -521,6 +523,9 @@ MIGRATIONS = {
         # The browser an invitation was opened in (SHA-256 of its cookie), and when.
         "ALTER TABLE invites ADD COLUMN browser TEXT",
         "ALTER TABLE invites ADD COLUMN opened INTEGER",
+        # One id for a session across its renewals (its first token's jti), so a logout
+        # with an older token of it still ends the renewed one.
+        "ALTER TABLE sessions ADD COLUMN sid TEXT",
     ),
 }
 
@@ -703,7 +708,8 @@ class Store:
     @staticmethod
     def _record_session(conn, session):
         conn.execute("DELETE FROM sessions WHERE expires <= ?", (session.created,))
-        conn.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)", session.row())
+        conn.execute("INSERT OR REPLACE INTO sessions (jti, user, created, expires, ip, agent, sid) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)", session.row())
 
     def renew_session(self, old_jti, old_expires, session):
         """Replace a session's token: the old `jti` revoked, the record carried on under the new one.
@@ -721,10 +727,16 @@ class Store:
 
     def _carry_session(self, conn, old_jti, session):
         carried = conn.execute(
-            "UPDATE sessions SET jti = ?, expires = ? WHERE jti = ?", (session.jti, int(session.expires), old_jti)
+            "UPDATE sessions SET jti = ?, expires = ?, sid = coalesce(sid, ?) WHERE jti = ?",
+            (session.jti, int(session.expires), session.sid, old_jti),
         ).rowcount
         if not carried:  # a session without a record (issued by 1.0, or pruned): it gets one now
             self._record_session(conn, session)
+
+    def end_session(self, sid):
+        """Revoke the current token of the session `sid` (a renewal may have replaced the one presented)."""
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO revoked SELECT jti, expires FROM sessions WHERE sid = ?", (sid,))
 
     def end_sessions(self, name, now):
         """End every session of NAME issued until now; False if there is no such user."""
@@ -983,6 +995,11 @@ def new_claims(subject, now, lifetime, auth_time=None):
     now = int(now)
     auth_time = now if auth_time is None else auth_time
     return {"sub": subject, "iat": now, "exp": now + lifetime, "jti": secrets.token_urlsafe(16), "auth_time": auth_time}
+
+
+def session_id(claims):
+    """The id of the session these claims belong to: its first token's `jti`, carried by renewals."""
+    return claims.get("sid", claims["jti"])
 
 
 def login_time(claims):
@@ -2127,7 +2144,7 @@ class Gate:
         if expires <= claims["exp"]:
             return None
         renewed = new_claims(claims["sub"], now, 0, login)
-        renewed["exp"] = expires
+        renewed["exp"], renewed["sid"] = expires, session_id(claims)
         return renewed
 
     # -- The decision --
@@ -2532,7 +2549,8 @@ class SignIn:
 def session_record(claims, request):
     """The sessions-table row of a login: when, who, from where, with what."""
     return SessionRecord(
-        claims["jti"], claims["sub"], login_time(claims), claims["exp"], str(request.ip), request.user_agent
+        claims["jti"], claims["sub"], login_time(claims), claims["exp"], str(request.ip), request.user_agent,
+        session_id(claims),
     )
 
 
@@ -2884,6 +2902,10 @@ class App:
 
     def _end_session(self, request, claims, everywhere):
         self.gate.revoke(claims["jti"], claims["exp"])
+        try:  # after the token itself: a renewal that raced this logout is ended too
+            self.store.end_session(session_id(claims))
+        except sqlite3.Error as error:
+            log.warning("a renewal of this session could not be looked up: %s", error)
         if everywhere:
             try:
                 self.store.end_sessions(claims["sub"], request.now)

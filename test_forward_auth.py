@@ -2174,7 +2174,7 @@ def test_each_login_records_its_session_and_lists_it_until_it_ends(app, alice, s
     r = login(app, code_at(alice, clock()), headers={"User-Agent": agent, "X-Forwarded-For": "198.51.100.7"})
     (session,) = store.live_sessions(None, clock())
     ttl = app.settings.session_ttl
-    assert session[1:] == ("alice", int(clock()), int(clock()) + ttl, "198.51.100.7", agent[:120])
+    assert session[1:6] == ("alice", int(clock()), int(clock()) + ttl, "198.51.100.7", agent[:120])
     call(app, "GET", "/logout", headers={"Cookie": session_cookie(app, r)})
     assert store.live_sessions(None, clock()) == []
 
@@ -3325,7 +3325,7 @@ def test_traefik_headers_with_a_session_give_remote_user(served, logged_in):
 def test_traefik_example_points_at_verify():
     text = read("traefik.example.yml")
     assert 'address: "http://127.0.0.1:3000/verify"' in text and "trustForwardHeader: true" in text
-    regex = re.compile(re.search(r'authResponseHeadersRegex: "(.*)"', text).group(1).replace("(?i)", ""), re.I)
+    regex = re.compile(re.search(r'authResponseHeadersRegex: "(.*)"', text).group(1).replace("(?i)", ""), re.IGNORECASE)
     # The four identity headers are copied, and a client's odd spellings of them are deleted too.
     assert all(regex.match(name) for name in (*fa.IDENTITY_HEADERS, "Remote_User", "REMOTE.USER", "remote~email"))
     assert not any(regex.match(name) for name in ("Remote-Addr", "X-Remote-User", "Remote-Username"))
@@ -3551,6 +3551,19 @@ def test_an_ended_session_cannot_be_renewed(sliding, clock, store):
     clock.advance(1)
     r = renew(app, cookie)
     assert r.status == 200 and 'name="otp"' in r.text and r.cookie_value("auth_token") is None
+
+
+def test_a_logout_with_the_token_a_renewal_just_replaced_ends_the_renewed_session(sliding, clock, store):
+    """Found by the second review pass: a renewal that commits between a logout's reading of the
+    session and its revocation left the renewed token alive. The logout now ends the session's id."""
+    app, cookie = sliding
+    clock.advance(TTL // 2 + 1)
+    fresh = session_cookie(app, renew(app, cookie))  # another tab renewed a moment ago
+    claims = fa.verify_token(cookie.split("=", 1)[1], app.gate.session_key, clock())[0]
+    request = fa.Request({"REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "app1.example.com"}, app.trust, clock())
+    app._end_session(request, claims, everywhere=False)  # the logout that read the old token
+    clock.advance(1)
+    assert check(app, fresh).status == 401
 
 
 def test_a_renewal_never_undoes_sign_out_everywhere(sliding, clock, store):
