@@ -422,7 +422,11 @@ class Prometheus(Background):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         try:
             conn.request("GET", "/api/v1/targets?state=active")
-            return json.loads(conn.getresponse().read())["data"]["activeTargets"]
+            response = conn.getresponse()
+            body = response.read()
+            if response.status != 200:
+                return []  # listening but not ready yet (503 "Service Unavailable" while it starts)
+            return json.loads(body)["data"]["activeTargets"]
         finally:
             conn.close()
 
