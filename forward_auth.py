@@ -1070,6 +1070,9 @@ def enrolment_uri(seed, name, app_name):
 # --- Rate limiter -----------------------------------------------------------
 
 
+LIVE_LOCKOUT = 3  # RateLimiter._worth of a key that must be kept
+
+
 class _Bucket:
     __slots__ = ("failures", "in_flight", "last_trip", "locked_until", "lockout")
 
@@ -1088,8 +1091,14 @@ class RateLimiter:
     it is locked for one window, doubled for each trip within 24 h of the last,
     up to 24 h. Clients with a device cookie are counted per device only; all
     others also share the global ceiling. Attempts in flight count toward the
-    limit, so parallel guesses cannot slip past it. At most `max_keys` keys
-    are kept (least recently used first out), so memory stays bounded.
+    limit, so parallel guesses cannot slip past it.
+
+    At most `max_keys` keys are kept, and a key is made only for an attempt
+    that goes ahead: a refused attempt remembers nothing and so can evict
+    nothing. When full, what is least worth remembering goes first (nothing,
+    then a past trip, then failures in the window); a live lockout is never
+    forgotten to make room: a new key is refused instead (fail closed), so
+    volume from other addresses cannot buy a locked device more guesses.
     """
 
     def __init__(self, max_attempts, window, global_max, *, max_keys=10_000, clock=time.time):
@@ -1098,7 +1107,7 @@ class RateLimiter:
         self.global_max = global_max
         self.max_keys = max_keys
         self.clock = clock
-        self._buckets = collections.OrderedDict()
+        self._buckets = collections.OrderedDict()  # least recently used first
         self._global = _Bucket()
         self._lock = threading.Lock()
 
@@ -1106,9 +1115,16 @@ class RateLimiter:
         """Start an attempt: 0 if it may go ahead (then release() it), else seconds to wait."""
         now = self.clock() if now is None else now
         with self._lock:
-            buckets = self._buckets_for(key, device)
+            bucket = self._buckets.get(key)
+            fresh = bucket is None
+            buckets = self._pairs(bucket or _Bucket(), device)
             wait = max(self._wait(bucket, limit, now) for bucket, limit in buckets)
+            if wait == 0 and fresh:
+                wait = self._make_room(now)
+                if wait == 0:
+                    self._buckets[key] = buckets[0][0]
             if wait == 0:
+                self._buckets.move_to_end(key)
                 for bucket, _ in buckets:
                     bucket.in_flight += 1
             return wait
@@ -1118,22 +1134,49 @@ class RateLimiter:
         counts nor resets, anything else (a wrong code, a replay) counts as a failure."""
         now = self.clock() if now is None else now
         with self._lock:
-            for bucket, limit in self._buckets_for(key, device):
+            bucket = self._buckets.get(key)  # kept while in flight: _worth never drops it
+            buckets = self._pairs(bucket, device) if bucket is not None else []
+            for bucket, limit in buckets:
                 bucket.in_flight = max(0, bucket.in_flight - 1)
                 if outcome not in (Outcome.SUCCESS, Outcome.UNDECIDED):
                     self._count(bucket, limit, now)
             if outcome is Outcome.SUCCESS:
                 self._buckets.pop(key, None)
 
-    def _buckets_for(self, key, device):
-        bucket = self._buckets.pop(key, None) or _Bucket()
-        self._buckets[key] = bucket  # most recently used last
-        while len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
+    def _pairs(self, bucket, device):
         pairs = [(bucket, self.max_attempts)]
         if not device:
             pairs.append((self._global, self.global_max))
         return pairs
+
+    def _make_room(self, now):
+        """0 when there is room for one more key, else the seconds until the first lockout ends.
+
+        Full: a tenth of the keys go at once (every worthless one, at least), least worth
+        remembering and least recently used first, so the sort is paid once per many new keys.
+        """
+        if len(self._buckets) < self.max_keys:
+            return 0
+        ranked = sorted((self._worth(bucket, now), age, key) for age, (key, bucket) in enumerate(self._buckets.items()))
+        victims = [key for worth, _, key in ranked if worth < LIVE_LOCKOUT]
+        if not victims:
+            return max(1, math.ceil(min(b.locked_until for b in self._buckets.values()) - now))
+        batch = max(len(self._buckets) // 10, sum(1 for worth, _, _ in ranked if worth == 0), 1)
+        for key in victims[:batch]:
+            del self._buckets[key]
+        return 0
+
+    def _worth(self, bucket, now):
+        """What forgetting a key loses: 0 nothing, 1 a past trip (the next lockout doubles),
+        2 failures in the window, LIVE_LOCKOUT a lockout or an attempt in flight (never forgotten)."""
+        if bucket.in_flight or bucket.locked_until > now:
+            return LIVE_LOCKOUT
+        self._forget_old(bucket, now)
+        if bucket.failures:
+            return 2
+        if bucket.last_trip is not None and now - bucket.locked_until < MAX_LOCKOUT_SECONDS:
+            return 1
+        return 0
 
     def _wait(self, bucket, limit, now):
         if bucket.locked_until > now:

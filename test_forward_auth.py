@@ -778,23 +778,80 @@ def address(i):
     return f"{10 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}.1"
 
 
-def test_the_limiter_stays_bounded_under_a_million_addresses(clock):
-    rl = limiter(clock)
-    for i in range(1_000_000):
+def test_the_limiter_stays_bounded_under_many_more_addresses_than_it_keeps(clock):
+    rl = limiter(clock, global_max=10**7)
+    for i in range(200_000):
         fail(rl, address(i))
-    assert len(rl._buckets) == 10_000
+    assert len(rl._buckets) <= 10_000
+
+
+def test_a_refused_attempt_remembers_nothing(clock):
+    rl = limiter(clock, global_max=30)
+    for i in range(30):
+        fail(rl, address(i))  # the global ceiling trips
+    for i in range(30, 20_000):
+        assert rl.acquire(address(i)) == 900
+    assert len(rl._buckets) == 30
+
+
+def lock_device(rl, key="device:stolen"):
+    for _ in range(5):
+        fail(rl, key, device=True)
+    assert wait_of(rl, key, device=True) == 900
+
+
+def test_volume_from_other_addresses_never_erases_a_lockout(clock):
+    """The 3.0 review: 10,050 attempts from other addresses evicted a locked device's record, and
+    the stolen device cookie got five more guesses after every flush."""
+    rl = limiter(clock, global_max=10**7)  # as if the ceiling never tripped: the worst case for eviction
+    lock_device(rl)
+    for i in range(10_050):
+        fail(rl, address(i))
+    assert wait_of(rl, "device:stolen", device=True) == 900
+    assert len(rl._buckets) <= 10_000
+
+
+def test_the_same_attack_with_other_devices_keeps_the_lockout(clock):
+    rl = limiter(clock)
+    lock_device(rl)
+    for i in range(10_050):
+        fail(rl, f"device:minted-{i}", device=True)
+    assert wait_of(rl, "device:stolen", device=True) == 900
+
+
+def test_full_of_live_lockouts_a_new_client_is_refused_instead(clock):
+    rl = limiter(clock, max_keys=100, max_attempts=1, global_max=10**7)
+    for i in range(100):
+        fail(rl, f"device:{i}", device=True)  # one failure locks each
+    assert wait_of(rl, "192.0.2.1") == 900  # fail closed: no room without forgetting a lockout
+    assert all(wait_of(rl, f"device:{i}", device=True) == 900 for i in range(100))
+    clock.advance(900)
+    assert wait_of(rl, "192.0.2.1") == 0  # the lockouts ended: room again
+
+
+def test_when_full_the_least_worth_remembering_goes_first(clock):
+    rl = limiter(clock, max_keys=100, global_max=10**7)
+    for _ in range(4):
+        fail(rl, "device:almost", device=True)  # four failures: one short of a lockout
+    for i in range(99):
+        rl.acquire(f"10.9.0.{i}")
+        rl.release(f"10.9.0.{i}", outcome=fa.Outcome.UNDECIDED)  # remembered, worth nothing
+    for i in range(200):
+        assert wait_of(rl, address(i)) == 0
+    fail(rl, "device:almost", device=True)
+    assert wait_of(rl, "device:almost", device=True) == 900
 
 
 def test_the_limiter_weighs_a_few_megabytes_at_its_bound(clock):
     import tracemalloc
 
     tracemalloc.start()
-    rl = limiter(clock)
+    rl = limiter(clock, global_max=10**7)
     for i in range(30_000):  # three times the bound: eviction has run
         fail(rl, address(i))
     current, _peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert len(rl._buckets) == 10_000
+    assert 9_000 <= len(rl._buckets) <= 10_000
     assert current < 4 * 1024 * 1024, current  # measured: 3.2 MB for 10,000 remembered addresses
 
 
