@@ -74,13 +74,13 @@ DEVICE_COOKIE_SECONDS = 400 * 86400  # the longest Max-Age browsers keep (RFC 62
 MAX_LOCKOUT_SECONDS = 86400
 REFRESH_SECONDS = 0.5  # how often /verify looks for changes made by another process
 LAST_USED_SECONDS = 60  # app tokens' last-used times are written at most this often
+PURGE_SECONDS = 3600  # expired revocations and session records are deleted this often
 TOKEN_CHECK_SECONDS = 0.1  # an unknown app token looks in the database at most this often
 LOG_EVERY_SECONDS = 60  # a repeated refusal (forbidden host, bad app token) is logged once a minute
 TOKEN_CACHE_SIZE = 1024  # entries; at most TOKEN_CACHE_KEY_BYTES each, so 4 MB at worst
 TOKEN_CACHE_KEY_BYTES = 4096
-MAX_HEADER_SEGMENT = 256  # a JWT header longer than this is not one we would accept
 USER_AGENT_CHARS = 120
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 HS256_HEADER = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"  # b64url('{"alg":"HS256","typ":"JWT"}')
 B64URL = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
@@ -468,7 +468,9 @@ class SessionRecord(collections.namedtuple("SessionRecord", "jti user created ex
 # What the check path holds of a user: its host patterns (None: every host), when
 # its sessions were last ended (-logout, a reset by -invite), and who it is for the apps.
 Rule = collections.namedtuple("Rule", "hosts sessions_after full_name email groups")
-Snapshot = collections.namedtuple("Snapshot", "version rules deleted revoked app_tokens")
+# `revoked`: {jti: expires} of the revocations after the `since` a snapshot was asked for;
+# `revoked_seq`: the highest revocation number the database ever gave (see MIGRATIONS[4]).
+Snapshot = collections.namedtuple("Snapshot", "version rules deleted revoked app_tokens revoked_seq")
 
 # Each version's statements; a database at version N runs those above N, in one transaction.
 MIGRATIONS = {
@@ -526,6 +528,17 @@ MIGRATIONS = {
         # One id for a session across its renewals (its first token's jti), so a logout
         # with an older token of it still ends the renewed one.
         "ALTER TABLE sessions ADD COLUMN sid TEXT",
+    ),
+    4: (
+        # Revocations numbered in the order they are made (AUTOINCREMENT never reuses a
+        # number, even after a purge), so a reload reads only those it has not seen.
+        """CREATE TABLE revoked_numbered (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            jti TEXT NOT NULL UNIQUE,
+            expires INTEGER NOT NULL)""",
+        "INSERT INTO revoked_numbered (jti, expires) SELECT jti, expires FROM revoked ORDER BY rowid",
+        "DROP TABLE revoked",
+        "ALTER TABLE revoked_numbered RENAME TO revoked",
     ),
 }
 
@@ -719,7 +732,7 @@ class Store:
         """
         try:
             with self._transaction() as conn:
-                conn.execute("INSERT INTO revoked VALUES (?, ?)", (old_jti, int(old_expires)))
+                conn.execute("INSERT INTO revoked (jti, expires) VALUES (?, ?)", (old_jti, int(old_expires)))
                 self._carry_session(conn, old_jti, session)
         except sqlite3.IntegrityError:
             return False
@@ -736,7 +749,7 @@ class Store:
     def end_session(self, sid):
         """Revoke the current token of the session `sid` (a renewal may have replaced the one presented)."""
         with self._transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO revoked SELECT jti, expires FROM sessions WHERE sid = ?", (sid,))
+            conn.execute("INSERT OR REPLACE INTO revoked (jti, expires) SELECT jti, expires FROM sessions WHERE sid = ?", (sid,))
 
     def end_sessions(self, name, now):
         """End every session of NAME issued until now; False if there is no such user."""
@@ -750,7 +763,7 @@ class Store:
         if conn.execute("UPDATE users SET sessions_after = ? WHERE name = ?", (int(now), name)).rowcount != 1:
             return False
         conn.execute(
-            "INSERT OR REPLACE INTO revoked SELECT jti, expires FROM sessions WHERE user = ? AND expires > ?",
+            "INSERT OR REPLACE INTO revoked (jti, expires) SELECT jti, expires FROM sessions WHERE user = ? AND expires > ?",
             (name, int(now)),
         )
         return True
@@ -766,10 +779,19 @@ class Store:
     def revoke(self, revocations, quick=False):
         """Store {jti: expires}; `quick` waits at most 100 ms for a lock (then sqlite3.Error)."""
         with self._transaction(quick) as conn:
-            conn.executemany("INSERT OR REPLACE INTO revoked VALUES (?, ?)", revocations.items())
+            conn.executemany("INSERT OR REPLACE INTO revoked (jti, expires) VALUES (?, ?)", revocations.items())
 
-    def purge_revoked(self, now):
-        self._write("DELETE FROM revoked WHERE expires <= ?", (int(now),))
+    def current_token(self, sid, now):
+        """(jti, expires) of the session `sid`'s live token (renewed a moment ago by another request), or None."""
+        rows = self._query("SELECT jti, expires FROM sessions WHERE sid = ? AND expires > ? "
+                           "AND jti NOT IN (SELECT jti FROM revoked)", (sid, int(now)))
+        return rows[0] if rows and isinstance(rows[0][1], int) else None
+
+    def purge_expired(self, now):
+        """Delete revocations and session records of tokens that expired: they need neither."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM revoked WHERE expires <= ?", (int(now),))
+            conn.execute("DELETE FROM sessions WHERE expires <= ?", (int(now),))
 
     # -- App tokens --
 
@@ -866,8 +888,10 @@ class Store:
 
     # -- What the check path reads --
 
-    def snapshot(self):
-        """The Snapshot the check path works from, read through the watch connection."""
+    def snapshot(self, since=0):
+        """The Snapshot the check path works from, read through the watch connection: every user,
+        deletion and app token, and the revocations numbered after `since` (all of them when the
+        database was replaced by one that numbered fewer)."""
         with self._watch_lock:
             conn = self._watch
             (version,) = conn.execute("PRAGMA data_version").fetchone()
@@ -880,7 +904,10 @@ class Store:
                     )
                 }
                 deleted = dict(conn.execute("SELECT name, at FROM deleted"))
-                revoked = dict(conn.execute("SELECT jti, expires FROM revoked"))
+                row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'revoked'").fetchone()
+                revoked_seq = row[0] if row else 0
+                since = since if since <= revoked_seq else 0
+                revoked = dict(conn.execute("SELECT jti, expires FROM revoked WHERE seq > ?", (since,)))
                 app_tokens = {
                     digest: AppToken(user, label, hosts, created, expires, None)
                     for digest, user, label, hosts, created, expires in conn.execute(
@@ -889,7 +916,7 @@ class Store:
                 }
             finally:
                 conn.execute("COMMIT")
-            return Snapshot(version, rules, deleted, revoked, app_tokens)
+            return Snapshot(version, rules, deleted, revoked, app_tokens, revoked_seq)
 
 
 def _create_private_file(path, exclusive=False):
@@ -940,7 +967,7 @@ def verify_token(token, key, now):
     if len(parts) != 3:
         return None, "malformed"
     header, payload, signature = parts
-    if header != HS256_HEADER and not _plain_hs256_header(header):
+    if header != HS256_HEADER:  # exactly the header sign_token writes: no alg, kid or jku to follow
         return None, "algorithm"
     if not B64URL.fullmatch(payload) or not B64URL.fullmatch(signature) or not hmac.compare_digest(
         signature, _signature(f"{header}.{payload}", key)
@@ -957,36 +984,17 @@ def verify_token(token, key, now):
     return claims, None
 
 
-def _plain_hs256_header(segment):
-    """A header another HS256 signer may write: alg HS256, typ JWT or absent, nothing else.
-
-    Why accept one at all: with JWT_SECRET set, a script may mint a session
-    with a JWT library (PyJWT, jose), whose header is spelled differently from
-    ours. No `none`, no other alg, and no key hints (kid, jku, jwk, x5u, crit) to follow.
-    A long segment is refused unread: json.loads of "[[[[…" raises RecursionError.
-    """
-    if len(segment) > MAX_HEADER_SEGMENT:
-        return False
-    try:
-        header = json.loads(_b64decode(segment))
-    except (ValueError, RecursionError):
-        return False
-    return (
-        isinstance(header, dict)
-        and header.get("alg") == "HS256"
-        and header.get("typ", "JWT") == "JWT"
-        and set(header) <= {"alg", "typ"}
-    )
+# The claims forward-auth writes and their types; `auth_time` and `sid` are absent from 2.0's tokens.
+CLAIM_TYPES = {"sub": str, "jti": str, "iat": int, "exp": int, "auth_time": int, "sid": str}
+REQUIRED_CLAIMS = {"sub", "jti", "iat", "exp"}
 
 
 def _claims_well_formed(claims):
+    """Only our claims, each of its type (bool is not an int here): an odd claim is a refusal, never an error later."""
     return (
         isinstance(claims, dict)
-        and isinstance(claims.get("sub"), str)
-        and isinstance(claims.get("jti"), str)
-        and type(claims.get("iat")) is int
-        and type(claims.get("exp")) is int
-        and type(claims.get("auth_time", 0)) is int
+        and REQUIRED_CLAIMS <= claims.keys() <= CLAIM_TYPES.keys()
+        and all(type(value) is CLAIM_TYPES[name] for name, value in claims.items())
     )
 
 
@@ -1979,10 +1987,10 @@ class Throttle:
 
 # One consistent picture of the database, swapped in by one assignment: a
 # reader takes `gate.view` once and sees rules, deletions and tokens of the
-# same moment. `revoked` is the one part that changes in place (a logout in
-# this process), always under Gate._revocations_lock.
+# same moment. `revoked` is not of a moment: it is the Gate's one set of
+# revocations, which only grows (under Gate._revocations_lock) until a token
+# expires, so no reload can swap in a view without a revocation just made.
 View = collections.namedtuple("View", "version rules deleted revoked app_tokens allowed")
-EMPTY_VIEW = View(None, {}, {}, {}, {}, {})
 
 
 def build_view(snapshot, revoked):
@@ -2015,6 +2023,11 @@ def build_view(snapshot, revoked):
     return View(snapshot.version, rules, deleted, revoked, app_tokens, allowed)
 
 
+def _in_background(function, *args):
+    """Run a database write off the request's thread: the write may wait for a lock."""
+    threading.Thread(target=function, args=args, daemon=True).start()
+
+
 def _host_list(text):
     """The HostList of a stored host list (None: every host)."""
     patterns = _hosts_rule(text)
@@ -2035,12 +2048,15 @@ class Gate:
         self.session_ttl = session_ttl
         self.session_max = session_max
         self.renew_after = session_ttl - session_ttl // 2  # seconds left when a navigation renews
-        self.view = EMPTY_VIEW
-        self._claims = {}  # Cookie header -> claims of its session cookies whose signature holds
+        self._revoked = {}  # jti -> expires: every revocation of a token that has not expired
+        self._revoked_seq = 0  # the database's revocations up to this number are in _revoked
         self._unwritten = {}  # jti -> expires: revocations the database has not taken yet
-        self._revocations_lock = threading.Lock()  # guards view.revoked and _unwritten
+        self._revocations_lock = threading.Lock()  # guards _revoked, _revoked_seq and _unwritten
+        self.view = View(None, {}, {}, self._revoked, {}, {})
+        self._claims = {}  # Cookie header -> claims of its session cookies whose signature holds
         self._last_used = {}  # SHA-256 -> when, written in batches
         self._next_flush = 0.0
+        self._next_purge = None
         self._next_refresh = 0.0
         self._next_token_check = 0.0
         self._refresh_lock = threading.Lock()
@@ -2064,19 +2080,23 @@ class Gate:
             with contextlib.suppress(sqlite3.Error):  # still locked: kept, and tried at the next refresh
                 self._write_unwritten()
             if force or self.store.data_version() != self.view.version:
-                self._load(self.store.snapshot(), now)
+                self._load(self.store.snapshot(self._revoked_seq), now)
             self._flush_if_due(now)
+            self._purge_if_due(now)
         except sqlite3.Error as error:
             log.warning("cannot refresh from the database, serving from memory: %s", error)
         finally:
             self._refresh_lock.release()
 
     def _load(self, snapshot, now):
-        with self._revocations_lock:  # a logout in this process is never lost between the two
-            # Expired ones need no revocation; one whose stored expiry is not a number stays revoked.
-            revoked = {jti: exp for jti, exp in snapshot.revoked.items() if not isinstance(exp, int) or exp > now}
-            revoked.update(self._unwritten)
-            self.view = build_view(snapshot, revoked)
+        """Swap in the View of `snapshot`, its new revocations added to the ones held (never replacing them)."""
+        with self._revocations_lock:
+            self._revoked.update(snapshot.revoked)
+            self._revoked_seq = snapshot.revoked_seq
+            # Expired tokens need no revocation; one whose stored expiry is not a number stays revoked.
+            for jti in [jti for jti, exp in self._revoked.items() if isinstance(exp, int) and exp <= now]:
+                del self._revoked[jti]
+            self.view = build_view(snapshot, self._revoked)
 
     def _write_unwritten(self, wait=False):
         """Write the revocations the database has not taken yet (`wait`: as long as a write may wait)."""
@@ -2091,7 +2111,7 @@ class Gate:
     def revoke(self, jti, expires):
         """End one session: at once in this process, in the database as soon as it lets us."""
         with self._revocations_lock:
-            self.view.revoked[jti] = expires
+            self._revoked[jti] = expires
             self._unwritten[jti] = expires
         try:
             self._write_unwritten()
@@ -2120,8 +2140,23 @@ class Gate:
     def _flush_if_due(self, now):
         if self._last_used and not self._next_flush - LAST_USED_SECONDS <= now < self._next_flush:
             self._next_flush = now + LAST_USED_SECONDS
-            # Off the request's thread: the write may wait for a lock.
-            threading.Thread(target=self.flush_last_used, daemon=True).start()
+            _in_background(self.flush_last_used)
+
+    def _purge_if_due(self, now):
+        """Expired revocations and session records go on a schedule, not only at a logout: a
+        household that never signs out must not grow the table each reload reads."""
+        if self._next_purge is None:  # the first refresh, at start: no request waits for it
+            self._next_purge = now + PURGE_SECONDS
+            self.purge_expired(now)
+        elif not self._next_purge - PURGE_SECONDS <= now < self._next_purge:
+            self._next_purge = now + PURGE_SECONDS
+            _in_background(self.purge_expired, now)
+
+    def purge_expired(self, now):
+        try:
+            self.store.purge_expired(now)
+        except sqlite3.Error as error:  # locked or closed: the next schedule tries again
+            log.warning("cannot purge expired sessions yet: %s", error)
 
     def user_count(self):
         return len(self.view.rules)
@@ -2181,7 +2216,10 @@ class Gate:
         return claims["sub"] in view.rules and claims["iat"] > view.deleted.get(claims["sub"], -1)
 
     def renewal(self, claims, now):
-        """The claims a renewed session gets, or None when renewing would gain nothing (past its cap)."""
+        """The claims a renewed session gets, or None: only a session past half its idle lifetime
+        renews (a fresher one would gain little and cost a revocation), and never past its cap."""
+        if claims["exp"] - now >= self.renew_after:
+            return None
         login = login_time(claims)
         expires = min(int(now) + self.session_ttl, login + self.session_max)
         if expires <= claims["exp"]:
@@ -2517,14 +2555,23 @@ class SignIn:
         """A fresh session cookie for a session past half its idle lifetime: a new `jti` (the old one
         revoked), the same login and session record, expiry now + idle lifetime but never past the cap."""
         renewed = self.gate.renewal(claims, request.now)
-        if renewed is None:  # at its cap: renewing gains nothing
+        if renewed is None:  # fresh enough, or at its cap: on to `next` unchanged
             return 302, [("Location", location)], b""
         if not self.store.renew_session(claims["jti"], claims["exp"], session_record(renewed, request)):
-            # Ended, or renewed by another request, a moment ago: as without a session.
-            return self.form(request, request.query.get("next", ""))
+            return self._lost_renewal(request, claims, renewed, location)
         self.gate.revoke(claims["jti"], claims["exp"])
         log.info("renew user=%s ip=%s", claims["sub"], request.ip)
         return 302, [self.cookies.session(renewed), ("Location", location)], b""
+
+    def _lost_renewal(self, request, claims, renewed, location):
+        """Another request renewed this token a moment ago (tabs restored at once share one cookie):
+        this one answers with a cookie of the winner's token (same `jti` and expiry, so a sign-out
+        ends both), never the login form. Ended by a logout meanwhile: the login form."""
+        current = self.store.current_token(session_id(claims), request.now)
+        if current is None:
+            return self.form(request, request.query.get("next", ""))
+        winner = dict(renewed, jti=current[0], exp=current[1])
+        return 302, [self.cookies.session(winner), ("Location", location)], b""
 
     def _usable(self, users):
         """Users whose stored seed pyotp can use; each other one is logged once and skipped."""
@@ -2954,8 +3001,6 @@ class App:
                 self.store.end_sessions(claims["sub"], request.now)
             except sqlite3.Error as error:
                 log.warning("sign out everywhere failed, this session is ended: %s", error)
-        with contextlib.suppress(sqlite3.Error):
-            self.store.purge_revoked(request.now)  # expired tokens need no revocation
         self.gate.refresh(request.now, force=True)
         log.info("logout user=%s everywhere=%s ip=%s", claims["sub"], "yes" if everywhere else "no", request.ip)
 

@@ -497,6 +497,36 @@ def test_a_2_0_database_keeps_users_hosts_tokens_invites_and_sessions_after_the_
     store.close()
 
 
+@pytest.fixture
+def database_3_0(tmp_path):
+    return copy_of_fixture(tmp_path, "3.0")  # written by fixtures/make_3_0_fixture.py
+
+
+def test_a_3_0_database_keeps_identities_invites_sessions_and_revocations_after_the_upgrade(database_3_0):
+    path, noted = database_3_0
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+    store = fa.Store(path)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == fa.SCHEMA_VERSION
+    users = {u.name: u for u in store.users()}
+    assert {n: users[n].seed for n in ("alice", "bob")} == noted["seeds"] and users["carol"].seed == ""
+    assert {n: users[n].last_step for n in users} == noted["last_steps"]
+    assert (users["alice"].full_name, users["alice"].groups) == ("Alice Müller", "admins,family")
+    clock = FakeClock(noted["now"] + 1)
+    app = fa.make_app(settings(session_ttl=noted["ttl"]), store=store, clock=clock)
+    r = check(app, noted["alice_cookie"])  # renewed under 3.0
+    assert (r.status, r.header("Remote-User"), r.header("Remote-Email")) == (200, "alice", "alice@example.com")
+    assert check(app, noted["renewed_away_cookie"]).status == 401  # its renewal's revocation survived
+    assert check(app, noted["signed_out_cookie"]).status == 401  # and the sign-out's
+    assert check(app, noted["bob_cookie"], "https://app2.example.com/").status == 403
+    assert check(app, headers={"Authorization": f"Bearer {noted['bob_token']}"}).header("Remote-User") == "bob"
+    invite = store.invite(fa.digest(noted["invite_token"]), clock())
+    assert (invite.user, invite.browser) == ("carol", fa.digest(noted["invite_browser"]))
+    # Revocations are numbered now, in the order 3.0 made them.
+    rows = store._query("SELECT seq, jti FROM revoked ORDER BY seq")
+    assert [seq for seq, _ in rows] == [1, 2]
+    store.close()
+
+
 def test_a_newer_schema_is_refused_and_left_alone(db_path):
     conn = sqlite3.connect(db_path)
     conn.execute(f"PRAGMA user_version = {fa.SCHEMA_VERSION + 1}")
@@ -581,9 +611,29 @@ def test_a_tampered_token_is_refused(label, token, reason):
 
 
 @pytest.mark.parametrize("header", [{"alg": "HS256"}, {"typ": "JWT", "alg": "HS256"}, {"alg": "HS256", "typ": "JWT"}])
-def test_a_plain_hs256_header_from_another_signer_is_accepted(header):
-    token = forge(header, GOOD)
-    assert fa.verify_token(token, KEY, NOW) == (GOOD, None)
+def test_only_the_header_forward_auth_writes_is_accepted(header):
+    """The 3.0 review: a second accepted spelling of the header was a parser nobody asked for. PyJWT
+    writes exactly ours ({"alg":"HS256","typ":"JWT"}, compact and sorted); any other spelling is refused."""
+    assert fa.verify_token(forge(header, GOOD), KEY, NOW) == (None, "algorithm")
+    compact = base64.urlsafe_b64encode(json.dumps(header, separators=(",", ":"), sort_keys=True).encode())
+    if compact.rstrip(b"=").decode() == fa.HS256_HEADER:
+        payload = fa._b64encode(json.dumps(GOOD).encode())
+        signing_input = f"{fa.HS256_HEADER}.{payload}"
+        assert fa.verify_token(f"{signing_input}.{fa._signature(signing_input, KEY)}", KEY, NOW) == (GOOD, None)
+
+
+@pytest.mark.parametrize("claims", [
+    dict(GOOD, sid=["a", "b"]),  # the 3.0 review: a list made renewal answer 503
+    dict(GOOD, sid=7),
+    dict(GOOD, auth_time="1800000000"),
+    dict(GOOD, iat=True),
+    dict(GOOD, sub=None),
+    dict(GOOD, jti={"x": 1}),
+    dict(GOOD, nbf=int(NOW)),  # a claim forward-auth never writes
+    dict(GOOD, admin=True),
+], ids=["sid list", "sid number", "auth_time text", "iat bool", "sub null", "jti object", "nbf", "extra"])
+def test_an_odd_claim_is_a_refusal(claims):
+    assert fa.verify_token(fa.sign_token(claims, KEY), KEY, NOW) == (None, "claims")
 
 
 def test_non_canonical_base64_is_refused():
@@ -3493,7 +3543,7 @@ def test_stored_values_of_the_wrong_type_never_fail_a_check(app, store, clock, l
     add_user(store, "bob")
     store.set_hosts("bob", ["app1.example.com"])
     store._write("UPDATE users SET hosts = 42, sessions_after = 'x' WHERE name = 'bob'")
-    store._write("INSERT INTO revoked VALUES ('odd', 'not a time')")
+    store._write("INSERT INTO revoked (jti, expires) VALUES ('odd', 'not a time')")
     store._write("INSERT INTO deleted VALUES ('carol', 'yesterday')")
     new_app_token(store, "alice", "odd")
     store._write("UPDATE app_tokens SET expires = 'soon'")
@@ -4003,6 +4053,70 @@ class SlowRenewal:
         self.store.renew_session = self.original
 
 
+def test_a_renewal_asked_for_a_fresh_session_goes_on_unchanged(sliding, clock, store):
+    """The 3.0 review: /login?renew=1 renewed any valid session, once a second if asked, and each
+    renewal kept a revocation row for a day. Only a session past half its idle lifetime renews."""
+    app, cookie = sliding
+    clock.advance(TTL // 2 - 1)
+    for _ in range(50):
+        r = renew(app, cookie)
+        assert (r.status, r.header("Location"), r.cookie_value("auth_token")) == (302, "https://app1.example.com/x", None)
+    assert store._query("SELECT count(*) FROM revoked") == [(0,)]
+    clock.advance(2)  # past half: it renews, once
+    assert renew(app, cookie).cookie_value("auth_token")
+    assert store._query("SELECT count(*) FROM revoked") == [(1,)]
+
+
+def rows_in(store, table):
+    return store._query(f"SELECT count(*) FROM {table}")[0][0]
+
+
+def test_expired_revocations_are_purged_on_a_schedule_without_any_logout(sliding, clock, store):
+    app, cookie = sliding
+    for _ in range(5):
+        clock.advance(TTL // 2 + 1)
+        cookie = session_cookie(app, renew(app, cookie))
+    assert rows_in(store, "revoked") >= 1
+    clock.advance(fa.PURGE_SECONDS + TTL)  # every renewed-away token has expired
+    app.refresh(clock())
+    deadline = time.monotonic() + 10  # the purge runs in the background
+    while rows_in(store, "revoked") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (rows_in(store, "revoked"), rows_in(store, "sessions")) == (0, 0)
+
+
+def test_a_reload_reads_only_the_revocations_it_has_not_seen(sliding, clock, store, db_path):
+    app, cookie = sliding
+    for _ in range(4):
+        clock.advance(TTL // 2 + 1)
+        cookie = session_cookie(app, renew(app, cookie))
+    clock.advance(1)
+    app.refresh(clock())  # the renewals' own revocations are read
+    read = []
+    original = store.snapshot
+    store.snapshot = lambda since=0: read.append(original(since)) or read[-1]
+    other = fa.Store(db_path)  # another process: the CLI
+    other.set_hosts("alice", ["app1.example.com"])
+    clock.advance(1)
+    assert check(app, cookie, "https://app2.example.com/").status == 403  # the change was read
+    assert [len(s.revoked) for s in read] == [0]  # and not one unchanged revocation with it
+    other.revoke({"elsewhere": int(clock()) + 100})
+    clock.advance(1)
+    check(app, cookie)
+    assert [len(s.revoked) for s in read] == [0, 1]
+    other.close()
+
+
+def test_a_reload_that_read_the_database_before_a_logout_does_not_bring_the_session_back(sliding, clock, store):
+    """The 3.0 review's in-process race: a reload swapped in a view without a revocation just made
+    (healed only by a forced reload elsewhere). Revocations are added to, never replaced."""
+    app, cookie = sliding
+    before = store.snapshot(app.gate._revoked_seq)  # a reload in another thread reads the database ...
+    assert call(app, "POST", "/logout", headers={"Cookie": cookie}).status == 302  # ... a logout answers ...
+    app.gate._load(before, clock())  # ... and that reload swaps its view in afterwards
+    assert check(app, cookie).status == 401
+
+
 def test_two_concurrent_renewals_of_one_token_do_not_fork_the_session(sliding_with_bob, clock, store):
     """HOLE (low-medium). SignIn._renew checks the session (gate.session), then writes the
     renewal, then revokes the old jti in memory: two GET /login?renew=1 with the same cookie in
@@ -4028,7 +4142,12 @@ def test_two_concurrent_renewals_of_one_token_do_not_fork_the_session(sliding_wi
             t.join()
     fresh = [session_cookie(app, r) for r in results if r.cookie_value("auth_token")]
     live = [c for c in fresh if check(app, c).status == 200]
-    assert len(live) <= 1, f"one login became {len(live)} live sessions"
+    # 4.0: the renewal that lost the race answers with the winner's token (its jti): both tabs
+    # keep the one session, and nobody sees the login form.
+    assert len(live) == 2 and all(r.status == 302 for r in results)
+    assert len({claims_of(app, c, clock())["jti"] for c in live}) == 1, "one login became two sessions"
+    assert call(app, "POST", "/logout", headers={"Cookie": live[1]}).status == 302
+    assert [check(app, c).status for c in live] == [401, 401]
 
 
 def test_a_replayed_token_forks_into_many_sessions_on_real_waitress(store, clock):
@@ -4066,7 +4185,7 @@ def test_a_replayed_token_forks_into_many_sessions_on_real_waitress(store, clock
             for conn in conns:
                 conn.close()
             live = [t for t in tokens if t.startswith("auth_token=") and check(app, t).status == 200]
-            worst = max(worst, len(live))
+            worst = max(worst, len({claims_of(app, t, clock())["jti"] for t in live}))
             if not live:
                 break
             cookie = live[0]
