@@ -826,11 +826,14 @@ class Store:
 
     # -- Invitations --
 
-    def create_invite(self, name, digest, seed, now, expires):
+    def create_invite(self, name, digest, seed, now, expires, keep_tokens=False):
         """A pending seed for NAME; a new NAME is created pending, an existing one is reset.
 
-        Returns True for a new user. A reset ends the current seed and every
-        session now; the host list and app tokens stay. An earlier invitation is void.
+        Returns True for a new user. A reset (a lost phone) ends the current seed,
+        every session and, unless `keep_tokens`, the app tokens now: a calendar
+        client on the lost phone holds one. The host list and device cookies stay
+        (a device only narrows which seed a code is tried against). An earlier
+        invitation is void.
         """
         with self._transaction() as conn:
             new = conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None
@@ -840,6 +843,8 @@ class Store:
             else:
                 conn.execute("UPDATE users SET seed = '' WHERE name = ?", (name,))
                 self._end_sessions(conn, name, now)
+                if not keep_tokens:
+                    conn.execute("DELETE FROM app_tokens WHERE user = ?", (name,))
             conn.execute(
                 "INSERT OR REPLACE INTO invites (user, hash, seed, expires) VALUES (?, ?, ?, ?)",
                 (name, digest, seed, int(expires)),
@@ -2895,13 +2900,16 @@ class App:
         return 302, [("Location", location)], b""
 
     def _unauthorized(self, request):
-        """401; with a Basic challenge on BASIC_AUTH_HOSTS for a client that sent no credential at
-        all, so CalDAV/WebDAV clients ask for NAME:TOKEN (they send it only when challenged)."""
+        """401; with a Basic challenge on BASIC_AUTH_HOSTS for a client that sent no credential, or
+        Basic credentials whose password is no app token (a saved password from before: RFC 9110
+        §15.5.2, a 401 carries the challenge, or the client never asks again), so CalDAV/WebDAV
+        clients ask for NAME:TOKEN. An app's own Bearer credential is left alone."""
         host = request.original_host
+        authorization = request.authorization
         if (
             self.settings.basic_auth_hosts
             and host is not None
-            and request.authorization is None
+            and (authorization is None or authorization.lstrip()[:6].lower() == "basic ")
             and not request.cookie_values(self.settings.cookie_name)
             and self.basic_auth_hosts.matches(*host)
         ):
@@ -3161,16 +3169,17 @@ def cmd_generate(cli, name=None):
     print_enrolment(name, seed, cli.settings.app_name)
 
 
-def cmd_invite(cli, name, url=None):
+def cmd_invite(cli, name, url=None, keep_tokens=None):
     _checked_name(name)
     link_base = _invite_base(cli.settings, url)
     token = secrets.token_urlsafe(32)
     now = cli.clock()
     expires = int(now) + cli.settings.invite_ttl
-    new = cli.store.create_invite(name, digest(token), new_seed(), now, expires)
+    new = cli.store.create_invite(name, digest(token), new_seed(), now, expires, keep_tokens=bool(keep_tokens))
     path = urllib.parse.urlsplit(cli.settings.login_url).path or "/login"
+    tokens = "app tokens are kept (--keep-tokens)" if keep_tokens else "so did their app tokens (--keep-tokens keeps them)"
     what = "a new user, who can sign in once the link is used" if new else (
-        "their old authenticator and every session stopped working now; hosts and app tokens are kept")
+        f"their old authenticator and every session stopped working now, {tokens}; their hosts are kept")
     print(f"Invitation for {name}: {what}.")
     print(f"Link: {link_base}{path}?invite={token}")
     print(f"Expires: {format_time(expires)} (in {_duration(cli.settings.invite_ttl)}); it works once.")
@@ -3257,9 +3266,14 @@ def _checked_email(text):
     return text
 
 
+MAX_GROUPS_CHARS = 1000  # Remote-Groups stays far below the 4-8 KB header buffers of nginx and Caddy
+
+
 def _checked_groups(text):
     if text is None or text == "":
         return None if text is None else ()
+    if len(text) > MAX_GROUPS_CHARS:
+        raise UsageError(f"--groups: at most {MAX_GROUPS_CHARS} characters in all (proxies refuse longer headers)")
     groups = text.split(",")
     for group in groups:
         _checked_name(group, "group")
@@ -3388,7 +3402,7 @@ def cmd_version(cli):
 Command = collections.namedtuple("Command", "flag args flags run creates help")
 COMMANDS = (
     Command("-generate", ("[NAME]",), (), cmd_generate, True, "add a user and print its enrolment"),
-    Command("-invite", ("NAME",), ("url",), cmd_invite, True,
+    Command("-invite", ("NAME",), ("url", "keep-tokens"), cmd_invite, True,
             "print a single-use enrolment link (new user, or reset a lost phone)"),
     Command("-list", (), (), cmd_list, False, "list users"),
     Command("-user", ("NAME",), ("name", "email", "groups"), cmd_user, False,
@@ -3404,9 +3418,10 @@ COMMANDS = (
     Command("-backup", ("FILE",), (), cmd_backup, False, "write an online backup of the database"),
     Command("-version", (), (), cmd_version, False, "print the version"),
 )
-# --flag: (keyword of the command's function, metavar, help).
+# --flag: (keyword of the command's function, metavar or None for a flag without a value, help).
 FLAGS = {
     "url": ("url", "BASE", "the https://host the link starts with"),
+    "keep-tokens": ("keep_tokens", None, "a reset keeps the user's app tokens (by default they are deleted)"),
     "name": ("full_name", "TEXT", "display name, sent as Remote-Name (empty clears)"),
     "email": ("email", "ADDRESS", "email, sent as Remote-Email (empty clears)"),
     "groups": ("groups", "G1,G2", "groups, sent as Remote-Groups (empty clears)"),
@@ -3433,7 +3448,8 @@ def build_parser():
         commands.add_argument(command.flag, "-" + command.flag, dest=command.flag, **_argparse_shape(command))
     for flag, (_, metavar, help_text) in FLAGS.items():
         takers = ", ".join(c.flag for c in COMMANDS if flag in c.flags)
-        parser.add_argument("--" + flag, dest="--" + flag, metavar=metavar, help=f"with {takers}: {help_text}")
+        shape = {"metavar": metavar} if metavar else {"action": "store_const", "const": True}
+        parser.add_argument("--" + flag, dest="--" + flag, help=f"with {takers}: {help_text}", **shape)
     return parser
 
 

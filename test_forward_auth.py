@@ -2247,7 +2247,8 @@ def test_an_invitation_post_needs_its_csrf_token(app, store):
     assert r.status == 403
 
 
-def test_a_reset_ends_the_old_seed_and_sessions_and_keeps_hosts_and_tokens(app, logged_in, alice, store, clock):
+def test_a_reset_ends_the_old_seed_sessions_and_app_tokens_and_keeps_hosts(app, logged_in, alice, store, clock):
+    """4.0 (the 3.0 review): a lost phone's calendar client held an app token that kept working."""
     store.set_hosts("alice", ["app1.example.com"])
     token = new_app_token(store)
     link, seed = invite(store, "alice", now=clock())
@@ -2256,7 +2257,7 @@ def test_a_reset_ends_the_old_seed_and_sessions_and_keeps_hosts_and_tokens(app, 
     clock.advance(fa.STEP)
     assert login(app, code_at(alice, clock())).status == 401  # the old seed
     assert store.user("alice").hosts == "app1.example.com"
-    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 200
+    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 401  # the phone's token
     page, _, browser = press_button(app, link)
     r = post_invite(app, link, page, otp=code_at(seed, clock()), browser=browser)
     assert r.status == 302 and check(app, session_cookie(app, r)).status == 200
@@ -2982,6 +2983,29 @@ def test_revoke_token_and_revoke_remove_tokens(db_path, capsys):
     assert store.app_tokens() == [] and store.invites() == {}
 
 
+def test_a_reset_from_the_command_line_deletes_app_tokens_unless_told_to_keep_them(db_path, capsys):
+    run_main(["-generate", "alice"], db_path, capsys)
+    run_main(["-token", "alice", "calendar"], db_path, capsys)
+    code, out, _ = run_main(["-invite", "alice", "--keep-tokens"], db_path, capsys)
+    assert code == 0 and "app tokens are kept" in out
+    assert [t.label for t in fa.Store(db_path).app_tokens()] == ["calendar"]
+    code, out, _ = run_main(["-invite", "alice"], db_path, capsys)
+    assert code == 0 and "so did their app tokens (--keep-tokens keeps them)" in out
+    assert fa.Store(db_path).app_tokens() == []
+    code, _, err = run_main(["-list", "--keep-tokens"], db_path, capsys)
+    assert (code, err.count("\n")) == (2, 1) and "-list does not take --keep-tokens" in err
+
+
+def test_groups_are_bounded_so_that_no_proxy_fails_on_the_header(db_path, capsys):
+    """The 3.0 review: past 4-8 KB of Remote-Groups nginx answered 500 for that user."""
+    run_main(["-generate", "alice"], db_path, capsys)
+    many = ",".join(f"group{i:04d}" for i in range(100))  # 999 characters
+    assert len(many) == 999 and run_main(["-user", "alice", "--groups", many], db_path, capsys)[0] == 0
+    code, _, err = run_main(["-user", "alice", "--groups", many + ",x"], db_path, capsys)
+    assert code == 2 and "at most 1000 characters" in err
+    assert fa.Store(db_path).user("alice").groups == many  # nothing changed
+
+
 def invite_link(out):
     return re.search(r"^Link: (\S*)/login\?invite=([A-Za-z0-9_-]{43})$", out, re.MULTILINE).groups()
 
@@ -3569,6 +3593,20 @@ def test_a_client_without_credentials_on_a_basic_auth_host_is_challenged(store, 
     assert check(app, "auth_token=junk", "https://cal.example.com/", path).header("WWW-Authenticate") is None
     browser = html_check(app, None, "https://cal.example.com/", path)
     assert browser.header("WWW-Authenticate") is None and "/login?next=" in browser.header("Location")
+
+
+@pytest.mark.parametrize("path", ["/verify", "/auth"])
+def test_basic_credentials_without_an_app_token_are_asked_again(store, clock, alice, path):
+    """The 3.0 review: a calendar client with a saved password (not an app token) got 401 without
+    WWW-Authenticate and never asked again (RFC 9110 §15.5.2: a 401 carries the challenge)."""
+    app = fa.make_app(settings(**CALDAV), store=store, clock=clock)
+    for credential in (basic("alice", "old-password"), basic("alice", ""), "basic " + base64.b64encode(b"x:y").decode(),
+                       "Basic !!!"):
+        r = check(app, None, "https://cal.example.com/dav/", path, headers={"Authorization": credential})
+        assert (r.status, r.header("WWW-Authenticate")) == (401, 'Basic realm="Forward Auth"'), credential
+    # An app's own Bearer credential is the app's business: no challenge, as before.
+    r = check(app, None, "https://cal.example.com/dav/", path, headers={"Authorization": "Bearer glsa_x"})
+    assert (r.status, r.header("WWW-Authenticate")) == (401, None)
 
 
 def test_basic_auth_hosts_takes_host_patterns_as_allow_does():
