@@ -263,6 +263,8 @@ def as_cookie_name(value):
 
 def as_cookie_domain(value):
     value = value.strip().lower()
+    if value.endswith(".") and value != ".":
+        value = value[:-1]  # a trailing dot names the same domain (as for hosts everywhere else)
     if value == "":
         return None
     bare = value.removeprefix(".")
@@ -309,6 +311,25 @@ def as_login_url(value):
     if parts.query or parts.fragment:
         raise ValueError("must not carry a query or fragment")
     return value
+
+
+# Where the login page is: the one rule every route, link, redirect and cookie path
+# uses (`LOGIN_URL=/sso/login` routes /sso/login and /sso/logout, and every link
+# says so). `base`: scheme://host of an absolute LOGIN_URL, else None; `host`: its
+# normalised host (no trailing dot, no default port), else None.
+LoginURL = collections.namedtuple("LoginURL", "url path logout_path base host")
+
+
+def login_url_of(value):
+    """The LoginURL of a LOGIN_URL that as_login_url accepted."""
+    parts = urllib.parse.urlsplit(value)
+    path = parts.path or "/"
+    logout_path = path.rstrip("/").rpartition("/")[0] + "/logout"
+    if not parts.scheme:
+        return LoginURL(path, path, logout_path, None, None)
+    host = normalise_host(parts.netloc, parts.scheme)
+    base = f"{parts.scheme}://{host}"
+    return LoginURL(base + path, path, logout_path, base, host)
 
 
 def as_host_pattern(value):
@@ -378,12 +399,13 @@ SETTINGS = (
 
 class Settings:
     """The validated configuration, frozen. Fields are SETTINGS' first column;
-    defaults are its defaults, converted. Tests build Settings(port=0, ...)."""
+    defaults are its defaults, converted; `login` is the LoginURL of `login_url`.
+    Tests build Settings(port=0, ...)."""
 
-    __slots__ = tuple(field for field, *_ in SETTINGS)
+    __slots__ = (*(field for field, *_ in SETTINGS), "login")
 
     def __init__(self, **values):
-        unknown = set(values) - set(self.__slots__)
+        unknown = set(values) - {field for field, *_ in SETTINGS}
         if unknown:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
         for field, _name, default, convert in SETTINGS:
@@ -394,11 +416,12 @@ class Settings:
                               "cannot be shorter than its idle lifetime)")
         if self.same_site == "None" and not self.secure_cookies:
             raise ConfigError("SAME_SITE: none needs SECURE_COOKIES=true (browsers refuse it otherwise)")
-        login = urllib.parse.urlsplit(self.login_url)
-        domain = (self.cookie_domain or "").lstrip(".")
-        if domain and login.hostname and not (login.hostname == domain or login.hostname.endswith("." + domain)):
+        object.__setattr__(self, "login", login_url_of(self.login_url))
+        domain = (self.cookie_domain or "").strip(".")
+        login_host = self.login.host and urllib.parse.urlsplit(self.login.url).hostname
+        if domain and login_host and not (login_host == domain or login_host.endswith("." + domain)):
             # The browser would drop the session cookie the login host sets.
-            raise ConfigError(f"COOKIE_DOMAIN: the login host {login.hostname} is not inside {self.cookie_domain}")
+            raise ConfigError(f"COOKIE_DOMAIN: the login host {login_host} is not inside {self.cookie_domain}")
 
     def __setattr__(self, name, value):
         raise AttributeError("Settings are frozen")
@@ -1361,11 +1384,6 @@ def _nginx_target(url):
 def url_host(url):
     """The normalised host[:port] of an absolute URL this module built."""
     return url.split("/", 3)[2]
-
-
-def url_base(url):
-    """scheme://host of an absolute URL this module built."""
-    return url[: url.index("/", url.index("//") + 2)] if url.count("/") > 2 else url
 
 
 @bounded_memo
@@ -2614,7 +2632,7 @@ class SignIn:
         """"Not NAME?": drop the device cookie; from then on the anonymous limits apply."""
         target = self.safe_next(request, next_value)
         query = f"?next={urllib.parse.quote(target, safe='')}" if target != "/" else ""
-        return 302, [self.cookies.expired_device(), ("Location", self.settings.login_url + query)], b""
+        return 302, [self.cookies.expired_device(), ("Location", self.settings.login.url + query)], b""
 
     def count(self, outcome, user, request):
         """Count a login attempt and log it: one line, fail2ban-ready, never a code."""
@@ -2628,17 +2646,15 @@ class SignIn:
         return safe_next(value, self._login_host(request), self.settings)
 
     def _login_host(self, request):
-        login_url = self.settings.login_url
-        if not login_url.startswith("/"):
-            parts = urllib.parse.urlsplit(login_url)
-            return normalise_host(parts.netloc, parts.scheme)
+        if self.settings.login.host:
+            return self.settings.login.host
         if request.origin is None:
             raise HTTPError(400, b"Bad forwarded scheme or host\n")
         return request.origin[1]
 
     def logout_url(self):
-        login = self.settings.login_url
-        return url_base(login) + "/logout" if not login.startswith("/") else "/logout"
+        login = self.settings.login
+        return (login.base or "") + login.logout_path
 
 
 def session_record(claims, request):
@@ -2718,7 +2734,7 @@ class Enrolment:
         log.info("invite result=opened user=%s ip=%s", invite.user, request.ip)
         lifetime = max(1, int(invite.expires - request.now))
         # Path: the login page only, so the apps on this host never receive it.
-        path = urllib.parse.urlsplit(self.settings.login_url).path or "/login"
+        path = self.settings.login.path
         bound = self.cookies.header(self.cookie_name, nonce, lifetime, "Lax", domain=False, path=path)
         return self._setup(request, token, invite, bound_cookie=[("Set-Cookie", bound)])
 
@@ -2785,6 +2801,7 @@ class App:
         self.basic_auth_hosts = HostList(settings.basic_auth_hosts)
         self.forbidden_log = Throttle()
         self.bad_token_log = Throttle()
+        login = settings.login
         self.routes = {
             ("*", "/verify"): self.verify,
             ("*", "/auth"): self.auth,
@@ -2794,6 +2811,11 @@ class App:
             ("POST", "/logout"): self.logout,
             ("GET", "/health"): self.health,
             ("GET", "/metrics"): self.metrics_page,
+            # LOGIN_URL's own paths (/sso/login, /sso/logout) where the proxy passes them unchanged.
+            ("GET", login.path): self.login_page,
+            ("POST", login.path): self.login,
+            ("GET", login.logout_path): self.logout,
+            ("POST", login.logout_path): self.logout,
         }
 
     def refresh(self, now, force=False):
@@ -2923,12 +2945,12 @@ class App:
     def login_location(self, request, renew=False):
         """LOGIN_URL?next=<original URL>; a relative LOGIN_URL on the original URL's scheme and host
         (Traefik 3 resolves a relative Location against forward-auth's own address), else relative."""
-        login = self.settings.login_url
+        login = self.settings.login
         query = [("renew", "1")] if renew else []
         if request.original_url:
             query.append(("next", request.original_url))
-        location = login + ("?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="") if query else "")
-        if login.startswith("/") and request.original_base:
+        location = login.url + ("?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="") if query else "")
+        if login.base is None and request.original_base:
             return request.original_base + location
         return location
 
@@ -2996,7 +3018,7 @@ class App:
         except HTTPError:  # no usable host to judge `next` by: the cookie is expired all the same
             target = "/"
         query = "?" + urllib.parse.urlencode({"next": target}, quote_via=urllib.parse.quote) if target != "/" else ""
-        return 302, [self.cookies.expired_session(), ("Location", self.settings.login_url + query)], b""
+        return 302, [self.cookies.expired_session(), ("Location", self.settings.login.url + query)], b""
 
     def _end_session(self, request, claims, everywhere):
         self.gate.revoke(claims["jti"], claims["exp"])
@@ -3176,7 +3198,7 @@ def cmd_invite(cli, name, url=None, keep_tokens=None):
     now = cli.clock()
     expires = int(now) + cli.settings.invite_ttl
     new = cli.store.create_invite(name, digest(token), new_seed(), now, expires, keep_tokens=bool(keep_tokens))
-    path = urllib.parse.urlsplit(cli.settings.login_url).path or "/login"
+    path = cli.settings.login.path
     tokens = "app tokens are kept (--keep-tokens)" if keep_tokens else "so did their app tokens (--keep-tokens keeps them)"
     what = "a new user, who can sign in once the link is used" if new else (
         f"their old authenticator and every session stopped working now, {tokens}; their hosts are kept")
@@ -3191,8 +3213,8 @@ def cmd_invite(cli, name, url=None, keep_tokens=None):
 
 def _invite_base(settings, base):
     """scheme://host the link starts with: an absolute LOGIN_URL's, else --url, else '' (relative)."""
-    if not settings.login_url.startswith("/"):
-        return url_base(settings.login_url)
+    if settings.login.base:
+        return settings.login.base
     if base is None:
         return ""
     parts = urllib.parse.urlsplit(base.strip())

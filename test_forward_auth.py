@@ -3616,6 +3616,46 @@ def test_basic_auth_hosts_takes_host_patterns_as_allow_does():
         fa.Settings.from_env({"BASIC_AUTH_HOSTS": "exa..mple.com"})
 
 
+def test_a_login_url_of_its_own_path_works_everywhere_it_is_linked(store, clock, alice, db_path, capsys):
+    """The 3.0 review: LOGIN_URL=/sso/login validated, then every link to it 404'd (the routes said /login)."""
+    app = fa.make_app(settings(login_url="/sso/login"), store=store, clock=clock)
+    r = html_check(app, None, "https://app1.example.com/x")
+    assert r.header("Location") == "https://app1.example.com/sso/login?next=https%3A%2F%2Fapp1.example.com%2Fx"
+    assert login_path_status(app, "/sso/login") == 200
+    page = call(app, "GET", "/sso/login")
+    r = login_with(app, page, code_at(alice, clock()))
+    assert r.status == 302
+    cookie = session_cookie(app, r)
+    signed_in = call(app, "GET", "/sso/login", headers={"Cookie": cookie})
+    assert 'action="/sso/logout"' in signed_in.text
+    out = call(app, "POST", "/sso/logout", headers={"Cookie": cookie})
+    assert (out.status, out.header("Location")) == (302, "/sso/login")
+    assert check(app, cookie).status == 401
+    store.set_hosts("alice", ["app2.example.com"])
+    cookie = session_cookie(app, login_with(app, call(app, "GET", "/sso/login"), code_at(alice, clock(), 1)))
+    clock.advance(1)
+    forbidden = html_check(app, cookie, "https://app1.example.com/x")
+    assert forbidden.status == 403 and 'href="/sso/logout?next=' in forbidden.text
+    token, _ = invite(store, "carol", now=clock())
+    _, setup, _ = press_button(app, token)
+    assert any(c.startswith("auth_token_invite=") and "Path=/sso/login;" in c for c in setup.headers_named("Set-Cookie"))
+    code, out, _ = run_main(["-invite", "dora"], db_path, capsys, LOGIN_URL="/sso/login")
+    assert code == 0 and re.search(r"^Link: /sso/login\?invite=", out, re.MULTILINE)
+
+
+def login_path_status(app, path):
+    return call(app, "GET", path).status
+
+
+def test_a_trailing_dot_names_the_same_host_everywhere():
+    """The 3.0 review: one grammar refused auth.example.com. while another accepted app.example.com."""
+    s = fa.Settings.from_env({"LOGIN_URL": "https://auth.example.com./login", "COOKIE_DOMAIN": ".example.com."})
+    assert (s.login.host, s.login.base, s.cookie_domain) == ("auth.example.com", "https://auth.example.com", ".example.com")
+    assert fa.safe_next("https://app.example.com./x", s.login.host, s) == "https://app.example.com/x"
+    assert fa.safe_next("https://auth.example.com./x", s.login.host, s) == "https://auth.example.com/x"
+    assert fa.as_host_pattern("app.example.com.") == "app.example.com"
+
+
 def test_one_host_rule_for_redirects_and_host_lists():
     # A pattern with the default port matches for ALLOWED_REDIRECT_HOSTS as it does for -allow.
     s = fa.Settings.from_env({"ALLOWED_REDIRECT_HOSTS": "app.example.com:443"})
