@@ -479,6 +479,14 @@ AppToken = collections.namedtuple("AppToken", "user label hosts created expires 
 Invite = collections.namedtuple("Invite", "user seed expires browser opened")
 
 
+def invite_readable(invite):
+    """Whether a stored invitation holds what this module writes (a hand-edited one may hold anything)."""
+    user, seed, expires, browser, opened = invite
+    return (isinstance(user, str) and USER_NAME.fullmatch(user) is not None and isinstance(seed, str)
+            and type(expires) is int and (browser is None or isinstance(browser, str))
+            and (opened is None or type(opened) is int))
+
+
 class SessionRecord(collections.namedtuple("SessionRecord", "jti user created expires ip agent sid", defaults=(None,))):
     """A login as the sessions table keeps it (`created`: the login time, `sid`: the session's id,
     both kept across renewals)."""
@@ -671,9 +679,15 @@ class Store:
     # -- The cookie key --
 
     def cookie_key(self):
-        """The generated HMAC key, created once by whichever process asks first."""
+        """The generated HMAC key, created once by whichever process asks first; ConfigError if the
+        stored one is not what this module writes (64 hex digits): never guess a key."""
         self._write("INSERT OR IGNORE INTO meta VALUES ('cookie_key', ?)", (secrets.token_hex(32),))
-        return bytes.fromhex(self._query("SELECT value FROM meta WHERE key = 'cookie_key'")[0][0])
+        stored = self._query("SELECT value FROM meta WHERE key = 'cookie_key'")[0][0]
+        if not isinstance(stored, str) or not re.fullmatch(r"[0-9a-f]{64}", stored, re.ASCII):
+            raise ConfigError(f"the cookie key stored in {self.path} is damaged (not 64 hex digits): set JWT_SECRET, "
+                              "or delete it (sqlite3 DB \"DELETE FROM meta WHERE key = 'cookie_key'\"; every "
+                              "session and device cookie then ends)")
+        return bytes.fromhex(stored)
 
     # -- Users --
 
@@ -1935,7 +1949,13 @@ def plural_minutes(seconds):
 
 
 def format_time(epoch):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else "never"
+    """A stored time as UTC ISO 8601; "never" for none, "unreadable" for what a hand-edited database may hold."""
+    if not epoch:
+        return "never"
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "unreadable"
 
 
 def human_time(epoch, now):
@@ -2675,8 +2695,13 @@ class Enrolment:
         self.signin = signin  # the guard, the limits and the session every sign-in shares
 
     def _live_invite(self, token, now):
-        """The invitation of a link, or HTTPError 410 with the page that says to ask for a new one."""
+        """The invitation of a link, or HTTPError 410 with the page that says to ask for a new one
+        (also for a stored invitation that cannot be used: one log line names its user)."""
         invite = self.store.invite(digest(token), now) if INVITE_SHAPE.fullmatch(token) else None
+        if invite is not None and not (invite_readable(invite) and usable_seed(invite.seed)):
+            log.warning("invitation of %r refused: a stored value cannot be used (make a new one with -invite)",
+                        invite.user)
+            invite = None
         if invite is None:
             raise self._gone(INVITE_GONE)
         return invite
@@ -3245,6 +3270,8 @@ def cmd_list(cli):
 def _user_columns(user, invite, now):
     if user.seed:
         columns = [user.name, f"created {format_time(user.created)}", f"last login {format_time(user.last_login)}"]
+    elif invite is not None and not invite_readable(invite):
+        columns = [user.name, "pending (invitation unreadable: make a new one with -invite)"]
     else:
         opened = f"opened {format_time(invite.opened)}, " if invite and invite.opened else ""
         ends = "expired" if invite is None or invite.expires <= now else f"expires {format_time(invite.expires)}"
