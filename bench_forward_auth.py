@@ -430,26 +430,37 @@ def run(args):
     return "\n".join(lines)
 
 
+BASELINE_SERVER = "baseline"  # instructions_per_verify: (b‴), the minimal app that answers as SPEC asks
+
+
 def instructions_per_verify(server, headers, low=200, high=1200):
-    """CPU instructions one /verify costs `server` (a forward_auth.py), counted by callgrind:
-    the same count on a busy machine and a quiet one, unlike requests/s. The difference of a
-    run of `high` and one of `low` requests, so start-up cancels out."""
+    """CPU instructions one /verify costs `server` (a forward_auth.py, or BASELINE_SERVER), counted
+    by callgrind: the same count on a busy machine and a quiet one, unlike requests/s. The
+    difference of a run of `high` and one of `low` requests, so start-up cancels out. A `{i}` in a
+    header value is the request's number: paths that vary as real traffic does defeat memos
+    keyed by the URL."""
     folder = tempfile.mkdtemp(prefix="forward-auth-callgrind-")
-    spec = importlib.util.spec_from_file_location(f"forward_auth_{abs(hash(server))}", server)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # that version writes its own database
+    module = fa
+    if server != BASELINE_SERVER:
+        spec = importlib.util.spec_from_file_location(f"forward_auth_{abs(hash(server))}", server)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # that version writes its own database
     db, cookies = make_database(folder, fa=module)
-    headers = {name: value.format(cookie=cookies[0], restricted=cookies[1]) for name, value in headers.items()}
     counts = []
     for count in (low, high):
         port, out = free_port(), os.path.join(folder, f"callgrind-{count}.out")
         env = dict(forward_auth_env(db, port), THREADS="1")
+        program = [server] if server != BASELINE_SERVER else [
+            "-c", BASELINE.format(key=KEY, mode="hmac4", options=dict(SERVER_OPTIONS, threads=1))]
         process = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-                                    server], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                    *program], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_http(port, timeout=120)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        for _ in range(count):
-            conn.request("GET", "/verify", headers=headers)
+        if server == BASELINE_SERVER and "Cookie" not in headers:
+            headers = {**headers, "Cookie": "{cookie}"}  # the same headers, and the cookie it checks
+        for i in range(count):
+            conn.request("GET", "/verify", headers={
+                name: value.format(cookie=cookies[0], restricted=cookies[1], i=i) for name, value in headers.items()})
             response = conn.getresponse()
             response.read()
             assert response.status == 200, response.status
@@ -461,25 +472,29 @@ def instructions_per_verify(server, headers, low=200, high=1200):
     return (counts[1] - counts[0]) / (high - low)
 
 
+FORWARDED = {"X-Forwarded-Host": "app19.example.com", "X-Forwarded-Proto": "https"}
+VARYING = {**FORWARDED, "X-Forwarded-Uri": "/library/items/{i}?page={i}"}  # every request a new URL
 INSTRUCTION_CASES = {
     "valid cookie": {"Cookie": "{cookie}"},
-    "valid cookie, + X-Forwarded-*": {"Cookie": "{cookie}", "X-Forwarded-Host": "app19.example.com",
-                                      "X-Forwarded-Uri": "/x", "X-Forwarded-Proto": "https"},
-    "user with 20 host patterns": {"Cookie": "{restricted}", "X-Forwarded-Host": "app19.example.com",
-                                   "X-Forwarded-Uri": "/x", "X-Forwarded-Proto": "https"},
-    "app token (Bearer)": {"Authorization": f"Bearer {APP_TOKEN}", "X-Forwarded-Host": "app19.example.com",
-                           "X-Forwarded-Uri": "/x", "X-Forwarded-Proto": "https"},
+    "valid cookie, + X-Forwarded-*": {"Cookie": "{cookie}", **FORWARDED, "X-Forwarded-Uri": "/x"},
+    "valid cookie, + X-Forwarded-*, paths vary": {"Cookie": "{cookie}", **VARYING},
+    "user with 20 host patterns": {"Cookie": "{restricted}", **FORWARDED, "X-Forwarded-Uri": "/x"},
+    "user with 20 host patterns, paths vary": {"Cookie": "{restricted}", **VARYING},
+    "app token (Bearer)": {"Authorization": f"Bearer {APP_TOKEN}", **FORWARDED, "X-Forwarded-Uri": "/x"},
+    "app token (Bearer), paths vary": {"Authorization": f"Bearer {APP_TOKEN}", **VARYING},
 }
 
 
 def instructions(against):
-    """A table of instructions per /verify, this forward_auth.py against another (an older version)."""
+    """A table of instructions per /verify: this forward_auth.py against another (an older version)
+    and against (b‴), the minimal app that checks the HMAC cookie and answers with the four headers."""
     ours = os.path.join(HERE, "forward_auth.py")
-    lines = ["| /verify | instructions, this version | instructions, " + against + " | this / that |",
-             "|---|---|---|---|"]
+    lines = [f"| /verify | this version | {against} | (b‴) baseline | this / that | this / (b‴) |",
+             "|---|---|---|---|---|---|"]
     for name, headers in INSTRUCTION_CASES.items():
         mine, theirs = instructions_per_verify(ours, headers), instructions_per_verify(against, headers)
-        lines.append(f"| {name} | {mine:,.0f} | {theirs:,.0f} | {mine / theirs:.2f} |")
+        base = instructions_per_verify(BASELINE_SERVER, headers)
+        lines.append(f"| {name} | {mine:,.0f} | {theirs:,.0f} | {base:,.0f} | {mine / theirs:.2f} | {mine / base:.2f} |")
     return "\n".join(lines)
 
 

@@ -77,8 +77,7 @@ LAST_USED_SECONDS = 60  # app tokens' last-used times are written at most this o
 PURGE_SECONDS = 3600  # expired revocations and session records are deleted this often
 TOKEN_CHECK_SECONDS = 0.1  # an unknown app token looks in the database at most this often
 LOG_EVERY_SECONDS = 60  # a repeated refusal (forbidden host, bad app token) is logged once a minute
-TOKEN_CACHE_SIZE = 1024  # entries; at most TOKEN_CACHE_KEY_BYTES each, so 4 MB at worst
-TOKEN_CACHE_KEY_BYTES = 4096
+TOKEN_CACHE_SIZE = 1024  # signed Cookie headers whose claims are kept (by digest)
 USER_AGENT_CHARS = 120
 SCHEMA_VERSION = 4
 
@@ -1342,7 +1341,6 @@ def request_origin(scheme, host):
     return scheme, normal
 
 
-@bounded_memo
 def original_target(x_original_url, proto, host, uri, own_scheme, own_host):
     """(base, path, problem) of the URL the proxy was asked for, from a trusted proxy's headers.
 
@@ -1400,7 +1398,6 @@ def url_host(url):
     return url.split("/", 3)[2]
 
 
-@bounded_memo
 def host_and_port(url):
     """(host name, port) of an absolute URL this module built; the port is the scheme's default if none."""
     scheme, _, rest = url.partition("://")
@@ -1539,7 +1536,6 @@ def parse_form(text):
     return form
 
 
-@bounded_memo
 def presented_app_token(authorization):
     """(token, Basic user name or None) if the Authorization header carries a forward-auth app token.
 
@@ -2002,7 +1998,6 @@ def identity_headers(name, rule):
     return tuple(zip(IDENTITY_HEADERS, values))
 
 
-@bounded_memo
 def app_token_key(token):
     """The stored key (SHA-256) of a well-formed app token, or None: then it matches nothing."""
     return digest(token) if APP_TOKEN_SHAPE.fullmatch(token) else None
@@ -2096,7 +2091,7 @@ class Gate:
         self._unwritten = {}  # jti -> expires: revocations the database has not taken yet
         self._revocations_lock = threading.Lock()  # guards _revoked, _revoked_seq and _unwritten
         self.view = View(None, {}, {}, self._revoked, {}, {})
-        self._claims = {}  # Cookie header -> claims of its session cookies whose signature holds
+        self._claims = {}  # SHA-256 of a Cookie header -> claims of its session cookies whose signature holds
         self._last_used = {}  # SHA-256 -> when, written in batches
         self._next_flush = 0.0
         self._next_purge = None
@@ -2220,9 +2215,11 @@ class Gate:
         header = request.cookie_header
         if not header:
             return None
-        signed = self._claims.get(header)
+        # Keyed by a digest, so no raw token is held: hashing costs 1 µs, verifying a token 10.
+        memo_key = hashlib.sha256(header.encode("latin-1")).digest()
+        signed = self._claims.get(memo_key)
         if signed is None:
-            signed = self._signed_sessions(request)
+            signed = self._signed_sessions(request, memo_key)
         now, found = request.now, None
         for claims in signed:
             # Checked on every request, cached or not: expiry, revocation, the user.
@@ -2232,17 +2229,16 @@ class Gate:
                 found = found or claims
         return found
 
-    def _signed_sessions(self, request):
+    def _signed_sessions(self, request, memo_key):
         signed = []
         for token in request.cookie_values(self.cookie_name):
             claims, _reason = verify_token(token, self.session_key, request.now)
             if claims is not None:
                 signed.append(claims)
-        header = request.cookie_header
-        if signed and len(header) <= TOKEN_CACHE_KEY_BYTES:  # a valid session padded with junk stays uncached
+        if signed:  # only headers with a valid signature: a stranger's junk is never kept
             if len(self._claims) >= TOKEN_CACHE_SIZE:
                 self._claims.clear()
-            self._claims[header] = signed
+            self._claims[memo_key] = signed
         return signed
 
     @staticmethod

@@ -1386,11 +1386,24 @@ def test_the_allow_path_survives_an_unreadable_database(app, logged_in, store, c
     assert call(app, "GET", "/verify", headers={"Cookie": logged_in}).status == 200
 
 
-def test_junk_cookies_do_not_grow_the_token_cache(app, logged_in):
+def test_junk_cookies_do_not_grow_the_token_cache_and_it_holds_no_token(app, logged_in):
     for i in range(50):
         header = f"{logged_in}; junk{i}={'x' * 5000}"
         assert call(app, "GET", "/verify", headers={"Cookie": header}).status == 200
-    assert all(len(key) <= fa.TOKEN_CACHE_KEY_BYTES for key in app.gate._claims)
+    for i in range(2000):
+        call(app, "GET", "/verify", headers={"Cookie": f"auth_token=junk{i}"})
+    assert len(app.gate._claims) == 50 and all(len(key) == 32 for key in app.gate._claims)  # digests only
+    token = logged_in.split("=", 1)[1]
+    assert all(token not in repr(value) for value in app.gate._claims.values())
+
+
+def test_no_memo_holds_a_raw_app_token(app, alice, store, clock):
+    """The 3.0 review: two memos kept raw app tokens (a heap dump would hold every script's credential)."""
+    token = new_app_token(store)
+    clock.advance(1)
+    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 200
+    assert not hasattr(fa.presented_app_token, "__wrapped__") and not hasattr(fa.app_token_key, "__wrapped__")
+    assert token not in repr(vars(app.gate))
 
 
 def test_a_logout_is_seen_by_another_process(store, alice, clock, db_path):
