@@ -177,7 +177,10 @@ def bounded_memo(function, size=1024, longest=2048):
     return remembered
 
 
-# --- Settings ---------------------------------------------------------------
+# --- Hosts ------------------------------------------------------------------
+# One grammar for a host (`name[:port]`, lower case, no trailing dot, no default
+# port) and one rule that matches it against patterns, whoever asks: the check's
+# host lists, app tokens, redirects after a login, BASIC_AUTH_HOSTS, -token.
 
 
 @bounded_memo  # the check path sees the same few hosts over and over
@@ -196,6 +199,93 @@ def normalise_host(host, scheme):
         if int(port) != DEFAULT_PORTS.get(scheme):
             return f"{name}:{int(port)}"
     return name
+
+
+def host_and_port(url):
+    """(host name, port) of an absolute URL this module built; the port is the scheme's default if none."""
+    scheme, _, rest = url.partition("://")
+    return split_host(rest.split("/", 1)[0], DEFAULT_PORTS[scheme])
+
+
+@bounded_memo
+def split_host(host, default_port=None):
+    """("name", port or default_port) of a normalised `host[:port]` (IPv6 in brackets)."""
+    name, sep, port = host.rpartition(":")
+    if not sep or name.endswith("[") or (host.startswith("[") and not name.endswith("]")):
+        return host, default_port
+    return name, int(port)
+
+
+class HostList:
+    """Host patterns parsed once; `matches(host, port)` is the one host rule.
+
+    `*` matches every host; `*.example.com` any depth of subdomain, never
+    example.com itself (on a dot boundary, so not evilexample.com); a pattern
+    without a port any port (as Authelia and tinyauth), `host:port` that port
+    only. Hosts are normalised (lower case, no trailing dot). Names are one
+    dictionary lookup, so a list of 20 costs what a list of one does.
+    """
+
+    __slots__ = ("every", "names", "wildcards")
+
+    def __init__(self, patterns):
+        self.every = EVERY_HOST in patterns
+        self.names = {}  # name -> ports it may have (None: any)
+        self.wildcards = []  # (".example.com", port or None)
+        for pattern in patterns:
+            name, port = split_host(pattern)
+            if name.startswith("*."):
+                self.wildcards.append((name[1:], port))
+            elif port is None or self.names.get(name, ()) is not None:
+                self.names[name] = None if port is None else {*self.names.get(name, ()), port}
+
+    def matches(self, host, port):
+        if self.every:
+            return True
+        if host in self.names:
+            ports = self.names[host]
+            if ports is None or port in ports:
+                return True
+        return any(
+            host.endswith(suffix) and len(host) > len(suffix) and wanted in (None, port)
+            for suffix, wanted in self.wildcards
+        )
+
+
+def host_matches(host, port, pattern):
+    """Whether (host, port) is matched by one host pattern (see HostList)."""
+    return HostList((pattern,)).matches(host, port)
+
+
+def redirect_allowed(scheme, host, login_host, settings):
+    """Whether a login may return to `host` (normalised host[:port]) over `scheme`: the login
+    host, COOKIE_DOMAIN or a subdomain of it, or a host ALLOWED_REDIRECT_HOSTS matches."""
+    if host == login_host:
+        return True
+    name, port = split_host(host, DEFAULT_PORTS[scheme])
+    domain = (settings.cookie_domain or "").lstrip(".")
+    if domain and (name == domain or name.endswith("." + domain)):
+        return True
+    return HostList(settings.allowed_redirect_hosts).matches(name, port)
+
+
+def patterns_overlap(a, b):
+    """Whether some host[:port] matches both host patterns."""
+    if EVERY_HOST in (a, b):
+        return True
+    (name_a, port_a), (name_b, port_b) = split_host(a), split_host(b)
+    if port_a is not None and port_b is not None and port_a != port_b:
+        return False
+    if name_a.startswith("*.") and name_b.startswith("*."):
+        return name_a.endswith(name_b[1:]) or name_b.endswith(name_a[1:]) or name_a == name_b
+    if name_a.startswith("*."):
+        return host_matches(name_b, None, name_a)
+    if name_b.startswith("*."):
+        return host_matches(name_a, None, name_b)
+    return name_a == name_b
+
+
+# --- Settings ---------------------------------------------------------------
 
 
 def as_bool(value):
@@ -1398,74 +1488,6 @@ def url_host(url):
     return url.split("/", 3)[2]
 
 
-def host_and_port(url):
-    """(host name, port) of an absolute URL this module built; the port is the scheme's default if none."""
-    scheme, _, rest = url.partition("://")
-    return split_host(rest.split("/", 1)[0], DEFAULT_PORTS[scheme])
-
-
-@bounded_memo
-def split_host(host, default_port=None):
-    """("name", port or default_port) of a normalised `host[:port]` (IPv6 in brackets)."""
-    name, sep, port = host.rpartition(":")
-    if not sep or name.endswith("[") or (host.startswith("[") and not name.endswith("]")):
-        return host, default_port
-    return name, int(port)
-
-
-class HostList:
-    """Host patterns parsed once; `matches(host, port)` is the one host rule.
-
-    `*` matches every host; `*.example.com` any depth of subdomain, never
-    example.com itself (on a dot boundary, so not evilexample.com); a pattern
-    without a port any port (as Authelia and tinyauth), `host:port` that port
-    only. Hosts are normalised (lower case, no trailing dot). Names are one
-    dictionary lookup, so a list of 20 costs what a list of one does.
-    """
-
-    __slots__ = ("every", "names", "wildcards")
-
-    def __init__(self, patterns):
-        self.every = EVERY_HOST in patterns
-        self.names = {}  # name -> ports it may have (None: any)
-        self.wildcards = []  # (".example.com", port or None)
-        for pattern in patterns:
-            name, port = split_host(pattern)
-            if name.startswith("*."):
-                self.wildcards.append((name[1:], port))
-            elif port is None or self.names.get(name, ()) is not None:
-                self.names[name] = None if port is None else {*self.names.get(name, ()), port}
-
-    def matches(self, host, port):
-        if self.every:
-            return True
-        if host in self.names:
-            ports = self.names[host]
-            if ports is None or port in ports:
-                return True
-        return any(
-            host.endswith(suffix) and len(host) > len(suffix) and wanted in (None, port)
-            for suffix, wanted in self.wildcards
-        )
-
-
-def host_matches(host, port, pattern):
-    """Whether (host, port) is matched by one host pattern (see HostList)."""
-    return HostList((pattern,)).matches(host, port)
-
-
-def redirect_allowed(scheme, host, login_host, settings):
-    """Whether a login may return to `host` (normalised host[:port]) over `scheme`: the login
-    host, COOKIE_DOMAIN or a subdomain of it, or a host ALLOWED_REDIRECT_HOSTS matches."""
-    if host == login_host:
-        return True
-    name, port = split_host(host, DEFAULT_PORTS[scheme])
-    domain = (settings.cookie_domain or "").lstrip(".")
-    if domain and (name == domain or name.endswith("." + domain)):
-        return True
-    return HostList(settings.allowed_redirect_hosts).matches(name, port)
-
-
 def safe_next(value, login_host, settings):
     """`value` re-serialised if it is a safe place to return to after login, else "/"."""
     if not value or _has_unsafe_characters(value):
@@ -2329,68 +2351,9 @@ class Gate:
         return view.allowed[(name, token)]
 
 
-# --- App --------------------------------------------------------------------
-
-
-class Metrics:
-    """Counters and one latency histogram, rendered in Prometheus text format."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.verify = collections.Counter()
-        self.app_tokens = collections.Counter()
-        self.logins = collections.Counter()
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-
-    def observe_verify(self, result, decision, seconds):
-        with self._lock:
-            self.verify[result] += 1
-            if decision.token:
-                self.app_tokens[result] += 1
-            self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            self.latency_sum += seconds
-
-    def count_login(self, outcome):
-        with self._lock:
-            self.logins[outcome.value] += 1
-
-    def render(self, users):
-        with self._lock:
-            lines = [
-                *_counter("forward_auth_verify_total", "Verify and auth decisions by result.",
-                          ("allow", "renew", "redirect", "deny", "forbidden", "bad_token"), self.verify),
-                *_counter("forward_auth_app_tokens_total", "Checks that presented an app token, by result.",
-                          ("allow", "forbidden", "bad_token"), self.app_tokens),
-                *_counter("forward_auth_logins_total", "Login attempts by result.",
-                          ("success", "failure", "replay", "limited", "csrf", "cross-site"), self.logins),
-                "# HELP forward_auth_rate_limited_total Login attempts refused by the guessing limits.",
-                "# TYPE forward_auth_rate_limited_total counter",
-                f"forward_auth_rate_limited_total {self.logins[Outcome.LIMITED.value]}",
-                "# HELP forward_auth_users Enrolled users.",
-                "# TYPE forward_auth_users gauge",
-                f"forward_auth_users {users}",
-                *self._histogram(),
-            ]
-        return ("\n".join(lines) + "\n").encode()
-
-    def _histogram(self):
-        name = "forward_auth_verify_duration_seconds"
-        yield f"# HELP {name} Time to answer verify and auth."
-        yield f"# TYPE {name} histogram"
-        total = 0
-        for bound, count in zip(LATENCY_BUCKETS + ("+Inf",), self.buckets):
-            total += count
-            yield f'{name}_bucket{{le="{bound}"}} {total}'
-        yield f"{name}_sum {self.latency_sum:.6f}"
-        yield f"{name}_count {total}"
-
-
-def _counter(name, help_text, labels, counts):
-    yield f"# HELP {name} {help_text}"
-    yield f"# TYPE {name} counter"
-    for label in labels:
-        yield f'{name}{{result="{label}"}} {counts.get(label, 0)}'
+# --- Sign-in ----------------------------------------------------------------
+# The people's side: the cookies this service sets, the login form and its guessing
+# limits, renewal, and invitations. The Gate decides checks; these decide sign-ins.
 
 
 class _Refused(Exception):
@@ -2797,6 +2760,70 @@ class Enrolment:
         )
         status, headers = (refusal.status, refusal.headers) if refusal else (200, [])
         return html_page(status, page, [*headers, *bound_cookie, *cookie])
+
+
+# --- App --------------------------------------------------------------------
+
+
+class Metrics:
+    """Counters and one latency histogram, rendered in Prometheus text format."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.verify = collections.Counter()
+        self.app_tokens = collections.Counter()
+        self.logins = collections.Counter()
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    def observe_verify(self, result, decision, seconds):
+        with self._lock:
+            self.verify[result] += 1
+            if decision.token:
+                self.app_tokens[result] += 1
+            self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            self.latency_sum += seconds
+
+    def count_login(self, outcome):
+        with self._lock:
+            self.logins[outcome.value] += 1
+
+    def render(self, users):
+        with self._lock:
+            lines = [
+                *_counter("forward_auth_verify_total", "Verify and auth decisions by result.",
+                          ("allow", "renew", "redirect", "deny", "forbidden", "bad_token"), self.verify),
+                *_counter("forward_auth_app_tokens_total", "Checks that presented an app token, by result.",
+                          ("allow", "forbidden", "bad_token"), self.app_tokens),
+                *_counter("forward_auth_logins_total", "Login attempts by result.",
+                          ("success", "failure", "replay", "limited", "csrf", "cross-site"), self.logins),
+                "# HELP forward_auth_rate_limited_total Login attempts refused by the guessing limits.",
+                "# TYPE forward_auth_rate_limited_total counter",
+                f"forward_auth_rate_limited_total {self.logins[Outcome.LIMITED.value]}",
+                "# HELP forward_auth_users Enrolled users.",
+                "# TYPE forward_auth_users gauge",
+                f"forward_auth_users {users}",
+                *self._histogram(),
+            ]
+        return ("\n".join(lines) + "\n").encode()
+
+    def _histogram(self):
+        name = "forward_auth_verify_duration_seconds"
+        yield f"# HELP {name} Time to answer verify and auth."
+        yield f"# TYPE {name} histogram"
+        total = 0
+        for bound, count in zip(LATENCY_BUCKETS + ("+Inf",), self.buckets):
+            total += count
+            yield f'{name}_bucket{{le="{bound}"}} {total}'
+        yield f"{name}_sum {self.latency_sum:.6f}"
+        yield f"{name}_count {total}"
+
+
+def _counter(name, help_text, labels, counts):
+    yield f"# HELP {name} {help_text}"
+    yield f"# TYPE {name} counter"
+    for label in labels:
+        yield f'{name}{{result="{label}"}} {counts.get(label, 0)}'
 
 
 class App:
@@ -3366,22 +3393,6 @@ def cmd_token(cli, name, label, hosts=None, days=None):
           "It is shown only now: store it where the script reads it.", file=sys.stderr)
 
 
-def patterns_overlap(a, b):
-    """Whether some host[:port] matches both host patterns."""
-    if EVERY_HOST in (a, b):
-        return True
-    (name_a, port_a), (name_b, port_b) = split_host(a), split_host(b)
-    if port_a is not None and port_b is not None and port_a != port_b:
-        return False
-    if name_a.startswith("*.") and name_b.startswith("*."):
-        return name_a.endswith(name_b[1:]) or name_b.endswith(name_a[1:]) or name_a == name_b
-    if name_a.startswith("*."):
-        return host_matches(name_b, None, name_a)
-    if name_b.startswith("*."):
-        return host_matches(name_a, None, name_b)
-    return name_a == name_b
-
-
 def cmd_tokens(cli, name=None):
     if name is not None:
         cli.require_user(name)
@@ -3529,6 +3540,29 @@ def parse_command(argv):
         if flag not in command.flags:
             raise UsageError(f"{command.flag} does not take --{flag}")
     return command, values, {FLAGS[flag][0]: value for flag, value in flags.items()}
+
+
+def run_command(settings, command, values, flags):
+    cli = CLI(settings, creates_database=command.creates)
+    try:
+        command.run(cli, *values, **flags)
+    finally:
+        cli.close()
+    return 0
+
+
+def _require_database(path):
+    """Commands that only read or change users need the database to exist: one created here, in the
+    wrong directory, would be empty and silently answer "no users"."""
+    if not os.path.exists(path):
+        where = os.path.abspath(path)
+        relative = "" if os.path.isabs(path) else " (DB_PATH is relative to the current directory)"
+        raise CommandError(f"no database at {where}{relative}: set DB_PATH to the server's database")
+
+
+# --- Serve ------------------------------------------------------------------
+# Running the server (waitress, logging, signals, the first start) and main(), which
+# runs a command or serves.
 
 
 def configure_logging(settings):
@@ -3708,24 +3742,6 @@ def main(argv=None, environ=None):
         return 0
     except (CommandError, OSError, sqlite3.Error) as error:
         return _fail(error, 1)
-
-
-def run_command(settings, command, values, flags):
-    cli = CLI(settings, creates_database=command.creates)
-    try:
-        command.run(cli, *values, **flags)
-    finally:
-        cli.close()
-    return 0
-
-
-def _require_database(path):
-    """Commands that only read or change users need the database to exist: one created here, in the
-    wrong directory, would be empty and silently answer "no users"."""
-    if not os.path.exists(path):
-        where = os.path.abspath(path)
-        relative = "" if os.path.isabs(path) else " (DB_PATH is relative to the current directory)"
-        raise CommandError(f"no database at {where}{relative}: set DB_PATH to the server's database")
 
 
 def _fail(error, code):
