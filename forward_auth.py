@@ -1420,9 +1420,15 @@ def _has_unsafe_characters(text):
     return UNSAFE_CHARACTER.search(text) is not None
 
 
+# Traefik forwards a WebSocket handshake with X-Forwarded-Proto ws or wss (traefik#6388):
+# the same origin as http and https, as its own RedirectScheme reads them (traefik#9159).
+WEBSOCKET_SCHEMES = {"ws": "http", "wss": "https"}
+
+
 def request_origin(scheme, host):
     """(scheme, normalised host) the browser used; ValueError for a bad one."""
     scheme = scheme.strip().lower()
+    scheme = WEBSOCKET_SCHEMES.get(scheme, scheme)
     if scheme not in DEFAULT_PORTS or "," in host or "@" in host:
         raise ValueError("bad forwarded scheme or host")
     normal = normalise_host(host.strip(), scheme)

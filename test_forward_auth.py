@@ -1039,6 +1039,10 @@ def test_http_next_is_allowed_only_without_secure_cookies():
             "https://app.example.com/some/path?x=1",
         ),
         ({"HTTP_X_ORIGINAL_URL": "https://app.example.com/a?b=1"}, "https://app.example.com/a?b=1"),
+        # Traefik forwards a WebSocket handshake as ws/wss (traefik#6388): http/https, default ports too.
+        ({"HTTP_X_FORWARDED_PROTO": "wss", "HTTP_X_FORWARDED_HOST": "app.example.com:443",
+          "HTTP_X_FORWARDED_URI": "/api/websocket"}, "https://app.example.com/api/websocket"),
+        ({"HTTP_X_FORWARDED_PROTO": "WS", "HTTP_X_FORWARDED_HOST": "app.example.com"}, "http://app.example.com/"),
     ],
 )
 def test_original_url_from_a_trusted_proxy(headers, expected):
