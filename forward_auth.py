@@ -393,12 +393,13 @@ def as_login_url(value):
     if value.startswith("/") and not value.startswith("//") and "\\" not in value:
         if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", value, re.ASCII):
             raise ValueError("expected a path such as /login")
-        return value
-    parts = urllib.parse.urlsplit(value)
-    if parts.scheme not in DEFAULT_PORTS or "@" in parts.netloc or normalise_host(parts.netloc, parts.scheme) is None:
-        raise ValueError("expected /path or an absolute http(s) URL")
-    if parts.query or parts.fragment:
-        raise ValueError("must not carry a query or fragment")
+    else:
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in DEFAULT_PORTS or "@" in parts.netloc or normalise_host(parts.netloc, parts.scheme) is None:
+            raise ValueError("expected /path or an absolute http(s) URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+    login_url_of(value)  # ValueError for a path that would take another route's place
     return value
 
 
@@ -409,11 +410,19 @@ def as_login_url(value):
 LoginURL = collections.namedtuple("LoginURL", "url path logout_path base host")
 
 
+RESERVED_PATHS = ("/verify", "/auth", "/health", "/metrics")
+
+
 def login_url_of(value):
-    """The LoginURL of a LOGIN_URL that as_login_url accepted."""
+    """The LoginURL of a LOGIN_URL that as_login_url accepted; ValueError for one whose login or
+    logout path would take another route's place."""
     parts = urllib.parse.urlsplit(value)
     path = parts.path or "/"
     logout_path = path.rstrip("/").rpartition("/")[0] + "/logout"
+    if path in RESERVED_PATHS or logout_path in RESERVED_PATHS or path == logout_path or (
+            {".", ".."} & set(path.split("/"))):
+        raise ValueError(f"{path} would take the place of another of forward-auth's paths (/verify, /auth, "
+                         "/health, /metrics, its logout) or is not a plain path")
     if not parts.scheme:
         return LoginURL(path, path, logout_path, None, None)
     host = normalise_host(parts.netloc, parts.scheme)
@@ -505,7 +514,10 @@ class Settings:
                               "cannot be shorter than its idle lifetime)")
         if self.same_site == "None" and not self.secure_cookies:
             raise ConfigError("SAME_SITE: none needs SECURE_COOKIES=true (browsers refuse it otherwise)")
-        object.__setattr__(self, "login", login_url_of(self.login_url))
+        try:
+            object.__setattr__(self, "login", login_url_of(self.login_url))
+        except ValueError as error:
+            raise ConfigError(f"LOGIN_URL: {error}") from None
         domain = (self.cookie_domain or "").strip(".")
         login_host = self.login.host and urllib.parse.urlsplit(self.login.url).hostname
         if domain and login_host and not (login_host == domain or login_host.endswith("." + domain)):
@@ -875,7 +887,8 @@ class Store:
     def end_session(self, sid):
         """Revoke the current token of the session `sid` (a renewal may have replaced the one presented)."""
         with self._transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO revoked (jti, expires) SELECT jti, expires FROM sessions WHERE sid = ?", (sid,))
+            conn.execute("INSERT OR REPLACE INTO revoked (jti, expires) SELECT jti, expires FROM sessions "
+                         "WHERE sid = ? AND jti IS NOT NULL", (sid,))
 
     def end_sessions(self, name, now):
         """End every session of NAME issued until now; False if there is no such user."""
@@ -889,7 +902,8 @@ class Store:
         if conn.execute("UPDATE users SET sessions_after = ? WHERE name = ?", (int(now), name)).rowcount != 1:
             return False
         conn.execute(
-            "INSERT OR REPLACE INTO revoked (jti, expires) SELECT jti, expires FROM sessions WHERE user = ? AND expires > ?",
+            "INSERT OR REPLACE INTO revoked (jti, expires) SELECT jti, expires FROM sessions "
+            "WHERE user = ? AND expires > ? AND jti IS NOT NULL",
             (name, int(now)),
         )
         return True
@@ -1036,7 +1050,7 @@ class Store:
                 }
                 deleted = dict(conn.execute("SELECT name, at FROM deleted"))
                 row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'revoked'").fetchone()
-                revoked_seq = row[0] if row else 0
+                revoked_seq = row[0] if row and type(row[0]) is int else 0  # else: read them all
                 since = since if since <= revoked_seq else 0
                 revoked = dict(conn.execute("SELECT jti, expires FROM revoked WHERE seq > ?", (since,)))
                 app_tokens = {
@@ -1209,7 +1223,7 @@ def enrolment_uri(seed, name, app_name):
 # --- Rate limiter -----------------------------------------------------------
 
 
-LIVE_LOCKOUT = 3  # RateLimiter._worth of a key that must be kept
+FULL_RETRY_SECONDS = 60  # Retry-After when the limiter is full of keys it must keep
 
 
 class _Bucket:
@@ -1229,15 +1243,18 @@ class RateLimiter:
     A key (or the ceiling) that reaches its limit within `window` seconds trips:
     it is locked for one window, doubled for each trip within 24 h of the last,
     up to 24 h. Clients with a device cookie are counted per device only; all
-    others also share the global ceiling. Attempts in flight count toward the
-    limit, so parallel guesses cannot slip past it.
+    others also share the global ceiling, or (an invitation's first code) a
+    `group` key of their own instead. Attempts in flight count toward the limit,
+    so parallel guesses cannot slip past it.
 
     At most `max_keys` keys are kept, and a key is made only for an attempt
-    that goes ahead: a refused attempt remembers nothing and so can evict
-    nothing. When full, what is least worth remembering goes first (nothing,
-    then a past trip, then failures in the window); a live lockout is never
-    forgotten to make room: a new key is refused instead (fail closed), so
-    volume from other addresses cannot buy a locked device more guesses.
+    that goes ahead: a refused attempt remembers nothing. When full, only keys
+    that remember nothing are dropped; a key with a failure in the window, a
+    trip in the last day or an attempt in flight is never forgotten to make
+    room: a new key is refused instead (fail closed), so volume cannot buy a
+    locked device more guesses or erase its doubling. Filling the table takes
+    failures the ceilings ration: 30 a window for all anonymous clients, five
+    per invitation, five per device (and a device cookie takes a real sign-in).
     """
 
     def __init__(self, max_attempts, window, global_max, *, max_keys=10_000, clock=time.time):
@@ -1248,74 +1265,80 @@ class RateLimiter:
         self.clock = clock
         self._buckets = collections.OrderedDict()  # least recently used first
         self._global = _Bucket()
+        self._full_until = 0.0  # full of keys worth keeping: a new key is refused until then
         self._lock = threading.Lock()
 
-    def acquire(self, key, device=False, now=None):
+    def acquire(self, key, device=False, now=None, group=None):
         """Start an attempt: 0 if it may go ahead (then release() it), else seconds to wait."""
         now = self.clock() if now is None else now
         with self._lock:
-            bucket = self._buckets.get(key)
-            fresh = bucket is None
-            buckets = self._pairs(bucket or _Bucket(), device)
-            wait = max(self._wait(bucket, limit, now) for bucket, limit in buckets)
+            keys = self._keys(key, device, group)
+            fresh = [k for k in keys if k is not None and k not in self._buckets]
+            pairs = [(self._bucket(k) or _Bucket(), limit) for k, limit in keys.items()]
+            wait = max(self._wait(bucket, limit, now) for bucket, limit in pairs)
             if wait == 0 and fresh:
-                wait = self._make_room(now)
-                if wait == 0:
-                    self._buckets[key] = buckets[0][0]
+                wait = self._make_room(len(fresh), now)
             if wait == 0:
-                self._buckets.move_to_end(key)
-                for bucket, _ in buckets:
+                for (k, _), (bucket, _) in zip(keys.items(), pairs):
                     bucket.in_flight += 1
+                    if k is not None:
+                        self._buckets[k] = bucket
+                        self._buckets.move_to_end(k)
             return wait
 
-    def release(self, key, device=False, outcome=Outcome.FAILURE, now=None):
+    def release(self, key, device=False, outcome=Outcome.FAILURE, now=None, group=None):
         """End an acquired attempt: a success resets its device or IP, an undecided one neither
         counts nor resets, anything else (a wrong code, a replay) counts as a failure."""
         now = self.clock() if now is None else now
         with self._lock:
-            bucket = self._buckets.get(key)  # kept while in flight: _worth never drops it
-            buckets = self._pairs(bucket, device) if bucket is not None else []
-            for bucket, limit in buckets:
+            for k, limit in self._keys(key, device, group).items():
+                bucket = self._bucket(k)
+                if bucket is None:  # never: a key with an attempt in flight is kept
+                    continue
                 bucket.in_flight = max(0, bucket.in_flight - 1)
                 if outcome not in (Outcome.SUCCESS, Outcome.UNDECIDED):
                     self._count(bucket, limit, now)
-            if outcome is Outcome.SUCCESS:
-                self._buckets.pop(key, None)
+            bucket = self._buckets.get(key)
+            if outcome is Outcome.SUCCESS and bucket is not None:
+                # Reset in place: attempts of this key still in flight (another tab) are released
+                # into it later, and the global ceiling's share of them with it.
+                bucket.failures, bucket.locked_until, bucket.lockout, bucket.last_trip = [], 0.0, 0, None
+                if not bucket.in_flight:
+                    del self._buckets[key]
 
-    def _pairs(self, bucket, device):
-        pairs = [(bucket, self.max_attempts)]
-        if not device:
-            pairs.append((self._global, self.global_max))
-        return pairs
+    def _bucket(self, key):
+        return self._global if key is None else self._buckets.get(key)
 
-    def _make_room(self, now):
-        """0 when there is room for one more key, else the seconds until the first lockout ends.
-
-        Full: a tenth of the keys go at once (every worthless one, at least), least worth
-        remembering and least recently used first, so the sort is paid once per many new keys.
-        """
-        if len(self._buckets) < self.max_keys:
+    def _keys(self, key, device, group):
+        """{key: limit} an attempt counts toward; None is the global ceiling of anonymous clients."""
+        keys = {key: self.max_attempts}
+        if group is not None:
+            keys["group:" + group] = self.max_attempts
+        elif not device:
+            keys[None] = self.global_max
+        return keys
+    def _make_room(self, needed, now):
+        """0 when `needed` more keys fit, else seconds to wait: only keys that remember nothing
+        are dropped; one sweep frees every such key at once."""
+        if len(self._buckets) + needed <= self.max_keys:
             return 0
-        ranked = sorted((self._worth(bucket, now), age, key) for age, (key, bucket) in enumerate(self._buckets.items()))
-        victims = [key for worth, _, key in ranked if worth < LIVE_LOCKOUT]
-        if not victims:
-            return max(1, math.ceil(min(b.locked_until for b in self._buckets.values()) - now))
-        batch = max(len(self._buckets) // 10, sum(1 for worth, _, _ in ranked if worth == 0), 1)
-        for key in victims[:batch]:
+        if now < self._full_until:
+            return FULL_RETRY_SECONDS  # swept a moment ago: no sweep per refused request
+        for key in [key for key, bucket in self._buckets.items() if not self._worth(bucket, now)]:
             del self._buckets[key]
-        return 0
+        if len(self._buckets) + needed <= self.max_keys:
+            return 0
+        self._full_until = now + 1
+        return FULL_RETRY_SECONDS
 
     def _worth(self, bucket, now):
-        """What forgetting a key loses: 0 nothing, 1 a past trip (the next lockout doubles),
-        2 failures in the window, LIVE_LOCKOUT a lockout or an attempt in flight (never forgotten)."""
+        """Whether forgetting a key would lose something: an attempt in flight, a lockout, a
+        failure in the window, or a trip within the last day (the next lockout doubles)."""
         if bucket.in_flight or bucket.locked_until > now:
-            return LIVE_LOCKOUT
+            return True
         self._forget_old(bucket, now)
-        if bucket.failures:
-            return 2
-        if bucket.last_trip is not None and now - bucket.locked_until < MAX_LOCKOUT_SECONDS:
-            return 1
-        return 0
+        return bool(bucket.failures) or (
+            bucket.last_trip is not None and now - bucket.locked_until < MAX_LOCKOUT_SECONDS)
 
     def _wait(self, bucket, limit, now):
         if bucket.locked_until > now:
@@ -2257,13 +2280,24 @@ class Gate:
                 found = found or claims
         return found
 
+    def revoked_session(self, request):
+        """The claims of a session cookie that is signed, unexpired and of a current user but revoked
+        (a renewal replaced it, perhaps a thief's), or None: signing out with it still ends its session."""
+        header = request.cookie_header
+        if not header:
+            return None
+        view = self.view
+        return next((claims for claims in self._signed_sessions(request, None)
+                     if claims["exp"] > request.now and claims["jti"] in view.revoked and self._current(claims, view)),
+                    None)
+
     def _signed_sessions(self, request, memo_key):
         signed = []
         for token in request.cookie_values(self.cookie_name):
             claims, _reason = verify_token(token, self.session_key, request.now)
             if claims is not None:
                 signed.append(claims)
-        if signed:  # only headers with a valid signature: a stranger's junk is never kept
+        if signed and memo_key:  # only headers with a valid signature: a stranger's junk is never kept
             if len(self._claims) >= TOKEN_CACHE_SIZE:
                 self._claims.clear()
             self._claims[memo_key] = signed
@@ -2530,16 +2564,17 @@ class SignIn:
             self.count(Outcome.CSRF, None, request)
             raise _Refused(403, "This form expired. Please enter the code again.")
 
-    def attempt(self, request, device, judge, ceiling=True):
+    def attempt(self, request, device, judge, group=None):
         """Run `judge` within the guessing limits; the new session's claims, or _Refused.
 
-        A device is limited per device; anyone else per client IP and, with `ceiling`, by the
-        global ceiling of anonymous clients too (an invitation's first code is not: it is
-        tried against one pending seed).
+        A device is limited per device; anyone else per client IP and by the global ceiling
+        of anonymous clients, or (an invitation's first code, tried against one pending seed)
+        by its `group`'s own limit instead: a stranger's lockout does not stop the invitee,
+        and one link from many addresses still gets five guesses a window.
         """
         key = f"device:{device['jti']}" if device else limiter_key(request.ip)
-        is_device = device is not None or not ceiling  # the limiter's "device": counted per key only
-        wait = self.limiter.acquire(key, device=is_device, now=request.now)
+        limits = {"device": device is not None, "group": group, "now": request.now}
+        wait = self.limiter.acquire(key, **limits)
         if wait:
             self.count(Outcome.LIMITED, None, request)
             message = f"Too many attempts. Try again in {plural_minutes(wait)}."
@@ -2551,7 +2586,7 @@ class SignIn:
             log.warning("login unavailable: database error: %s", error)
             raise _Refused(503, "Signing in is unavailable for a moment. Please try again.", [("Retry-After", "5")])
         finally:
-            self.limiter.release(key, device=is_device, outcome=outcome, now=request.now)
+            self.limiter.release(key, outcome=outcome, **limits)
         self.count(outcome, claims and claims["sub"], request)
         if outcome is Outcome.REPLAY:
             raise _Refused(401, "That code was just used. Wait for the next one.")
@@ -2702,7 +2737,7 @@ class Enrolment:
         try:
             judge = functools.partial(self._judge, request, form["otp"], token, browser, invite)
             # Tried against this one pending seed: the per-IP limit, never the anonymous ceiling.
-            claims = self.signin.attempt(request, None, judge, ceiling=False)
+            claims = self.signin.attempt(request, None, judge, group="invite:" + digest(token))
         except _Refused as refusal:
             return self._setup(request, token, invite, refusal)
         log.info("invite result=accepted user=%s ip=%s", invite.user, request.ip)
@@ -3066,6 +3101,12 @@ class App:
         claims = self.gate.session(request)
         if claims is not None:
             self._end_session(request, claims, everywhere)
+        elif (replaced := self.gate.revoked_session(request)) is not None:
+            # A cookie a renewal replaced (another tab, or a thief who renewed a copy): the session
+            # id outlives its tokens, so this sign-out ends the renewed session too.
+            self.store.end_session(session_id(replaced))
+            self.gate.refresh(request.now, force=True)
+            log.info("logout user=%s everywhere=no ip=%s (with a replaced cookie)", replaced["sub"], request.ip)
         # With `next` (the refusal page's "sign in as someone else"), the login page returns there.
         try:
             target = self.signin.safe_next(request, request.query.get("next", ""))

@@ -873,10 +873,77 @@ def test_full_of_live_lockouts_a_new_client_is_refused_instead(clock):
     rl = limiter(clock, max_keys=100, max_attempts=1, global_max=10**7)
     for i in range(100):
         fail(rl, f"device:{i}", device=True)  # one failure locks each
-    assert wait_of(rl, "192.0.2.1") == 900  # fail closed: no room without forgetting a lockout
+    assert wait_of(rl, "192.0.2.1") == fa.FULL_RETRY_SECONDS  # fail closed: no room without forgetting one
     assert all(wait_of(rl, f"device:{i}", device=True) == 900 for i in range(100))
     clock.advance(900)
-    assert wait_of(rl, "192.0.2.1") == 0  # the lockouts ended: room again
+    assert wait_of(rl, "192.0.2.1") == fa.FULL_RETRY_SECONDS  # their trips are remembered for a day
+    clock.advance(86400)
+    assert wait_of(rl, "192.0.2.1") == 0  # then they remember nothing: room again
+
+
+def test_full_of_lockouts_a_stolen_device_still_gets_five_guesses_a_window(clock):
+    """Red team, 4.0 (critical): with every other place a live lockout, a stolen device and one
+    new key took turns in the last free place, each eviction erasing the other: 200 judged guesses."""
+    rl = limiter(clock)
+    for i in range(9_999):
+        for _ in range(5):
+            fail(rl, f"inv-{i}", device=True)
+    judged = 0
+    for j in range(200):
+        if rl.acquire("device:stolen", device=True) == 0:
+            rl.release("device:stolen", device=True)
+            judged += 1
+        fail(rl, f"inv-new-{j}", device=True)
+    assert judged <= 5, f"{judged} guesses judged within one window"
+
+
+@pytest.mark.parametrize("history", ["a past trip", "four failures"])
+def test_volume_never_erases_a_devices_doubling_or_its_failures(clock, history):
+    """Red team, 4.0: a table full of keys with failures (10,000 requests) evicted a device just past
+    its lockout (its next lockout no longer doubled) or one with four failures (four more guesses)."""
+    rl = limiter(clock, max_keys=100, global_max=10**7)
+    if history == "a past trip":
+        lock_device(rl)
+        clock.advance(900)  # the lockout ended; the next one must last 1,800 s
+    else:
+        for _ in range(4):
+            fail(rl, "device:stolen", device=True)
+    for i in range(500):
+        fail(rl, address(i))
+    for _ in range(5 if history == "a past trip" else 1):
+        fail(rl, "device:stolen", device=True)
+    assert wait_of(rl, "device:stolen", device=True) == (1800 if history == "a past trip" else 900)
+
+
+def test_a_success_beside_attempts_in_flight_never_leaks_the_global_ceiling(clock):
+    """Red team, 4.0: a success popped its key while the same client's other attempts were in
+    flight; their release then skipped the global ceiling, whose in-flight count leaked until every
+    anonymous browser got 429 for good, and their failures were counted nowhere."""
+    rl = limiter(clock, global_max=30)
+    for round_ in range(7):
+        ip = f"203.0.113.{round_}"
+        assert [rl.acquire(ip) for _ in range(5)] == [0] * 5
+        rl.release(ip, outcome=fa.Outcome.SUCCESS)  # the right code, first back
+        for _ in range(4):
+            rl.release(ip)  # the four wrong codes sent with it
+    assert (rl._global.in_flight, len(rl._global.failures)) == (0, 28)  # every wrong code counted, none stuck
+    assert wait_of(rl, "198.51.100.7") == 0
+    clock.advance(7 * 86400)
+    assert wait_of(rl, "198.51.100.99") == 0  # ... and a week later a new browser may try again
+
+
+def test_an_invitation_from_many_addresses_gets_five_guesses_a_window(store, clock):
+    """Red team, 4.0: first codes were limited per IP only, so one open invitation from 10,000 /64s made
+    as many live lockouts as wanted (and with them room to evict anything). Now the link has its own limit."""
+    add_user(store, "alice")
+    app = fa.make_app(settings(), store=store, clock=clock)
+    token, seed = invite(store, "carol", now=clock())
+    page, _setup, browser = press_button(app, token)
+    wrong = wrong_code_for(seed, now=clock())
+    statuses = [post_invite(app, token, page, otp=wrong, browser=browser,
+                            headers={"X-Forwarded-For": f"2001:db8:0:{i:x}::1"}).status for i in range(40)]
+    assert statuses == [401] * 5 + [429] * 35
+    assert len(app.limiter._buckets) <= 6  # five addresses and the link: a refused attempt remembers nothing
 
 
 def test_when_full_the_least_worth_remembering_goes_first(clock):
@@ -3668,6 +3735,38 @@ def test_a_damaged_database_never_yields_a_500_or_a_traceback(label, sql, db_pat
         assert code in (0, 1) and "Traceback" not in err and err.count("\n") <= 1, (command, err)
 
 
+def test_a_session_row_without_a_jti_stops_no_logout_and_no_reset(db_path, store, clock, capsys):
+    """Red team, 4.0: a hand-edited session row with a NULL jti made -logout, a reset and sign out
+    everywhere fail (NOT NULL constraint), so a lost phone's seed kept working."""
+    seed = add_user(store, "alice")
+    app = fa.make_app(settings(), store=store, clock=clock)
+    cookie = session_cookie(app, login(app, code_at(seed, clock())))
+    store._write("INSERT INTO sessions (jti, user, created, expires, ip, agent) VALUES (NULL, 'alice', ?, ?, '-', '-')",
+                 (int(NOW), int(NOW) + 10 * 365 * 86400))
+    assert run_main(["-logout", "alice"], db_path, capsys)[0] == 0
+    assert run_main(["-invite", "alice"], db_path, capsys)[0] == 0
+    clock.advance(2)
+    assert check(app, cookie).status == 401
+
+
+def test_a_revocation_counter_that_is_not_a_number_reads_every_revocation(db_path, store, clock, logged_in, app):
+    """Red team, 4.0: sqlite_sequence.seq edited to text made every check a 500 and the start a traceback."""
+    assert call(app, "POST", "/logout", headers={"Cookie": logged_in}).status == 302
+    store._write("UPDATE sqlite_sequence SET seq = 'one' WHERE name = 'revoked'")
+    clock.advance(1)
+    assert check(app, logged_in).status == 401
+    assert check(fa.make_app(settings(), store=store, clock=clock), logged_in).status == 401
+
+
+@pytest.mark.parametrize("login_url", ["/health", "/metrics", "/verify", "/auth", "/logout", "/sso/logout",
+                                       "/a/../health", "/a/./login", "https://auth.example.com/verify"])
+def test_a_login_url_that_would_take_another_route_is_refused_at_start(login_url):
+    """Red team, 4.0: LOGIN_URL=/health answered monitors with the login page (a dead database
+    looked healthy); /verify or /auth made the login page unreachable."""
+    with pytest.raises(fa.ConfigError, match="LOGIN_URL"):
+        fa.Settings.from_env({"LOGIN_URL": login_url, "COOKIE_DOMAIN": ".example.com"})
+
+
 CALDAV = {"basic_auth_hosts": ("cal.example.com",)}
 
 
@@ -4285,6 +4384,19 @@ def test_a_reload_that_read_the_database_before_a_logout_does_not_bring_the_sess
     assert call(app, "POST", "/logout", headers={"Cookie": cookie}).status == 302  # ... a logout answers ...
     app.gate._load(before, clock())  # ... and that reload swaps its view in afterwards
     assert check(app, cookie).status == 401
+
+
+def test_signing_out_with_a_cookie_a_renewal_replaced_ends_the_renewed_session(sliding, clock, store):
+    """Red team, 4.0: a thief renewed a copied cookie first; the owner's Sign out with the old cookie
+    answered 302 and ended nothing, because the old token no longer passed as a session."""
+    app, cookie = sliding
+    clock.advance(TTL // 2 + 1)
+    thief = session_cookie(app, renew(app, cookie))
+    clock.advance(1)
+    for method in ("GET", "POST"):
+        assert call(app, method, "/logout", headers={"Cookie": cookie, "Host": "app1.example.com"}).status == 302
+    clock.advance(1)
+    assert check(app, thief).status == 401
 
 
 def test_two_concurrent_renewals_of_one_token_do_not_fork_the_session(sliding_with_bob, clock, store):
