@@ -1224,13 +1224,19 @@ def enrolment_uri(seed, name, app_name):
 
 
 FULL_RETRY_SECONDS = 60  # Retry-After when the limiter is full of keys it must keep
+DAY = 86400
+# A key's failures in any 24 h: at most this many windows' worth, what a guesser who trips
+# every doubling lockout gets on a first day (1 + ... + 7 windows' limits before 24 h ones).
+DAILY_WINDOWS = 7
+MAX_KEYS_PER_OWNER = 100  # device keys one user's device cookies may hold in the limiter
 
 
 class _Bucket:
-    __slots__ = ("failures", "in_flight", "last_trip", "locked_until", "lockout")
+    __slots__ = ("failures", "in_flight", "last_trip", "locked_until", "lockout", "owner")
 
-    def __init__(self):
-        self.failures = []  # times of failures within the window (a list: 10,000 deques weigh 6 MB)
+    def __init__(self, owner=None):
+        self.owner = owner  # the user of a device key, else None
+        self.failures = []  # times of failures in the last 24 h, oldest first (a list: deques weigh more)
         self.in_flight = 0  # attempts let through and not yet decided
         self.locked_until = 0.0
         self.lockout = 0
@@ -1266,23 +1272,30 @@ class RateLimiter:
         self._buckets = collections.OrderedDict()  # least recently used first
         self._global = _Bucket()
         self._full_until = 0.0  # full of keys worth keeping: a new key is refused until then
+        self._owned = collections.Counter()  # user -> device keys held
         self._lock = threading.Lock()
 
-    def acquire(self, key, device=False, now=None, group=None):
-        """Start an attempt: 0 if it may go ahead (then release() it), else seconds to wait."""
+    def acquire(self, key, device=False, now=None, group=None, owner=None):
+        """Start an attempt: 0 if it may go ahead (then release() it), else seconds to wait.
+        `owner`: the user a device key belongs to (each user's devices hold at most
+        MAX_KEYS_PER_OWNER keys, so one user's minted devices cannot fill the table)."""
         now = self.clock() if now is None else now
         with self._lock:
             keys = self._keys(key, device, group)
             fresh = [k for k in keys if k is not None and k not in self._buckets]
-            pairs = [(self._bucket(k) or _Bucket(), limit) for k, limit in keys.items()]
+            pairs = [(self._bucket(k) or _Bucket(owner if k == key else None), limit) for k, limit in keys.items()]
             wait = max(self._wait(bucket, limit, now) for bucket, limit in pairs)
+            if wait == 0 and key in fresh and owner is not None and self._owned[owner] >= MAX_KEYS_PER_OWNER:
+                wait = FULL_RETRY_SECONDS
             if wait == 0 and fresh:
                 wait = self._make_room(len(fresh), now)
             if wait == 0:
                 for (k, _), (bucket, _) in zip(keys.items(), pairs):
                     bucket.in_flight += 1
-                    if k is not None:
+                    if k is not None and k in fresh:
                         self._buckets[k] = bucket
+                        self._owned[bucket.owner] += bucket.owner is not None
+                    if k is not None:
                         self._buckets.move_to_end(k)
             return wait
 
@@ -1304,10 +1317,17 @@ class RateLimiter:
                 # into it later, and the global ceiling's share of them with it.
                 bucket.failures, bucket.locked_until, bucket.lockout, bucket.last_trip = [], 0.0, 0, None
                 if not bucket.in_flight:
-                    del self._buckets[key]
+                    self._forget(key)
 
     def _bucket(self, key):
         return self._global if key is None else self._buckets.get(key)
+
+    def _forget(self, key):
+        bucket = self._buckets.pop(key)
+        if bucket.owner is not None:
+            self._owned[bucket.owner] -= 1
+            if not self._owned[bucket.owner]:
+                del self._owned[bucket.owner]
 
     def _keys(self, key, device, group):
         """{key: limit} an attempt counts toward; None is the global ceiling of anonymous clients."""
@@ -1322,18 +1342,18 @@ class RateLimiter:
         are dropped; one sweep frees every such key at once."""
         if len(self._buckets) + needed <= self.max_keys:
             return 0
-        if now < self._full_until:
+        if now < self._full_until <= now + 1:  # (a clock set back sweeps again)
             return FULL_RETRY_SECONDS  # swept a moment ago: no sweep per refused request
         for key in [key for key, bucket in self._buckets.items() if not self._worth(bucket, now)]:
-            del self._buckets[key]
-        if len(self._buckets) + needed <= self.max_keys:
+            self._forget(key)
+        if len(self._buckets) + needed <= self.max_keys - self.max_keys // 100:
             return 0
-        self._full_until = now + 1
-        return FULL_RETRY_SECONDS
+        self._full_until = now + 1  # nearly full still: sweep at most once a second
+        return 0 if len(self._buckets) + needed <= self.max_keys else FULL_RETRY_SECONDS
 
     def _worth(self, bucket, now):
         """Whether forgetting a key would lose something: an attempt in flight, a lockout, a
-        failure in the window, or a trip within the last day (the next lockout doubles)."""
+        failure in the last day (its budget), or a trip within the last day (the next lockout doubles)."""
         if bucket.in_flight or bucket.locked_until > now:
             return True
         self._forget_old(bucket, now)
@@ -1345,26 +1365,34 @@ class RateLimiter:
             # Never longer than the lockout itself, so a clock set back cannot stretch it.
             return math.ceil(min(bucket.locked_until - now, bucket.lockout))
         self._forget_old(bucket, now)
-        if len(bucket.failures) + bucket.in_flight >= limit:
+        if self._in_window(bucket, now) + bucket.in_flight >= limit:
             return 1  # the attempts in flight may reach the limit: ask again in a second
+        if len(bucket.failures) + bucket.in_flight >= limit * DAILY_WINDOWS:
+            # A budget per 24 h: a guesser who stays one under the limit every window (and so
+            # never trips) gets no more in a day than one who trips every lockout.
+            return max(1, math.ceil(bucket.failures[0] + DAY - now)) if bucket.failures else 1
         return 0
+
+    def _in_window(self, bucket, now):
+        return len(bucket.failures) - bisect.bisect_right(bucket.failures, now - self.window)
 
     def _forget_old(self, bucket, now):
         failures = bucket.failures
-        if failures and failures[0] <= now - self.window:
-            bucket.failures = [t for t in failures if t > now - self.window]
+        if failures and failures[0] <= now - DAY:
+            bucket.failures = failures[bisect.bisect_right(failures, now - DAY):]
 
     def _count(self, bucket, limit, now):
         self._forget_old(bucket, now)
         bucket.failures.append(now)
-        if len(bucket.failures) >= limit:
+        if self._in_window(bucket, now) >= limit:
             # "Within 24 h of the last" counts from the end of the last lockout,
             # so a guesser who resumes as soon as a 24 h lockout ends stays at 24 h.
             recent = bucket.last_trip is not None and now - bucket.locked_until < MAX_LOCKOUT_SECONDS
             bucket.lockout = min(bucket.lockout * 2, MAX_LOCKOUT_SECONDS) if recent else self.window
             bucket.locked_until = now + bucket.lockout
             bucket.last_trip = now
-            bucket.failures.clear()
+            # The failures stay for the day's budget; the lockout (at least a window) outlasts
+            # their place in the window.
 
 
 # --- Request ----------------------------------------------------------------
@@ -2574,7 +2602,7 @@ class SignIn:
         """
         key = f"device:{device['jti']}" if device else limiter_key(request.ip)
         limits = {"device": device is not None, "group": group, "now": request.now}
-        wait = self.limiter.acquire(key, **limits)
+        wait = self.limiter.acquire(key, owner=device and device["sub"], **limits)
         if wait:
             self.count(Outcome.LIMITED, None, request)
             message = f"Too many attempts. Try again in {plural_minutes(wait)}."

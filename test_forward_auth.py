@@ -946,6 +946,62 @@ def test_an_invitation_from_many_addresses_gets_five_guesses_a_window(store, clo
     assert len(app.limiter._buckets) <= 6  # five addresses and the link: a refused attempt remembers nothing
 
 
+def test_a_stolen_device_pacing_under_the_limit_gets_no_more_in_a_day_than_one_that_trips(store, clock):
+    """Red team, 4.0: four wrong codes a window never tripped the limit and aged out: 384 judged
+    guesses a day where the README promised 35. Now a key also has a budget per 24 h."""
+    alice = add_user(store, "alice")
+    app = fa.make_app(settings(), store=store, clock=clock)
+    stolen = device_of(app, login(app, code_at(alice, clock())))
+    judged = 0
+    for _window in range(96):  # one day
+        for _ in range(4):
+            judged += login(app, wrong_code_for(alice, now=clock()), extra_cookie=stolen).status == 401
+        clock.advance(901)
+    assert judged == 5 * fa.DAILY_WINDOWS  # 35: what tripping every lockout gives on a first day
+
+
+def test_anonymous_pacing_under_the_ceiling_gets_at_most_its_daily_budget(clock):
+    """Red team, 4.0: 29 a window from fresh addresses never tripped the global ceiling: 2,784 guesses
+    a day at every user's seed (20 users: a 50 % chance in about four days)."""
+    rl = limiter(clock)
+    judged, n = 0, 0
+    for _window in range(96):
+        for _ in range(29):
+            n += 1
+            key = f"2001:db8:{n >> 16:x}:{n & 0xffff:x}::/64"
+            if rl.acquire(key) == 0:
+                rl.release(key)
+                judged += 1
+        clock.advance(901)
+    assert judged == 30 * fa.DAILY_WINDOWS  # 210 a day, tripped or not
+
+
+def test_an_insiders_minted_devices_cannot_fill_the_limiter(clock):
+    """Red team, 4.0: an enrolled user who minted 10,000 device cookies (one sign-in each) and tripped
+    each made every household member who was new to the limiter wait, device cookie and all."""
+    rl = limiter(clock)
+    for i in range(10_000):
+        for _ in range(5):
+            if rl.acquire(f"device:bob-{i}", device=True, owner="bob") == 0:
+                rl.release(f"device:bob-{i}", device=True)
+    assert len(rl._buckets) == fa.MAX_KEYS_PER_OWNER  # the rest of bob's devices were refused
+    assert rl.acquire("device:alice-laptop", device=True, owner="alice") == 0
+
+
+def test_each_users_devices_hold_a_bounded_share_of_the_limiter_through_the_app(store, clock):
+    alice, bob = add_user(store, "alice"), add_user(store, "bob")
+    app = fa.make_app(settings(), store=store, clock=clock)
+    alice_device = device_of(app, login(app, code_at(alice, clock())))
+    statuses = []
+    for _ in range(fa.MAX_KEYS_PER_OWNER + 1):  # bob mints devices, one sign-in each, and fails once with each
+        clock.advance(30)
+        device = device_of(app, login(app, code_at(bob, clock())))
+        statuses.append(login(app, wrong_code_for(alice, bob, now=clock()), extra_cookie=device).status)
+    assert statuses == [401] * fa.MAX_KEYS_PER_OWNER + [429]
+    clock.advance(30)
+    assert login(app, code_at(alice, clock()), extra_cookie=alice_device).status == 302
+
+
 def test_when_full_the_least_worth_remembering_goes_first(clock):
     rl = limiter(clock, max_keys=100, global_max=10**7)
     for _ in range(4):
@@ -4440,14 +4496,13 @@ def test_a_replayed_token_forks_into_many_sessions_on_real_waitress(store, clock
     alice = add_user(store, "alice")
     app = fa.make_app(settings(session_ttl=TTL, session_max=3 * TTL), store=store, clock=clock)
     cookie = session_cookie(app, login(app, code_at(alice, clock())))
-    server = fa.create_server(app, app.settings, host="127.0.0.1", port=0)
-    threading.Thread(target=server.run, daemon=True).start()
+    server = Server(app)  # production arguments, port 0; stopped from its own loop thread
     query = urllib.parse.urlencode({"renew": "1", "next": "/"})
     try:
         worst = 0
         for _ in range(5):
             clock.advance(TTL // 2 + 1)
-            conns = [http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10) for _ in range(6)]
+            conns = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=10) for _ in range(6)]
             for conn in conns:
                 conn.connect()
             tokens, barrier = [], threading.Barrier(len(conns))
@@ -4473,7 +4528,7 @@ def test_a_replayed_token_forks_into_many_sessions_on_real_waitress(store, clock
             cookie = live[0]
         assert worst <= 1, f"one session became {worst} live sessions"
     finally:
-        server.close()
+        server.stop()
 
 
 def test_a_logout_during_a_renewal_is_not_undone_by_it(sliding_with_bob, clock, store):
