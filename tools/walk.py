@@ -8,7 +8,7 @@ before), a /verify past half the idle lifetime (RENEW) and the GET /login?renew=
 in-process with an injected clock, counting calls with sys.setprofile.
 """
 import sys, io, collections, importlib.util, tempfile, os, time, urllib.parse, re
-path = sys.argv[1]
+path = os.path.abspath(sys.argv[1])
 spec = importlib.util.spec_from_file_location("fa", path); fa = importlib.util.module_from_spec(spec); spec.loader.exec_module(fa)
 import pyotp
 d = tempfile.mkdtemp()
