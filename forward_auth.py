@@ -1253,14 +1253,17 @@ class RateLimiter:
     `group` key of their own instead. Attempts in flight count toward the limit,
     so parallel guesses cannot slip past it.
 
+    Every key and the ceiling also have a budget per 24 h (DAILY_WINDOWS
+    windows' worth), so pacing one under the limit gains nothing over tripping.
+
     At most `max_keys` keys are kept, and a key is made only for an attempt
     that goes ahead: a refused attempt remembers nothing. When full, only keys
-    that remember nothing are dropped; a key with a failure in the window, a
-    trip in the last day or an attempt in flight is never forgotten to make
-    room: a new key is refused instead (fail closed), so volume cannot buy a
-    locked device more guesses or erase its doubling. Filling the table takes
-    failures the ceilings ration: 30 a window for all anonymous clients, five
-    per invitation, five per device (and a device cookie takes a real sign-in).
+    that remember nothing are dropped; a key with a failure or a trip in the
+    last day, or an attempt in flight, is never forgotten to make room: a new
+    key is refused instead (fail closed), so volume cannot buy a locked device
+    more guesses or erase its doubling. Filling the table takes failures the
+    budgets ration (210 a day for all anonymous clients, 35 per invitation) or
+    devices, of which one user holds at most MAX_KEYS_PER_OWNER places.
     """
 
     def __init__(self, max_attempts, window, global_max, *, max_keys=10_000, clock=time.time):
@@ -1292,9 +1295,10 @@ class RateLimiter:
             if wait == 0:
                 for (k, _), (bucket, _) in zip(keys.items(), pairs):
                     bucket.in_flight += 1
-                    if k is not None and k in fresh:
+                    if k in fresh:
                         self._buckets[k] = bucket
-                        self._owned[bucket.owner] += bucket.owner is not None
+                        if bucket.owner is not None:
+                            self._owned[bucket.owner] += 1
                     if k is not None:
                         self._buckets.move_to_end(k)
             return wait
@@ -1337,6 +1341,7 @@ class RateLimiter:
         elif not device:
             keys[None] = self.global_max
         return keys
+
     def _make_room(self, needed, now):
         """0 when `needed` more keys fit, else seconds to wait: only keys that remember nothing
         are dropped; one sweep frees every such key at once."""
@@ -3132,7 +3137,10 @@ class App:
         elif (replaced := self.gate.revoked_session(request)) is not None:
             # A cookie a renewal replaced (another tab, or a thief who renewed a copy): the session
             # id outlives its tokens, so this sign-out ends the renewed session too.
-            self.store.end_session(session_id(replaced))
+            try:
+                self.store.end_session(session_id(replaced))
+            except sqlite3.Error as error:  # the cookie is expired all the same
+                log.warning("a session renewed away from this cookie could not be ended: %s", error)
             self.gate.refresh(request.now, force=True)
             log.info("logout user=%s everywhere=no ip=%s (with a replaced cookie)", replaced["sub"], request.ip)
         # With `next` (the refusal page's "sign in as someone else"), the login page returns there.

@@ -3759,7 +3759,7 @@ def test_a_damaged_database_never_yields_a_500_or_a_traceback(label, sql, db_pat
     alice = add_user(store, "alice")
     add_user(store, "bob")
     new_app_token(store, "alice", "cal")
-    token, seed = invite(store, "carol", now=clock())
+    token, _seed = invite(store, "carol", now=clock())
     store.cookie_key()
     app = fa.make_app(settings(), store=store, clock=clock)
     cookie = session_cookie(app, login(app, code_at(alice, clock())))
@@ -4453,6 +4453,19 @@ def test_signing_out_with_a_cookie_a_renewal_replaced_ends_the_renewed_session(s
         assert call(app, method, "/logout", headers={"Cookie": cookie, "Host": "app1.example.com"}).status == 302
     clock.advance(1)
     assert check(app, thief).status == 401
+
+
+def test_signing_out_with_a_replaced_cookie_expires_it_even_when_the_database_is_busy(sliding, clock, store):
+    app, cookie = sliding
+    clock.advance(TTL // 2 + 1)
+    session_cookie(app, renew(app, cookie))
+
+    def busy(sid):
+        raise sqlite3.OperationalError("database is locked")
+
+    store.end_session = busy
+    r = call(app, "POST", "/logout", headers={"Cookie": cookie, "Host": "app1.example.com"})
+    assert r.status == 302 and r.cookie_value("auth_token") == ""
 
 
 def test_two_concurrent_renewals_of_one_token_do_not_fork_the_session(sliding_with_bob, clock, store):

@@ -7,10 +7,19 @@ Walks a POST /login with the right code, a /verify of a user with a host list (a
 before), a /verify past half the idle lifetime (RENEW) and the GET /login?renew=1 that follows,
 in-process with an injected clock, counting calls with sys.setprofile.
 """
-import sys, io, collections, importlib.util, tempfile, os, time, urllib.parse, re
+import collections
+import importlib.util
+import io
+import os
+import re
+import sys
+import tempfile
+import urllib.parse
+
 path = os.path.abspath(sys.argv[1])
 spec = importlib.util.spec_from_file_location("fa", path); fa = importlib.util.module_from_spec(spec); spec.loader.exec_module(fa)
 import pyotp
+
 d = tempfile.mkdtemp()
 store = fa.Store(os.path.join(d, "a.db"))
 seed = fa.new_seed()
@@ -37,12 +46,12 @@ def walk(label, fn):
     print(", ".join(f"{n}×{c}" if c > 1 else n for n, c in counts.most_common()))
     return r
 s, h, b = call("GET", "/login")
-nonce = [v.split(";")[0] for k, v in h if k == "Set-Cookie" and v.startswith("auth_token_csrf=")][0]
+nonce = next(v.split(";")[0] for k, v in h if k == "Set-Cookie" and v.startswith("auth_token_csrf="))
 csrf = re.search(rb'name="csrf" value="([^"]+)"', b).group(1).decode()
 code = pyotp.TOTP(seed).generate_otp(fa.step_at(now[0]))
 form = urllib.parse.urlencode({"otp": code, "next": "https://app1.example.com/x", "csrf": csrf}).encode()
 s, h, b = walk("POST /login (right code)", lambda: call("POST", "/login", headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": nonce}, body=form))
-cookie = [v.split(";")[0] for k, v in h if k == "Set-Cookie" and v.startswith("auth_token=")][0]
+cookie = next(v.split(";")[0] for k, v in h if k == "Set-Cookie" and v.startswith("auth_token="))
 fwd = {"Cookie": cookie, "X-Forwarded-Host": "app1.example.com", "X-Forwarded-Proto": "https", "X-Forwarded-Uri": "/x"}
 call("GET", "/verify", headers=fwd)
 walk("GET /verify (valid cookie, host list, seen before)", lambda: call("GET", "/verify", headers=dict(fwd, **{"X-Forwarded-Uri": "/y/1"})))
