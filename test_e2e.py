@@ -119,17 +119,13 @@ def echo_app(environ, start_response):
     return [body]
 
 
-class Echo:
+class Echo(Server):
+    """An upstream app on waitress that echoes the headers it was sent."""
+
     def __init__(self):
         self.server = waitress.server.create_server(echo_app, host="127.0.0.1", port=0, threads=4)
         self.port = self.server.effective_port
-        import threading
-
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        Server.stop(self)
+        self._start()
 
 
 class ForwardAuth:
