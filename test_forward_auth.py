@@ -4364,9 +4364,13 @@ class SlowRenewal:
     def __init__(self, store):
         self.store, self.original = store, store.renew_session
         self.entered, self.release = threading.Event(), threading.Event()
+        self._arrived, self._count = threading.Condition(), 0
 
     def __enter__(self):
         def slow(*args, **kwargs):
+            with self._arrived:
+                self._count += 1
+                self._arrived.notify_all()
             self.entered.set()
             self.release.wait(5)
             return self.original(*args, **kwargs)
@@ -4376,6 +4380,11 @@ class SlowRenewal:
 
     def __exit__(self, *exc):
         self.store.renew_session = self.original
+
+    def wait_for(self, callers, timeout=5):
+        """True once `callers` renewals are held here (a deadline, not a sleep)."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: self._count >= callers, timeout)
 
 
 def test_a_renewal_asked_for_a_fresh_session_goes_on_unchanged(sliding, clock, store):
@@ -4487,7 +4496,7 @@ def test_two_concurrent_renewals_of_one_token_do_not_fork_the_session(sliding_wi
         threads[0].start()
         assert slow.entered.wait(5)
         threads[1].start()
-        time.sleep(0.3)  # the second request reaches the same point (it waits on the same hold)
+        assert slow.wait_for(2)  # the second request reaches the same point (it waits on the same hold)
         slow.release.set()
         for t in threads:
             t.join()
