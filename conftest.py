@@ -78,7 +78,7 @@ class Server:
         # waitress's own loop (what server.run() does), one poll at a time, so that stop() only
         # sets a flag: the loop thread then closes its own channels. Stopping by pulling waitress's
         # trigger from the test thread once failed in CI with EBADF on the trigger's pipe (not
-        # reproduced in 8 local runs of the file), and left the test's real outcome unreported.
+        # reproduced in ten local runs of the suite), and left the test's real outcome unreported.
         while not self._stopping.is_set():
             self.server.asyncore.loop(timeout=0.05, map=self.server._map,
                                       use_poll=self.server.adj.asyncore_use_poll, count=1)
