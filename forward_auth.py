@@ -80,6 +80,9 @@ LOG_EVERY_SECONDS = 60  # a repeated refusal (forbidden host, bad app token) is 
 TOKEN_CACHE_SIZE = 1024  # signed Cookie headers whose claims are kept (by digest)
 USER_AGENT_CHARS = 120
 SCHEMA_VERSION = 4
+STORAGE_KEY_BYTES = 32  # AES-256's key length: the least a storage key may hold
+SECRET_SETTINGS = ("jwt_secret", "storage_key")  # never shown by repr()
+BINARY_FILES = ("STORAGE_KEY",)  # read as bytes from their *_FILE: a random key is not text
 
 HS256_HEADER = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"  # b64url('{"alg":"HS256","typ":"JWT"}')
 B64URL = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
@@ -152,6 +155,10 @@ class HTTPError(Exception):
 
 class ConfigError(ValueError):
     """A setting with a bad value; the message names the variable."""
+
+
+class DatabaseInUse(RuntimeError):
+    """A command that must run alone (-rekey, -restore) while a server holds the database."""
 
 
 def bounded_memo(function, size=1024, longest=2048):
@@ -462,6 +469,20 @@ def as_redirect_hosts(value):
     return patterns
 
 
+def as_storage_key(value):
+    """Key material: STORAGE_KEY's text as UTF-8, or STORAGE_KEY_FILE's bytes. A key file may be
+    binary (`head -c 32 /dev/urandom`), whose last byte can be a newline: one trailing newline is
+    dropped only when 32 bytes remain, so a text file saved with one matches the same STORAGE_KEY."""
+    if isinstance(value, str):
+        as_secret(value)
+        return value.encode()
+    if value.endswith(b"\n") and len(value) > STORAGE_KEY_BYTES:
+        value = value[:-1]
+    if len(value) < STORAGE_KEY_BYTES:
+        raise ValueError(f"must be at least {STORAGE_KEY_BYTES} bytes (make one with: head -c 32 /dev/urandom)")
+    return value
+
+
 def as_log_format(value):
     lowered = value.strip().lower()
     if lowered not in ("text", "json"):
@@ -475,6 +496,7 @@ SETTINGS = (
     ("port", "PORT", "3000", as_port),
     ("db_path", "DB_PATH", "auth.db", as_text),
     ("jwt_secret", "JWT_SECRET", None, as_secret),
+    ("storage_key", "STORAGE_KEY", None, as_storage_key),  # unset: the key file beside the database
     ("session_ttl", "SESSION_TTL_SECONDS", "86400", as_seconds),  # the idle lifetime
     ("session_max", "SESSION_MAX_SECONDS", "2592000", as_seconds),  # the cap from the login
     ("cookie_name", "COOKIE_NAME", "auth_token", as_cookie_name),
@@ -500,9 +522,10 @@ class Settings:
     defaults are its defaults, converted; `login` is the LoginURL of `login_url`.
     Tests build Settings(port=0, ...)."""
 
-    __slots__ = (*(field for field, *_ in SETTINGS), "login")
+    __slots__ = (*(field for field, *_ in SETTINGS), "login", "storage_key_source")
 
-    def __init__(self, **values):
+    def __init__(self, storage_key_source="STORAGE_KEY", **values):
+        object.__setattr__(self, "storage_key_source", storage_key_source)  # named in a wrong-key error
         unknown = set(values) - {field for field, *_ in SETTINGS}
         if unknown:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
@@ -528,7 +551,7 @@ class Settings:
         raise AttributeError("Settings are frozen")
 
     def __repr__(self):
-        shown = (f"{f}={'<secret>' if f == 'jwt_secret' and v else repr(v)}" for f, v in self._items())
+        shown = (f"{f}={'<secret>' if f in SECRET_SETTINGS and v else repr(v)}" for f, v in self._items())
         return f"Settings({', '.join(shown)})"
 
     def __eq__(self, other):
@@ -551,22 +574,162 @@ class Settings:
                 values[field] = convert(raw)
             except ValueError as error:
                 raise ConfigError(f"{name}: {error}") from None
+        if "STORAGE_KEY_FILE" in environ:
+            values["storage_key_source"] = f"STORAGE_KEY_FILE ({environ['STORAGE_KEY_FILE']})"
         return cls(**values)
 
 
 def _read_variable(environ, name, default):
-    """The value of NAME, or of the file NAME_FILE names (one trailing newline stripped)."""
+    """The value of NAME, or of the file NAME_FILE names (one trailing newline stripped; a binary
+    one, the storage key, as bytes for its converter to judge)."""
     path = environ.get(name + "_FILE")
     if path is not None and name in environ:
         raise ConfigError(f"{name}: set {name} or {name}_FILE, not both")
     if path is None:
         return environ.get(name, default)
+    binary = name in BINARY_FILES
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, "rb" if binary else "r", **({} if binary else {"encoding": "utf-8"})) as file:
             value = file.read()
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{name}_FILE: cannot read {path!r} ({error.__class__.__name__})") from None
-    return value.removesuffix("\n")
+    return value if binary else value.removesuffix("\n")
+
+
+# --- Keys at rest -----------------------------------------------------------
+# With a code-only login the seed is the whole credential, so the database keeps every
+# seed (users' and pending invitations') and the stored cookie key sealed under a storage
+# key kept apart from it: a copied database or backup alone opens nothing. The cipher is
+# the `cryptography` package's AES-256-GCM (no cipher of our own), imported when a key is
+# first used: the check path never seals or opens anything.
+
+SEALED = re.compile(r"fa4:([A-Za-z0-9_-]{38,})", re.ASCII)  # ':' is not base32: never a plain seed
+CHECK_PLACE, CHECK_TEXT = "meta:value:storage_check", "forward-auth storage key check"
+
+
+class Unsealable(Exception):
+    """A stored value that does not open under this key: damaged, copied from another row, or
+    sealed under another key. Never taken to mean "no value"."""
+
+
+class StorageKey:
+    """AES-256-GCM under a key derived from the storage key with HKDF-SHA256 (RFC 5869), and a
+    fingerprint derived apart from it (so that printing it tells nothing of the cipher's key).
+
+    Each value gets a fresh random 96-bit nonce (NIST SP 800-38D §8.2.2: a household's few
+    hundred values per key are far below the 2³² a random nonce allows), and associated data
+    naming its place, `users:seed:alice`: a value copied onto another row does not open.
+    `source` says where the key came from, for the one line a wrong key gets.
+    """
+
+    def __init__(self, material, source):
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self.source = source
+        self._aead = AESGCM(self._derive(material, b"forward-auth seeds at rest: AES-256-GCM"))
+        self._invalid = InvalidTag
+        self.fingerprint = hashlib.sha256(self._derive(material, b"forward-auth key fingerprint")).hexdigest()[:8]
+
+    @staticmethod
+    def _derive(material, info):
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(material)
+
+    def seal(self, text, place):
+        nonce = os.urandom(12)
+        sealed = nonce + self._aead.encrypt(nonce, text.encode(), place.encode())
+        return "fa4:" + base64.urlsafe_b64encode(sealed).rstrip(b"=").decode()
+
+    def open(self, value, place):
+        """The text sealed at `place`, or Unsealable."""
+        match = SEALED.fullmatch(value) if isinstance(value, str) else None
+        if match is None:
+            raise Unsealable(place)
+        raw = base64.urlsafe_b64decode(match[1] + "=" * (-len(match[1]) % 4))
+        try:
+            return self._aead.decrypt(raw[:12], raw[12:], place.encode()).decode()
+        except (self._invalid, ValueError):  # ValueError: too short for a tag, or not UTF-8
+            raise Unsealable(place) from None
+
+    def check_value(self):
+        return self.seal(CHECK_TEXT, CHECK_PLACE)
+
+    def opens(self, check_value):
+        try:
+            return self.open(check_value, CHECK_PLACE) == CHECK_TEXT
+        except Unsealable:
+            return False
+
+
+def key_file_of(db_path):
+    """Where the storage key lives when STORAGE_KEY is unset: beside the database, never in it."""
+    return db_path + ".key"
+
+
+class KeySource:
+    """Where a database's storage key comes from: STORAGE_KEY(_FILE), or the key file beside the
+    database, made on the first start of a database that holds nothing sealed yet."""
+
+    def __init__(self, material=None, name="STORAGE_KEY", key_file=None):
+        self.material, self.name, self.key_file = material, name, key_file
+
+    @classmethod
+    def of(cls, settings):
+        if settings.storage_key is not None:
+            return cls(settings.storage_key, settings.storage_key_source)
+        return cls.beside(settings.db_path)
+
+    @classmethod
+    def beside(cls, db_path):
+        path = key_file_of(db_path)
+        return cls(None, f"the key file {path}", path)
+
+    def load(self, sealed_already):
+        """The StorageKey; ConfigError when the key is missing for a database that needs it."""
+        if self.material is not None:
+            return StorageKey(self.material, self.name)
+        if not os.path.exists(self.key_file) and not sealed_already:
+            _write_key_file(self.key_file, secrets.token_bytes(STORAGE_KEY_BYTES))
+        return StorageKey(read_key_file(self.key_file, self.name, missing=(
+            "the database's seeds are sealed with it: put the key file back from where you keep it, or set "
+            "STORAGE_KEY_FILE to it (without it no one can sign in)")), self.name)
+
+
+def read_key_file(path, name, missing="no such file"):
+    """A key file's bytes (at least 32), or ConfigError naming it."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{name} is missing: {missing}") from None
+    except OSError as error:
+        raise ConfigError(f"{name}: cannot read it ({error.strerror})") from None
+    try:
+        return as_storage_key(raw)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
+
+
+def _write_key_file(path, material):
+    """Create a key file, 0600, and make it durable (the file and its directory entry)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, material)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _sync_directory(path)
+
+
+def _sync_directory(path):
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --- Storage ----------------------------------------------------------------
@@ -676,6 +839,9 @@ MIGRATIONS = {
 
 
 USER_COLUMNS = "name, seed, created, last_login, last_step, hosts, full_name, email, groups_list"
+# The values sealed under the storage key: (table, the column naming the row, the sealed column).
+# A value's place, its associated data, is table:column:row ("users:seed:alice").
+SEALED_COLUMNS = (("users", "name", "seed"), ("invites", "user", "seed"), ("meta", "key", "value"))
 
 
 def _hosts_text(patterns):
@@ -690,7 +856,8 @@ def _hosts_rule(text):
 
 class Store:
     """The SQLite file and what forward-auth keeps in it: users, sessions, app
-    tokens, invitations and the cookie key.
+    tokens, invitations and the cookie key, the secrets among them sealed under
+    the storage key (what is sealed, and where, is in SEALED_COLUMNS).
 
     One connection for queries and writes, one for noticing changes other
     processes commit (``PRAGMA data_version`` only moves for other connections)
@@ -700,15 +867,25 @@ class Store:
     a change that must be whole is one transaction.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, keys=None, hold=None, shown_as=None):
+        """Open (or create) the database, migrate it and check its storage key (`keys`, a KeySource:
+        by default the key file beside it). `hold`: "shared" for a server, "exclusive" for a command
+        that must run alone (see hold_database). `shown_as`: its name in errors (a backup's)."""
         self.path = path
+        self.shown_as = shown_as or path
         try:
             _create_private_file(path)
         except OSError as error:
             raise OSError(f"cannot open the database {path}: {error.strerror}") from None
+        self._held = hold_database(path, hold) if hold else None
         self._conn = self._connect()
         self._lock = threading.Lock()
-        self._migrate()
+        try:
+            self.key = self._migrate(keys or KeySource.beside(path))
+        except BaseException:
+            self._conn.close()
+            self._release()
+            raise
         self._watch = self._connect()
         # The watch connection is used from /verify and /logout: never let it wait long.
         self._watch.execute("PRAGMA busy_timeout = 100")
@@ -720,7 +897,14 @@ class Store:
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: an accepted TOTP step must survive a power cut, or a code could be replayed.
         conn.execute("PRAGMA synchronous = FULL")
+        # Deleted and replaced values are zeroed in the file, not left in free space.
+        conn.execute("PRAGMA secure_delete = ON")
         return conn
+
+    def _release(self):
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
     @contextlib.contextmanager
     def _transaction(self, quick=False):
@@ -735,7 +919,10 @@ class Store:
                 conn.execute("ROLLBACK")
                 raise
 
-    def _migrate(self):
+    def _migrate(self, keys):
+        """Bring the schema up to date and open the storage key, in one transaction; a database
+        that holds nothing sealed yet (new, or from before 4.0) has its values sealed in place,
+        and then no page of the file, nor of its WAL, keeps a plain one. The StorageKey."""
         with self._transaction() as conn:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version > SCHEMA_VERSION:
@@ -744,6 +931,55 @@ class Store:
                 for statement in MIGRATIONS[step]:
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            check = self._meta(conn, "storage_check")
+            key = keys.load(sealed_already=check is not None)
+            if check is None:
+                self._reseal(conn, None, key)
+            elif not key.opens(check):
+                raise ConfigError(
+                    f"{key.source} does not open {self.shown_as}: its seeds are sealed with another key (fingerprint "
+                    f"{self._meta(conn, 'storage_key_fingerprint')}, this key's is {key.fingerprint}); give it the "
+                    "key it was made with (STORAGE_KEY_FILE, or the key file beside it)")
+        if check is None:
+            self._scrub()
+        return key
+
+    @staticmethod
+    def _meta(conn, key):
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row and row[0]
+
+    def _reseal(self, conn, old, new):
+        """Seal every secret under `new`: opened with `old`, or (None) as stored before 4.0, in the
+        clear. A value that does not open stays as it is (its user still cannot sign in); their
+        places are returned. The cookie key is not carried over (see rekey)."""
+        stuck = []
+        for table, row_column, column in SEALED_COLUMNS:
+            rows = conn.execute(f"SELECT {row_column}, {column} FROM {table} WHERE {column} != ''"  # names fixed
+                                + (" AND key = 'cookie_key'" if table == "meta" else "")).fetchall()
+            for row, value in rows:
+                place = f"{table}:{column}:{row}"
+                if old is None and SEALED.fullmatch(value or ""):
+                    continue  # sealed already (a check value lost by hand): never seal it twice
+                try:
+                    text = value if old is None else old.open(value, place)
+                except Unsealable:
+                    stuck.append(place)
+                    continue
+                if isinstance(text, str):
+                    conn.execute(f"UPDATE {table} SET {column} = ? WHERE {row_column} = ?", (new.seal(text, place), row))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('storage_check', ?)", (new.check_value(),))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('storage_key_fingerprint', ?)", (new.fingerprint,))
+        return stuck
+
+    def _scrub(self):
+        """Leave no earlier value anywhere in the file: secure_delete zeroed what a change freed,
+        VACUUM rewrites every page (its copy in memory, never a temporary file), and a truncating
+        checkpoint empties the WAL, which held the pages as they were."""
+        with self._lock:
+            self._conn.execute("PRAGMA temp_store = MEMORY")
+            self._conn.execute("VACUUM")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _query(self, sql, params=()):
         with self._lock:
@@ -768,6 +1004,7 @@ class Store:
         try:
             with self._lock:
                 self._conn.backup(target)
+            target.execute("PRAGMA journal_mode = DELETE")  # one self-contained file, no -wal beside it
         finally:
             target.close()
 
@@ -776,27 +1013,47 @@ class Store:
         with self._lock, self._watch_lock:
             self._conn.close()
             self._watch.close()
+        self._release()
+
+    # -- The storage key --
+
+    def rekey(self, new):
+        """Seal every secret under `new` (a StorageKey) in one transaction, with a fresh cookie key:
+        a rekey follows a key that may have leaked, and an old backup opened with it must not
+        mint cookies. Returns the places that did not open (their users need a reset)."""
+        with self._transaction() as conn:
+            stuck = self._reseal(conn, self.key, new)
+            conn.execute("DELETE FROM meta WHERE key = 'cookie_key'")
+        self.key = new
+        self._scrub()
+        return [place for place in stuck if not place.startswith("meta:")]
 
     # -- The cookie key --
 
     def cookie_key(self):
-        """The generated HMAC key, created once by whichever process asks first; ConfigError if the
-        stored one is not what this module writes (64 hex digits): never guess a key."""
-        self._write("INSERT OR IGNORE INTO meta VALUES ('cookie_key', ?)", (secrets.token_hex(32),))
-        stored = self._query("SELECT value FROM meta WHERE key = 'cookie_key'")[0][0]
-        if not isinstance(stored, str) or not re.fullmatch(r"[0-9a-f]{64}", stored, re.ASCII):
-            raise ConfigError(f"the cookie key stored in {self.path} is damaged (not 64 hex digits): set JWT_SECRET, "
-                              "or delete it (sqlite3 DB \"DELETE FROM meta WHERE key = 'cookie_key'\"; every "
-                              "session and device cookie then ends)")
+        """The generated HMAC key, created once by whichever process asks first and kept sealed;
+        ConfigError if the stored one does not open or is not what this module writes (64 hex
+        digits): never guess a key."""
+        place = "meta:value:cookie_key"
+        self._write("INSERT OR IGNORE INTO meta VALUES ('cookie_key', ?)", (self.key.seal(secrets.token_hex(32), place),))
+        try:
+            stored = self.key.open(self._query("SELECT value FROM meta WHERE key = 'cookie_key'")[0][0], place)
+        except Unsealable:
+            stored = None
+        if stored is None or not re.fullmatch(r"[0-9a-f]{64}", stored, re.ASCII):
+            raise ConfigError(f"the cookie key stored in {self.path} is damaged: set JWT_SECRET, or delete it "
+                              "(sqlite3 DB \"DELETE FROM meta WHERE key = 'cookie_key'\"; every session and "
+                              "device cookie then ends)")
         return bytes.fromhex(stored)
 
     # -- Users --
 
     def add_user(self, name, seed, now):
         """True if added, False if the name is taken. `seed` '' adds a pending user."""
+        sealed = self.key.seal(seed, f"users:seed:{name}") if seed else ""
         try:
             with self._transaction() as conn:
-                conn.execute("INSERT INTO users (name, seed, created) VALUES (?, ?, ?)", (name, seed, int(now)))
+                conn.execute("INSERT INTO users (name, seed, created) VALUES (?, ?, ?)", (name, sealed, int(now)))
                 conn.execute("INSERT OR IGNORE INTO meta VALUES ('had_user', '1')")
         except sqlite3.IntegrityError:
             return False
@@ -817,11 +1074,20 @@ class Store:
             return gone
 
     def users(self):
+        """Every user, each `seed` as stored: sealed ('' for a pending user)."""
         return [User(*row) for row in self._query(f"SELECT {USER_COLUMNS} FROM users ORDER BY created, name")]
 
     def active_users(self):
-        """Users who can log in (a pending user has no seed yet)."""
-        return [user for user in self.users() if user.seed]
+        """Users who can log in (a pending user has no seed yet), with their seeds opened;
+        None for a seed that does not open under this key."""
+        return [user._replace(seed=self._opened(user.seed, f"users:seed:{user.name}"))
+                for user in self.users() if user.seed]
+
+    def _opened(self, value, place):
+        try:
+            return self.key.open(value, place)
+        except Unsealable:
+            return None
 
     def user(self, name):
         rows = self._query(f"SELECT {USER_COLUMNS} FROM users WHERE name = ?", (name,))
@@ -908,6 +1174,17 @@ class Store:
         )
         return True
 
+    def end_what_a_backup_brought_back(self, now):
+        """After a restore: end every session (one signed out since the backup must not come back)
+        and void every invitation (one used since the backup would enrol a second phone). The
+        names of the users whose invitation was voided."""
+        with self._transaction() as conn:
+            for (name,) in conn.execute("SELECT name FROM users").fetchall():
+                self._end_sessions(conn, name, now)
+            voided = [name for (name,) in conn.execute("SELECT user FROM invites ORDER BY user")]
+            conn.execute("DELETE FROM invites")
+            return voided
+
     def live_sessions(self, name, now):
         """Sessions not expired and not ended, newest first."""
         sql = """SELECT s.jti, s.user, s.created, s.expires, s.ip, s.agent FROM sessions s JOIN users u ON u.name = s.user
@@ -987,19 +1264,22 @@ class Store:
                     conn.execute("DELETE FROM app_tokens WHERE user = ?", (name,))
             conn.execute(
                 "INSERT OR REPLACE INTO invites (user, hash, seed, expires) VALUES (?, ?, ?, ?)",
-                (name, digest, seed, int(expires)),
+                (name, digest, self.key.seal(seed, f"invites:seed:{name}"), int(expires)),
             )
             return new
 
     def invite(self, digest, now):
-        """The live invitation with this hash, or None."""
+        """The live invitation with this hash, its seed opened (None if it does not open), or None."""
         rows = self._query(
             "SELECT user, seed, expires, browser, opened FROM invites WHERE hash = ? AND expires > ?", (digest, int(now))
         )
-        return Invite(*rows[0]) if rows else None
+        if not rows:
+            return None
+        invite = Invite(*rows[0])
+        return invite._replace(seed=self._opened(invite.seed, f"invites:seed:{invite.user}"))
 
     def invites(self):
-        """{user: Invite} of every invitation, live or not."""
+        """{user: Invite} of every invitation, live or not, seeds sealed."""
         rows = self._query("SELECT user, seed, expires, browser, opened FROM invites")
         return {row[0]: Invite(*row) for row in rows}
 
@@ -1021,11 +1301,12 @@ class Store:
                 "SELECT user, seed FROM invites WHERE hash = ? AND expires > ? AND browser = ?",
                 (digest, session.created, browser),
             ).fetchone()
-            if row is None:
+            seed = row and self._opened(row[1], f"invites:seed:{row[0]}")
+            if seed is None:
                 return False
             conn.execute(
                 "UPDATE users SET seed = ?, last_step = ?, last_login = ? WHERE name = ?",
-                (row[1], step, session.created, row[0]),
+                (self.key.seal(seed, f"users:seed:{row[0]}"), step, session.created, row[0]),
             )
             conn.execute("DELETE FROM invites WHERE hash = ?", (digest,))
             self._record_session(conn, session)
@@ -1068,6 +1349,32 @@ def _create_private_file(path, exclusive=False):
     """Create `path` with mode 0600 before SQLite opens it (SQLite would use the umask)."""
     flags = os.O_CREAT | os.O_WRONLY | (os.O_EXCL if exclusive else 0)
     os.close(os.open(path, flags, 0o600))
+
+
+def hold_database(path, mode):
+    """Mark a database as in use by a server ("shared": several may serve it; waits while a
+    -rekey or -restore runs), or take it alone ("exclusive": refused while a server holds it).
+    The open descriptor that holds it.
+
+    An flock(2) on the database file itself, held while the Store is open: the kernel drops it
+    when the process ends, however it ends, so no stale pid file can block a -rekey. Linux keeps
+    flock apart from SQLite's POSIX locks; its one hazard, that closing any descriptor of the file
+    drops the process's POSIX locks, is avoided by closing it last (Store.close). A -restore puts
+    a new file in place, so a shared holder checks it holds the file that is there now.
+    """
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if mode == "shared" else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DatabaseInUse(f"a server is using {path}: stop it first (systemctl stop forward-auth), "
+                                "then run this again") from None
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            return fd
+        os.close(fd)  # replaced while this waited: hold the new one
 
 
 def digest(token):
@@ -2650,15 +2957,18 @@ class SignIn:
         return 302, [self.cookies.session(winner), ("Location", location)], b""
 
     def _usable(self, users):
-        """Users whose stored seed pyotp can use; each other one is logged once and skipped."""
+        """Users whose seed opened and is one pyotp can use; each other one is logged once and
+        skipped: a seed that does not open means "cannot sign in", never "no seed"."""
         usable = []
         for user in users:
-            if usable_seed(user.seed) and isinstance(user.last_step, int):
+            if user.seed is not None and usable_seed(user.seed) and isinstance(user.last_step, int):
                 usable.append(user)
             elif user.name not in self._unusable_seeds:
                 self._unusable_seeds.add(user.name)
-                log.warning("user %r skipped: the stored seed is not base32 (or its last step not a number)",
-                            user.name)
+                why = ("does not open with the storage key (damaged, or copied from another row)" if user.seed is None
+                       else "is not base32 (or their last step not a number)")
+                log.warning("user %r cannot sign in: their stored seed %s; reset them with -invite %s",
+                            user.name, why, user.name)
         return usable
 
     def _judge_code(self, request, code, device):
@@ -3185,7 +3495,7 @@ class App:
 
 def make_app(settings, *, store=None, clock=time.time):
     """The WSGI app for `settings`; tests pass their own store and clock."""
-    return App(settings, store or Store(settings.db_path), clock)
+    return App(settings, store or Store(settings.db_path, KeySource.of(settings), hold="shared"), clock)
 
 
 def __getattr__(name):
@@ -3294,10 +3604,15 @@ class CLI:
 
     @property
     def store(self):
+        return self.open()
+
+    def open(self, hold=None):
+        """The database, its storage key checked first (a wrong key stops every command); `hold`
+        as Store takes it."""
         if self._store is None:
             if not self._creates:
                 _require_database(self.settings.db_path)
-            self._store = Store(self.settings.db_path)
+            self._store = Store(self.settings.db_path, KeySource.of(self.settings), hold=hold)
         return self._store
 
     def close(self):
@@ -3528,6 +3843,112 @@ def cmd_backup(cli, destination):
     except OSError as error:
         raise CommandError(f"cannot write {destination}: {error.strerror}") from None
     print(f"backup written to {destination}")
+    print(f"Its seeds are sealed under the storage key with fingerprint {cli.store.key.fingerprint}: the backup is "
+          f"useless without that key ({cli.store.key.source}). Keep the key apart from the backup.")
+
+
+def cmd_rekey(cli, new_key_file):
+    """Seal everything under the key in NEW_KEY_FILE; the server must be stopped."""
+    material = read_key_file(new_key_file, f"the new key file {new_key_file}")
+    new = StorageKey(material, new_key_file)
+    store = cli.open(hold="exclusive")
+    old = store.key
+    if new.fingerprint == old.fingerprint:
+        raise CommandError(f"{new_key_file} holds the key in use (fingerprint {old.fingerprint}): make a new one "
+                           "with head -c 32 /dev/urandom")
+    keys = KeySource.of(cli.settings)
+    staged = keys.key_file and keys.key_file + ".new"
+    if staged:  # written before the database changes, renamed over the old one after
+        if os.path.lexists(staged):
+            os.unlink(staged)  # left by a rekey that stopped before its rename
+        _write_key_file(staged, material)
+    stuck = store.rekey(new)
+    if staged:
+        os.replace(staged, keys.key_file)
+        _sync_directory(keys.key_file)
+    print(f"{cli.settings.db_path}: every seed is now sealed under key {new.fingerprint} (was {old.fingerprint}); "
+          f"backups made before now still need the old key")
+    if staged:
+        print(f"{keys.key_file} now holds the new key (a copy of {new_key_file})")
+    else:
+        print(f"now give the server the new key before starting it: {cli.settings.storage_key_source} must hold what "
+              f"{new_key_file} holds")
+    if cli.settings.jwt_secret is None:
+        print("the cookie key was renewed with it: every session and device cookie has ended, so everyone signs in "
+              "again (JWT_SECRET keeps them across a rekey)")
+    for place in stuck:
+        user = place.split(":", 2)[2]
+        print(f"{place} did not open and was left as it was: reset {user} with -invite {user}")
+
+
+def cmd_restore(cli, source):
+    """Put the backup SOURCE in place of the database (server stopped): checked against the storage
+    key, sealed if it is from before 4.0, every session it brings back ended, its invitations void."""
+    path = cli.settings.db_path
+    if not os.path.isfile(source):
+        raise CommandError(f"no backup at {source}")
+    created = not os.path.exists(path)
+    _create_private_file(path)
+    held = hold_database(path, "exclusive")
+    staging = path + ".restoring"
+    restored = False
+    try:
+        _remove_database_files(staging)
+        _copy_database(source, staging)
+        store = Store(staging, KeySource.of(cli.settings), shown_as=source)  # a key that does not open it: exit 2
+        try:
+            store.ping()
+            voided = store.end_what_a_backup_brought_back(cli.clock())
+            fingerprint = store.key.fingerprint
+        finally:
+            store.close()
+        _remove_database_files(path, keep_main=True)  # a crashed server's WAL belongs to the file replaced
+        os.replace(staging, path)
+        _sync_directory(path)
+        restored = True
+    finally:
+        _remove_database_files(staging)
+        os.close(held)
+        if created and not restored:
+            _remove_database_files(path)  # an empty file left here would get a fresh first user
+    print(f"{source} restored to {path} (storage key {fingerprint}); every session it held has ended, so everyone "
+          "signs in again")
+    for name in voided:
+        print(f"{name}'s invitation was void: send a new link with -invite {name}")
+    print("Undo again what was done since the backup: users deleted or reset and app tokens revoked since then are "
+          "back (-revoke, -invite, -revoke-token)")
+
+
+def _copy_database(source, destination):
+    """Copy a database file with SQLite's backup API (the source opened read-only, never changed;
+    the -wal and -shm a read-only reader of a WAL file leaves beside it are removed)."""
+    leftovers = [name for name in (source + "-wal", source + "-shm") if not os.path.exists(name)]
+    try:
+        reader = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(source))}?mode=ro", uri=True)
+    except sqlite3.Error as error:
+        raise CommandError(f"cannot read {source}: {error}") from None
+    _create_private_file(destination, exclusive=True)
+    writer = sqlite3.connect(destination)
+    try:
+        if reader.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise CommandError(f"{source} is damaged (PRAGMA quick_check)")
+        if not reader.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'users'").fetchone():
+            raise CommandError(f"{source} is not a forward-auth database (it has no users)")
+        reader.backup(writer)
+    except sqlite3.DatabaseError as error:
+        raise CommandError(f"{source} is not a forward-auth database ({error})") from None
+    finally:
+        reader.close()
+        writer.close()
+        for name in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+
+
+def _remove_database_files(path, keep_main=False):
+    for name in ((path + "-wal", path + "-shm") if keep_main else (path, path + "-wal", path + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
 
 
 def cmd_version(cli):
@@ -3555,6 +3976,10 @@ COMMANDS = (
     Command("-logout", ("NAME",), (), cmd_logout, False, "end every session of NAME (the user stays)"),
     Command("-revoke", ("NAME",), (), cmd_revoke, False, "delete a user and end their sessions"),
     Command("-backup", ("FILE",), (), cmd_backup, False, "write an online backup of the database"),
+    Command("-rekey", ("NEWKEYFILE",), (), cmd_rekey, False,
+            "seal every seed under a new storage key (server stopped)"),
+    Command("-restore", ("FILE",), (), cmd_restore, True,
+            "put a backup in place of the database (server stopped); ends every session it brings back"),
     Command("-version", (), (), cmd_version, False, "print the version"),
 )
 # --flag: (keyword of the command's function, metavar or None for a flag without a value, help).
@@ -3815,7 +4240,7 @@ def main(argv=None, environ=None):
         settings = Settings.from_env(environ)
         if command is None:
             check_listen_host(settings.host)
-            return serve(settings, Store(settings.db_path), environ)
+            return serve(settings, Store(settings.db_path, KeySource.of(settings), hold="shared"), environ)
         return run_command(settings, *command)
     except (UsageError, ConfigError) as error:
         return _fail(error, 2)
@@ -3823,7 +4248,7 @@ def main(argv=None, environ=None):
         # `-generate | head -3`: the reader has what it wanted; say nothing more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (CommandError, OSError, sqlite3.Error) as error:
+    except (CommandError, DatabaseInUse, OSError, sqlite3.Error) as error:
         return _fail(error, 1)
 
 

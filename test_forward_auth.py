@@ -123,6 +123,11 @@ def add_user(store, name="alice", now=NOW - 3600):
     return seed
 
 
+def seed_of(store, name):
+    """NAME's seed, opened (the database holds it sealed)."""
+    return {user.name: user.seed for user in store.active_users()}[name]
+
+
 def login_with(app, page, code, next_value="/"):
     """POST /login with the CSRF cookie and token of an earlier login page."""
     cookie, token = csrf_for(app, page)
@@ -431,7 +436,7 @@ def test_a_1_0_database_opens_in_2_0_with_users_seeds_steps_and_revocations(old_
     path, noted = old_database
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
     store = fa.Store(path)
-    users = {u.name: u for u in store.users()}
+    users = {u.name: u for u in store.active_users()}  # seeds opened: sealed in place at the upgrade
     assert set(users) == {"alice", "bob"}
     assert {name: users[name].seed for name in users} == noted["seeds"]
     assert {name: users[name].last_step for name in users} == noted["last_steps"]
@@ -476,7 +481,8 @@ def test_a_2_0_database_keeps_users_hosts_tokens_invites_and_sessions_after_the_
     store = fa.Store(path)
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == fa.SCHEMA_VERSION
     users = {u.name: u for u in store.users()}
-    assert {n: users[n].seed for n in ("alice", "bob")} == noted["seeds"] and users["carol"].seed == ""
+    opened = {u.name: u.seed for u in store.active_users()}
+    assert {n: opened[n] for n in ("alice", "bob")} == noted["seeds"] and users["carol"].seed == ""
     assert users["bob"].hosts == "app1.example.com *.media.example.com"
     assert (users["bob"].full_name, users["bob"].email, users["bob"].groups) == ("", "", "")
     clock = FakeClock(noted["now"] + 1)
@@ -508,7 +514,8 @@ def test_a_3_0_database_keeps_identities_invites_sessions_and_revocations_after_
     store = fa.Store(path)
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == fa.SCHEMA_VERSION
     users = {u.name: u for u in store.users()}
-    assert {n: users[n].seed for n in ("alice", "bob")} == noted["seeds"] and users["carol"].seed == ""
+    opened = {u.name: u.seed for u in store.active_users()}
+    assert {n: opened[n] for n in ("alice", "bob")} == noted["seeds"] and users["carol"].seed == ""
     assert {n: users[n].last_step for n in users} == noted["last_steps"]
     assert (users["alice"].full_name, users["alice"].groups) == ("Alice Müller", "admins,family")
     clock = FakeClock(noted["now"] + 1)
@@ -2337,7 +2344,7 @@ def test_a_right_first_code_activates_the_seed_and_signs_in_once(app, store, clo
     cookie = session_cookie(app, r)
     assert r.cookie_value(app.cookies.device_name)
     assert check(app, cookie).header("Remote-User") == "carol"
-    assert store.user("carol").seed == seed
+    assert [u.seed for u in store.active_users() if u.name == "carol"] == [seed]
     assert open_invite(app, token).status == 410  # single use
     clock.advance(fa.STEP)
     assert login(app, code_at(seed, clock())).status == 302  # the seed now logs in as usual
@@ -2815,7 +2822,7 @@ def test_backup_while_serving_logins_restores_and_serves(tmp_path, store, clock,
     check.close()
     restored_path = str(tmp_path / "restored.db")
     os.replace(backup, restored_path)
-    restored = fa.Store(restored_path)
+    restored = fa.Store(restored_path, fa.KeySource.beside(db_path))  # a backup opens with the key only
     assert {u.name for u in restored.users()} >= {*seeds, "late"}
     assert restored.cookie_key() == store.cookie_key()  # old cookies keep working after a restore
     again = fa.make_app(settings(), store=restored, clock=clock)
@@ -3018,7 +3025,7 @@ def test_backup_is_private_and_never_overwrites(db_path, tmp_path, capsys):
     target = str(tmp_path / "backup.db")
     assert run_main(["-backup", target], db_path, capsys)[0] == 0
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
-    copy = fa.Store(target)
+    copy = fa.Store(target, fa.KeySource.beside(db_path))
     assert [u.name for u in copy.users()] == ["alice"]
     copy.close()
     with open(target, "rb") as file:
@@ -3688,8 +3695,10 @@ def test_user_sets_clears_and_validates_identity(db_path, capsys):
 
 def test_a_stored_name_or_seed_that_cannot_be_used_skips_that_user_only(app, store, clock, caplog):
     good = add_user(store, "alice")
-    store._write("INSERT INTO users (name, seed, created) VALUES ('bad\nname', ?, 0)", (fa.new_seed(),))
-    store._write("INSERT INTO users (name, seed, created) VALUES ('badseed', 'not base32!', 0)")
+    store._write("INSERT INTO users (name, seed, created) VALUES ('bad\nname', ?, 0)",
+                 (store.key.seal(fa.new_seed(), "users:seed:bad\nname"),))
+    store._write("INSERT INTO users (name, seed, created) VALUES ('badseed', ?, 0)",
+                 (store.key.seal("not base32!", "users:seed:badseed"),))
     store._write("UPDATE users SET full_name = 'x\ny' WHERE name = 'alice'")
     clock.advance(1)
     r = login(app, code_at(good, clock()))  # every seed is tried: the bad one must not break the login
@@ -3699,7 +3708,7 @@ def test_a_stored_name_or_seed_that_cannot_be_used_skips_that_user_only(app, sto
     clock.advance(1)
     assert check(app, session_cookie(app, r)).status == 200
     text = caplog.text
-    assert "'badseed' skipped" in text and "'bad\\nname' skipped" in text
+    assert "'badseed' cannot sign in: their stored seed is not base32" in text and "'bad\\nname' skipped" in text
 
 
 def test_stored_values_of_the_wrong_type_never_fail_a_check(app, store, clock, logged_in):
@@ -4605,7 +4614,7 @@ def test_renewal_cannot_extend_an_ended_revoked_or_deleted_session_or_pass_the_c
             assert claims_of(app, fresh, clock())["exp"] <= int(NOW) + 3 * TTL
     assert clock() < int(NOW) + 3 * TTL + TTL  # it ended at the cap
     clock.now = int(NOW) + TTL
-    fresh = session_cookie(app, login(app, code_at(store.user("alice").seed, clock())))
+    fresh = session_cookie(app, login(app, code_at(seed_of(store, "alice"), clock())))
     # Logged out, or deleted: renews nothing.
     call(app, "POST", "/logout", headers={"Cookie": fresh})
     assert renew(app, fresh).cookie_value("auth_token") is None
@@ -4617,7 +4626,7 @@ def test_renewal_with_two_users_cookies_is_no_session(sliding_with_bob, clock, s
     app, alice_cookie = sliding_with_bob
     clock.advance(31)
     bob_seed = None
-    for user in store.users():
+    for user in store.active_users():
         if user.name == "bob":
             bob_seed = user.seed
     bob_cookie = session_cookie(app, login(app, code_at(bob_seed, clock())))
