@@ -4948,3 +4948,389 @@ def test_raw_hostile_requests_through_waitress_never_get_a_500(served, line, hea
     assert b"Traceback" not in response
     if status_line.split(b" ")[1:2] == [b"200"]:
         assert b"/verify" not in line and b"/auth" not in line  # never allowed without a session
+
+
+# --- 4.0: seeds and keys at rest ----------------------------------------------
+
+
+def database_bytes(path):
+    """Every byte of the database file, its WAL and its shared-memory index, as one string of bytes."""
+    found = b""
+    for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+        if os.path.exists(name):
+            with open(name, "rb") as file:
+                found += file.read()
+    return found
+
+
+def assert_nowhere(path, secrets_):
+    """None of `secrets_` (base32 seeds or hex keys) is in any file of the database at `path`, as its
+    text or as the bytes it stands for."""
+    data = database_bytes(path)
+    for secret in secrets_:
+        raw = base64.b32decode(secret) if re.fullmatch(r"[A-Z2-7]+=*", secret) else bytes.fromhex(secret)
+        found = secret.encode() in data or raw in data or secret.lower().encode() in data
+        assert not found, f"{secret} is in {path} or its WAL"
+
+
+def raw_rows(path, sql):
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def key_file(db_path):
+    with open(db_path + ".key", "rb") as file:
+        return file.read()
+
+
+def test_seeds_of_users_and_invitations_and_the_cookie_key_are_sealed(store, db_path):
+    alice = add_user(store, "alice")
+    _token, pending = invite(store, "carol")
+    cookie_key = store.cookie_key().hex()
+    rows = dict(raw_rows(db_path, "SELECT name, seed FROM users"))
+    assert rows["carol"] == "" and rows["alice"].startswith("fa4:")  # pending: no seed at all
+    (invite_seed,) = raw_rows(db_path, "SELECT seed FROM invites")[0]
+    (stored_key,) = raw_rows(db_path, "SELECT value FROM meta WHERE key = 'cookie_key'")[0]
+    assert invite_seed.startswith("fa4:") and stored_key.startswith("fa4:")
+    store._write("PRAGMA wal_checkpoint(PASSIVE)")
+    assert_nowhere(db_path, [alice, pending, cookie_key])
+
+
+def test_a_new_database_gets_a_private_key_file_beside_it_never_inside(db_path):
+    store = fa.Store(db_path)
+    add_user(store, "alice")
+    key = key_file(db_path)
+    assert len(key) == 32 and stat.S_IMODE(os.stat(db_path + ".key").st_mode) == 0o600
+    assert key not in database_bytes(db_path) and key.hex().encode() not in database_bytes(db_path)
+    store.close()
+    assert fa.Store(db_path).key.fingerprint == store.key.fingerprint  # the same file, read again
+
+
+def test_the_seed_and_key_never_reach_a_backup(db_path, tmp_path, capsys):
+    code, out, _ = run_main(["-generate", "alice"], db_path, capsys)
+    seed = secret_of(out)
+    backup = str(tmp_path / "backup.db")
+    code, out, _ = run_main(["-backup", backup], db_path, capsys)
+    fingerprint = re.search(r"fingerprint ([0-9a-f]{8})\b", out)[1]
+    assert code == 0 and "useless without that key" in out
+    assert_nowhere(backup, [seed])
+    key = key_file(db_path)
+    assert key not in database_bytes(backup) and key.hex().encode() not in database_bytes(backup)
+    assert fingerprint not in (hashlib.sha256(key).hexdigest()[:8], key.hex()[:8])  # derived, never the key
+    assert not os.path.exists(backup + ".key")  # the key stays where it was
+    with pytest.raises(fa.ConfigError, match="missing"):
+        fa.Store(backup)  # alone, the backup opens nothing
+    assert not os.path.exists(backup + ".key")  # and no key is made up for it
+
+
+def test_a_sealed_value_copied_onto_another_row_opens_nothing(app, store, clock, caplog, db_path):
+    alice, bob = add_user(store, "alice"), add_user(store, "bob")
+    store._write("UPDATE users SET seed = (SELECT seed FROM users WHERE name = 'alice') WHERE name = 'bob'")
+    clock.advance(1)
+    r = login(app, code_at(alice, clock()))
+    assert check(app, session_cookie(app, r)).header("Remote-User") == "alice"  # alice's code is alice
+    assert login(app, code_at(bob, clock())).status == 401  # bob's row opens nothing, not alice's seed
+    assert "user 'bob' cannot sign in: their stored seed does not open" in caplog.text
+    # An invitation's sealed seed moved onto a user's row opens nothing either.
+    _token, carol_seed = invite(store, "carol")
+    store._write("UPDATE users SET seed = (SELECT seed FROM invites WHERE user = 'carol') WHERE name = 'alice'")
+    clock.advance(fa.STEP)
+    assert login(app, code_at(carol_seed, clock())).status == 401
+
+
+def test_a_plain_seed_written_into_a_sealed_database_signs_no_one_in(app, store, clock, caplog):
+    """Someone who can write the database but has no key cannot plant a seed they know."""
+    add_user(store, "alice")
+    planted = fa.new_seed()
+    store._write("INSERT INTO users (name, seed, created) VALUES ('mallory', ?, 0)", (planted,))
+    clock.advance(1)
+    assert login(app, code_at(planted, clock())).status == 401
+    assert "user 'mallory' cannot sign in" in caplog.text
+
+
+def test_a_damaged_value_blocks_its_user_only_and_is_never_no_seed(app, store, clock, caplog, db_path, capsys):
+    alice, bob = add_user(store, "alice"), add_user(store, "bob")
+    (sealed,) = raw_rows(db_path, "SELECT seed FROM users WHERE name = 'bob'")[0]
+    flipped = sealed[:-3] + ("A" if sealed[-3] != "A" else "B") + sealed[-2:]
+    store._write("UPDATE users SET seed = ? WHERE name = 'bob'", (flipped,))
+    clock.advance(1)
+    caplog.clear()
+    assert login(app, code_at(bob, clock())).status == 401
+    assert login(app, code_at(alice, clock())).status == 302  # everyone else works
+    lines = [r.getMessage() for r in caplog.records if "cannot sign in" in r.getMessage()]
+    assert lines == ["user 'bob' cannot sign in: their stored seed does not open with the storage key (damaged, "
+                     "or copied from another row); reset them with -invite bob"]
+    code, out, _ = run_main(["-list"], db_path, capsys)
+    assert code == 0 and "pending" not in out.split("bob")[1]  # bob is not taken for a user without a seed
+
+
+def test_a_damaged_invitation_seed_is_a_gone_link_with_one_log_line(app, store, clock, caplog, db_path):
+    token, _seed = invite(store, "carol")
+    store._write("UPDATE invites SET seed = 'fa4:' || substr(seed, 6) WHERE user = 'carol'")
+    assert open_invite(app, token).status == 410
+    assert "invitation of 'carol' refused" in caplog.text
+
+
+def test_a_wrong_key_stops_every_command_with_one_line(db_path, tmp_path, capsys):
+    assert run_main(["-generate", "alice"], db_path, capsys)[0] == 0
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(os.urandom(32))
+    for args in (["-list"], ["-generate", "bob"], ["-sessions"], ["-backup", str(tmp_path / "b.db")],
+                 ["-invite", "bob"], ["-rekey", str(wrong)]):
+        code, out, err = run_main(args, db_path, capsys, STORAGE_KEY_FILE=str(wrong))
+        assert (code, out, err.count("\n")) == (2, "", 1), args
+        assert f"STORAGE_KEY_FILE ({wrong}) does not open" in err and "fingerprint" in err
+    code, _, err = run_main(["-list"], db_path, capsys, STORAGE_KEY="w" * 32)
+    assert code == 2 and err.startswith("forward_auth: STORAGE_KEY does not open")
+    assert not os.path.exists(tmp_path / "b.db")
+
+
+def test_a_missing_key_file_stops_the_start_with_one_line_and_makes_no_new_key(tmp_path):
+    process, _port, environ = start_process(tmp_path)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=10)
+    os.unlink(environ["DB_PATH"] + ".key")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py")], env=environ,
+                            capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"the key file {environ['DB_PATH']}.key is missing" in result.stderr
+    assert not os.path.exists(environ["DB_PATH"] + ".key")  # never a fresh key for sealed seeds
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(os.urandom(32))
+    result = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py")], capture_output=True, text=True,
+                            env=dict(environ, STORAGE_KEY_FILE=str(wrong)), timeout=20, check=False)
+    assert result.returncode == 2 and "does not open" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_storage_key_from_a_file_binary_or_text(db_path, tmp_path, capsys):
+    text = tmp_path / "text.key"
+    text.write_text("k" * 40 + "\n")
+    assert run_main(["-generate", "alice"], db_path, capsys, STORAGE_KEY_FILE=str(text))[0] == 0
+    assert run_main(["-list"], db_path, capsys, STORAGE_KEY="k" * 40)[0] == 0  # the same key as text
+    assert not os.path.exists(db_path + ".key")
+    binary = tmp_path / "binary.key"
+    binary.write_bytes(os.urandom(31) + b"\n")  # a random key may end in a newline byte: all 32 count
+    other = str(tmp_path / "other.db")
+    assert run_main(["-generate", "alice"], other, capsys, STORAGE_KEY_FILE=str(binary))[0] == 0
+    assert run_main(["-list"], other, capsys, STORAGE_KEY_FILE=str(binary))[0] == 0
+    short = tmp_path / "short.key"
+    short.write_bytes(b"s" * 31)
+    code, _, err = run_main(["-list"], db_path, capsys, STORAGE_KEY_FILE=str(short))
+    assert code == 2 and err.startswith("forward_auth: STORAGE_KEY: must be at least 32 bytes")
+    assert run_main(["-list"], db_path, capsys, STORAGE_KEY="s" * 31)[0] == 2
+    assert "k" * 40 not in repr(fa.Settings.from_env({"STORAGE_KEY": "k" * 40}))
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0", "3.0"])
+def test_an_old_database_is_sealed_in_place_and_everyone_signs_in_with_their_old_seed(tmp_path, version):
+    path, noted = copy_of_fixture(tmp_path, version)
+    plain = [seed for (seed,) in raw_rows(path, "SELECT seed FROM users WHERE seed != ''")]
+    plain += [seed for (seed,) in raw_rows(path, "SELECT seed FROM invites")] if version != "1.0" else []
+    keys = [value for (value,) in raw_rows(path, "SELECT value FROM meta WHERE key = 'cookie_key'")]
+    assert set(noted["seeds"].values()) <= set(plain) and plain[0].encode() in database_bytes(path)
+    store = fa.Store(path)
+    assert_nowhere(path, plain + keys)
+    assert all(seed.startswith("fa4:") for (seed,) in raw_rows(path, "SELECT seed FROM users WHERE seed != ''"))
+    if keys:  # the cookie key is carried over, sealed: cookies issued before the upgrade keep working
+        assert store.cookie_key().hex() == keys[0]
+    clock = FakeClock(noted["now"] + fa.STEP)
+    app = fa.make_app(settings(), store=store, clock=clock)
+    for name, seed in noted["seeds"].items():
+        r = login(app, code_at(seed, clock()), remote=f"10.9.0.{len(name)}")
+        assert check(app, session_cookie(app, r)).header("Remote-User") == name
+        clock.advance(1)
+    backup = str(tmp_path / "backup.db")
+    store.backup(backup)
+    assert_nowhere(backup, plain + keys)
+    store.close()
+
+
+def test_sealing_an_old_database_is_one_transaction(tmp_path, monkeypatch):
+    path, _ = copy_of_fixture(tmp_path, "3.0")
+    before = raw_rows(path, "SELECT name, seed FROM users ORDER BY name")
+    calls = []
+    original = fa.StorageKey.seal
+
+    def fail_on_the_third(self, text, place):
+        calls.append(place)
+        if len(calls) == 3:
+            raise OSError("disk gone")
+        return original(self, text, place)
+
+    monkeypatch.setattr(fa.StorageKey, "seal", fail_on_the_third)
+    with pytest.raises(OSError):
+        fa.Store(path)
+    assert raw_rows(path, "SELECT name, seed FROM users ORDER BY name") == before  # nothing half sealed
+    assert raw_rows(path, "PRAGMA user_version") == [(3,)]
+    monkeypatch.undo()
+    assert fa.Store(path).active_users()
+
+
+def test_the_check_path_seals_and_opens_nothing_and_imports_nothing(app, store, clock, logged_in, monkeypatch):
+    def refuse(*_args):
+        raise AssertionError("the cipher on the check path")
+
+    monkeypatch.setattr(fa.StorageKey, "open", refuse)
+    monkeypatch.setattr(fa.StorageKey, "seal", refuse)
+    before = set(sys.modules)
+    for i in range(200):
+        r = check(app, logged_in, url=f"https://app1.example.com/{i}")
+        assert r.status == 200
+        store._write("INSERT OR REPLACE INTO deleted VALUES ('ghost', ?)", (i,))  # a reload now and then
+        clock.advance(0.6)
+    assert set(sys.modules) == before
+
+
+def test_a_server_does_not_import_the_cipher_until_it_starts(tmp_path):
+    code = ("import sys, forward_auth; print('cryptography' in sys.modules, "
+            "any(name.startswith('cryptography') for name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=20,
+                            check=False)
+    assert result.stdout == "False False\n", result.stderr
+
+
+def stop_process(process):
+    process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=10)
+
+
+def test_rekey_is_refused_while_serving_works_when_stopped_and_the_old_key_opens_nothing(tmp_path):
+    process, port, environ = start_process(tmp_path)
+    printed = "".join(process.stdout.readline() for _ in range(4))  # the first user's block, to its Secret line
+    seed = secret_of(printed)
+    db = environ["DB_PATH"]
+    old_key = key_file(db)
+    new_key = tmp_path / "new.key"
+    new_key.write_bytes(os.urandom(32))
+    script = os.path.join(HERE, "forward_auth.py")
+
+    def rekey():
+        return subprocess.run([sys.executable, script, "-rekey", str(new_key)], env=environ, capture_output=True,
+                              text=True, timeout=20, check=False)
+
+    try:
+        before = raw_rows(db, "SELECT name, seed FROM users")
+        refused = rekey()
+        assert refused.returncode == 1 and "a server is using" in refused.stderr, refused.stderr
+        assert refused.stderr.count("\n") == 1 and refused.stdout == ""
+        assert key_file(db) == old_key and raw_rows(db, "SELECT name, seed FROM users") == before
+        assert http_get(port, "/health").status == 200
+    finally:
+        stop_process(process)
+    done = rekey()
+    assert done.returncode == 0, done.stderr
+    assert key_file(db) == new_key.read_bytes() and stat.S_IMODE(os.stat(db + ".key").st_mode) == 0o600
+    assert not os.path.exists(db + ".key.new")
+    old = tmp_path / "old.key"
+    old.write_bytes(old_key)
+    result = subprocess.run([sys.executable, script, "-list"], env=dict(environ, STORAGE_KEY_FILE=str(old)),
+                            capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 2 and "does not open" in result.stderr
+    store = fa.Store(db)
+    assert seed_of(store, "user") == seed  # the same seed, sealed under the new key
+    store.close()
+
+
+def test_rekey_ends_cookies_without_jwt_secret_and_keeps_them_with_it(db_path, tmp_path, capsys, clock):
+    for secret in (None, "j" * 40):
+        path = str(tmp_path / f"{bool(secret)}.db")
+        store = fa.Store(path)
+        seed = add_user(store, "alice")
+        app = fa.make_app(settings(jwt_secret=secret), store=store, clock=clock)
+        cookie = session_cookie(app, login(app, code_at(seed, clock())))
+        store.close()
+        new_key = tmp_path / f"{bool(secret)}.key"
+        new_key.write_bytes(os.urandom(40))
+        env = {"JWT_SECRET": secret} if secret else {}
+        code, out, _ = run_main(["-rekey", str(new_key)], path, capsys, **env)
+        assert code == 0 and ("every session and device cookie has ended" in out) is (secret is None)
+        store = fa.Store(path)
+        app = fa.make_app(settings(jwt_secret=secret), store=store, clock=clock)
+        assert check(app, cookie).status == (200 if secret else 401)
+        store.close()
+
+
+def test_rekey_with_a_key_given_in_the_environment_leaves_files_alone(db_path, tmp_path, capsys):
+    given = tmp_path / "given.key"
+    given.write_bytes(os.urandom(32))
+    assert run_main(["-generate", "alice"], db_path, capsys, STORAGE_KEY_FILE=str(given))[0] == 0
+    new_key = tmp_path / "new.key"
+    new_key.write_bytes(os.urandom(32))
+    code, out, _ = run_main(["-rekey", str(new_key)], db_path, capsys, STORAGE_KEY_FILE=str(given))
+    assert code == 0 and f"STORAGE_KEY_FILE ({given}) must hold what {new_key} holds" in out
+    assert not os.path.exists(db_path + ".key")
+    assert run_main(["-list"], db_path, capsys, STORAGE_KEY_FILE=str(given))[0] == 2
+    assert run_main(["-list"], db_path, capsys, STORAGE_KEY_FILE=str(new_key))[0] == 0
+    code, _, err = run_main(["-rekey", str(new_key)], db_path, capsys, STORAGE_KEY_FILE=str(new_key))
+    assert code == 1 and "holds the key in use" in err
+    short = tmp_path / "short.key"
+    short.write_bytes(b"x" * 20)
+    assert run_main(["-rekey", str(short)], db_path, capsys, STORAGE_KEY_FILE=str(new_key))[0] == 2
+    assert run_main(["-rekey", str(tmp_path / "none")], db_path, capsys, STORAGE_KEY_FILE=str(new_key))[0] == 2
+
+
+def test_restore_is_refused_while_serving_and_ends_every_session_it_brings_back(tmp_path, capsys):
+    process, port, environ = start_process(tmp_path)
+    db = environ["DB_PATH"]
+    try:
+        store = fa.Store(db)
+        seed = add_user(store, "alice")
+        app = fa.make_app(settings(), store=store, clock=FakeClock())
+        cookie = session_cookie(app, login(app, code_at(seed, NOW)))
+        invite(store, "carol")
+        backup = str(tmp_path / "backup.db")
+        store.backup(backup)
+        store.close()
+        code, _, err = run_main(["-restore", backup], db, capsys)
+        assert code == 1 and "a server is using" in err
+    finally:
+        stop_process(process)
+    code, out, err = run_main(["-restore", backup], db, capsys)
+    assert code == 0, err
+    assert "carol's invitation was void" in out
+    store = fa.Store(db)
+    app = fa.make_app(settings(), store=store, clock=FakeClock())
+    assert check(app, cookie).status == 401  # the session the backup held does not come back
+    assert store.invites() == {} and seed_of(store, "alice") == seed
+    clock = FakeClock(NOW + 3 * fa.STEP)
+    app = fa.make_app(settings(), store=store, clock=clock)
+    assert login(app, code_at(seed, clock())).status == 302
+    store.close()
+    assert not [name for name in os.listdir(tmp_path) if "restoring" in name]
+
+
+def test_restore_under_another_key_changes_nothing(tmp_path, capsys):
+    db = str(tmp_path / "auth.db")
+    other = str(tmp_path / "other" / "auth.db")
+    os.mkdir(tmp_path / "other")
+    for path in (db, other):
+        assert run_main(["-generate", "alice"], path, capsys)[0] == 0
+    backup = str(tmp_path / "other-backup.db")
+    assert run_main(["-backup", backup], other, capsys)[0] == 0
+    before = database_bytes(db)
+    code, _, err = run_main(["-restore", backup], db, capsys)
+    assert code == 2 and err.count("\n") == 1 and f"does not open {backup}" in err
+    assert database_bytes(db) == before
+    code, _, err = run_main(["-restore", str(tmp_path / "missing.db")], db, capsys)
+    assert code == 1 and "no backup" in err
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database" * 100)
+    assert run_main(["-restore", str(junk)], db, capsys)[0] == 1
+    assert database_bytes(db) == before
+
+
+def test_restore_of_a_3_0_backup_on_a_fresh_machine_seals_it(tmp_path, capsys):
+    path, noted = copy_of_fixture(tmp_path, "3.0")
+    plain = [seed for (seed,) in raw_rows(path, "SELECT seed FROM users WHERE seed != ''")]
+    db = str(tmp_path / "new" / "auth.db")
+    os.mkdir(tmp_path / "new")
+    code, out, err = run_main(["-restore", path], db, capsys)
+    assert code == 0, err
+    assert_nowhere(db, plain)
+    assert len(key_file(db)) == 32
+    store = fa.Store(db)
+    assert {u.name: u.seed for u in store.active_users()} == noted["seeds"]
+    store.close()
