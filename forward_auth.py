@@ -3042,8 +3042,8 @@ class Enrolment:
         (also for a stored invitation that cannot be used: one log line names its user)."""
         invite = self.store.invite(digest(token), now) if INVITE_SHAPE.fullmatch(token) else None
         if invite is not None and not (invite_readable(invite) and usable_seed(invite.seed)):
-            log.warning("invitation of %r refused: a stored value cannot be used (make a new one with -invite)",
-                        invite.user)
+            log.warning("invitation of %r refused: its stored seed does not open with the storage key, or a stored "
+                        "value cannot be used (make a new one with -invite)", invite.user)
             invite = None
         if invite is None:
             raise self._gone(INVITE_GONE)
