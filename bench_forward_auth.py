@@ -458,8 +458,8 @@ def run(args):
         "| one-off | value | target |",
         "|---|---|---|",
         f"| RSS after 100,000 verifies and a login, `python forward_auth.py` | {rss:.1f} MB | |",
-        f"| RSS after 100,000 verifies and a login, `python -m forward_auth` from its .pyc (as README, unit and "
-        f"container run it) | {rss_compiled:.1f} MB | < 30 MB |",
+        (f"| RSS after 100,000 verifies and a login, `python -m forward_auth` from its .pyc (as README, unit and "
+         f"container run it) | {rss_compiled:.1f} MB | < 30 MB |"),
         f"| (for scale) RSS of `python -c pass` on this machine | {interpreter:.1f} MB | |",
         f"| start to first /health (median of 5) | {start:.0f} ms | < 250 ms |",
         f"| server time of a login, 20 users (median of 200) | {login:.2f} ms | < 5 ms |",
@@ -545,11 +545,11 @@ def one_offs(against, rounds=3):
     this, that = ({key: statistics.median(values) for key, values in results[n].items()} for n in ("this", "that"))
     return "\n".join([
         f"| one-off, medians of {rounds} | this version | {against} | this / that |", "|---|---|---|---|",
-        f"| RSS after 100,000 verifies and a login (.pyc) | {this['rss']:.1f} MB | {that['rss']:.1f} MB | "
-        f"{this['rss'] / that['rss']:.2f} |",
+        (f"| RSS after 100,000 verifies and a login (.pyc) | {this['rss']:.1f} MB | {that['rss']:.1f} MB | "
+         f"{this['rss'] / that['rss']:.2f} |"),
         f"| start to first /health | {this['start']:.0f} ms | {that['start']:.0f} ms | {this['start'] / that['start']:.2f} |",
-        f"| server time of a login, 20 users | {this['login']:.2f} ms | {that['login']:.2f} ms | "
-        f"{this['login'] / that['login']:.2f} |",
+        (f"| server time of a login, 20 users | {this['login']:.2f} ms | {that['login']:.2f} ms | "
+         f"{this['login'] / that['login']:.2f} |"),
     ])
 
 

@@ -687,6 +687,13 @@ class KeySource:
         path = key_file_of(db_path)
         return cls(None, f"the key file {path}", path)
 
+    def unfinished_rekey(self):
+        """A hint when a -rekey stopped between sealing and replacing the key file (see cmd_rekey)."""
+        staged = self.key_file and self.key_file + ".new"
+        if staged and os.path.exists(staged):
+            return f"; a -rekey stopped before replacing the key file: the new key is in {staged}"
+        return ""
+
     def load(self, sealed_already):
         """The StorageKey; ConfigError when the key is missing for a database that needs it."""
         if self.material is not None:
@@ -939,7 +946,7 @@ class Store:
                 raise ConfigError(
                     f"{key.source} does not open {self.shown_as}: its seeds are sealed with another key (fingerprint "
                     f"{self._meta(conn, 'storage_key_fingerprint')}, this key's is {key.fingerprint}); give it the "
-                    "key it was made with (STORAGE_KEY_FILE, or the key file beside it)")
+                    f"key it was made with (STORAGE_KEY_FILE, or the key file beside it){keys.unfinished_rekey()}")
         if check is None:
             self._scrub()
         return key

@@ -5061,8 +5061,8 @@ def test_a_damaged_value_blocks_its_user_only_and_is_never_no_seed(app, store, c
     assert login(app, code_at(bob, clock())).status == 401
     assert login(app, code_at(alice, clock())).status == 302  # everyone else works
     lines = [r.getMessage() for r in caplog.records if "cannot sign in" in r.getMessage()]
-    assert lines == ["user 'bob' cannot sign in: their stored seed does not open with the storage key (damaged, "
-                     "or copied from another row); reset them with -invite bob"]
+    assert lines == [("user 'bob' cannot sign in: their stored seed does not open with the storage key (damaged, "
+                      "or copied from another row); reset them with -invite bob")]
     code, out, _ = run_main(["-list"], db_path, capsys)
     assert code == 0 and "pending" not in out.split("bob")[1]  # bob is not taken for a user without a seed
 
@@ -5089,7 +5089,7 @@ def test_a_wrong_key_stops_every_command_with_one_line(db_path, tmp_path, capsys
 
 
 def test_a_missing_key_file_stops_the_start_with_one_line_and_makes_no_new_key(tmp_path):
-    process, _port, environ = start_process(tmp_path)
+    process, _, environ = start_process(tmp_path)
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=10)
     os.unlink(environ["DB_PATH"] + ".key")
@@ -5273,7 +5273,7 @@ def test_rekey_with_a_key_given_in_the_environment_leaves_files_alone(db_path, t
 
 
 def test_restore_is_refused_while_serving_and_ends_every_session_it_brings_back(tmp_path, capsys):
-    process, port, environ = start_process(tmp_path)
+    process, _, environ = start_process(tmp_path)
     db = environ["DB_PATH"]
     try:
         store = fa.Store(db)
@@ -5327,10 +5327,33 @@ def test_restore_of_a_3_0_backup_on_a_fresh_machine_seals_it(tmp_path, capsys):
     plain = [seed for (seed,) in raw_rows(path, "SELECT seed FROM users WHERE seed != ''")]
     db = str(tmp_path / "new" / "auth.db")
     os.mkdir(tmp_path / "new")
-    code, out, err = run_main(["-restore", path], db, capsys)
+    code, _, err = run_main(["-restore", path], db, capsys)
     assert code == 0, err
     assert_nowhere(db, plain)
     assert len(key_file(db)) == 32
     store = fa.Store(db)
     assert {u.name: u.seed for u in store.active_users()} == noted["seeds"]
+    store.close()
+
+
+def test_a_rekey_stopped_before_its_rename_says_where_the_new_key_is(db_path, tmp_path, capsys, monkeypatch):
+    code, out, _ = run_main(["-generate", "alice"], db_path, capsys)
+    seed = secret_of(out)
+    new_key = tmp_path / "new.key"
+    new_key.write_bytes(os.urandom(32))
+
+    def power_cut(*_args):
+        raise KeyboardInterrupt  # the database is sealed under the new key, the key file not yet replaced
+
+    monkeypatch.setattr(fa.os, "replace", power_cut)
+    with pytest.raises(KeyboardInterrupt):
+        fa.main(["-rekey", str(new_key)], environ={"DB_PATH": db_path})
+    monkeypatch.undo()
+    capsys.readouterr()
+    code, _, err = run_main(["-list"], db_path, capsys)
+    assert code == 2 and f"the new key is in {db_path}.key.new" in err
+    os.replace(db_path + ".key.new", db_path + ".key")
+    assert run_main(["-list"], db_path, capsys)[0] == 0
+    store = fa.Store(db_path)
+    assert seed_of(store, "alice") == seed
     store.close()
