@@ -648,10 +648,10 @@ class StorageKey:
         match = SEALED.fullmatch(value) if isinstance(value, str) else None
         if match is None:
             raise Unsealable(place)
-        raw = base64.urlsafe_b64decode(match[1] + "=" * (-len(match[1]) % 4))
         try:
+            raw = base64.urlsafe_b64decode(match[1] + "=" * (-len(match[1]) % 4))
             return self._aead.decrypt(raw[:12], raw[12:], place.encode()).decode()
-        except (self._invalid, ValueError):  # ValueError: too short for a tag, or not UTF-8
+        except (self._invalid, ValueError):  # ValueError: base64 of an impossible length, or not UTF-8
             raise Unsealable(place) from None
 
     def check_value(self):

@@ -5357,3 +5357,15 @@ def test_a_rekey_stopped_before_its_rename_says_where_the_new_key_is(db_path, tm
     store = fa.Store(db_path)
     assert seed_of(store, "alice") == seed
     store.close()
+
+
+@pytest.mark.parametrize("stored", ["fa4:" + "A" * 41, "fa4:" + "A" * 38, "fa4:" + "_" * 200, "fa4:", "fa4:é" * 20,
+                                    "FA4:" + "A" * 40, "fa4:" + "A" * 40 + "\n", 7, b"fa4:" + b"A" * 40])
+def test_any_stored_value_that_is_not_sealed_right_is_one_user_who_cannot_sign_in(app, store, clock, caplog, stored):
+    alice = add_user(store, "alice")
+    bob = add_user(store, "bob")
+    store._write("UPDATE users SET seed = ? WHERE name = 'bob'", (stored,))
+    clock.advance(1)
+    assert login(app, code_at(bob, clock())).status == 401
+    assert login(app, code_at(alice, clock())).status == 302
+    assert "user 'bob' cannot sign in" in caplog.text
