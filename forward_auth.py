@@ -79,10 +79,11 @@ TOKEN_CHECK_SECONDS = 0.1  # an unknown app token looks in the database at most 
 LOG_EVERY_SECONDS = 60  # a repeated refusal (forbidden host, bad app token) is logged once a minute
 TOKEN_CACHE_SIZE = 1024  # signed Cookie headers whose claims are kept (by digest)
 USER_AGENT_CHARS = 120
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 STORAGE_KEY_BYTES = 32  # AES-256's key length: the least a storage key may hold
 SECRET_SETTINGS = ("jwt_secret", "storage_key")  # never shown by repr()
 BINARY_FILES = ("STORAGE_KEY",)  # read as bytes from their *_FILE: a random key is not text
+MAX_FILE_SETTING = 4096  # the most a *_FILE setting or a key file may hold
 
 HS256_HEADER = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"  # b64url('{"alg":"HS256","typ":"JWT"}')
 B64URL = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
@@ -476,6 +477,8 @@ def as_storage_key(value):
     if isinstance(value, str):
         as_secret(value)
         return value.encode()
+    if len(value) > MAX_FILE_SETTING:
+        raise ValueError(f"must be at most {MAX_FILE_SETTING} bytes (is it the key file?)")
     if value.endswith(b"\n") and len(value) > STORAGE_KEY_BYTES:
         value = value[:-1]
     if len(value) < STORAGE_KEY_BYTES:
@@ -573,7 +576,8 @@ class Settings:
             try:
                 values[field] = convert(raw)
             except ValueError as error:
-                raise ConfigError(f"{name}: {error}") from None
+                given = f"{name}_FILE" if name in BINARY_FILES and f"{name}_FILE" in environ else name
+                raise ConfigError(f"{given}: {error}") from None
         if "STORAGE_KEY_FILE" in environ:
             values["storage_key_source"] = f"STORAGE_KEY_FILE ({environ['STORAGE_KEY_FILE']})"
         return cls(**values)
@@ -590,9 +594,11 @@ def _read_variable(environ, name, default):
     binary = name in BINARY_FILES
     try:
         with open(path, "rb" if binary else "r", **({} if binary else {"encoding": "utf-8"})) as file:
-            value = file.read()
+            value = file.read(MAX_FILE_SETTING + 1)  # bounded: /dev/zero must not fill memory
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{name}_FILE: cannot read {path!r} ({error.__class__.__name__})") from None
+    if len(value) > MAX_FILE_SETTING:
+        raise ConfigError(f"{name}_FILE: {path!r} is longer than {MAX_FILE_SETTING} bytes")
     return value if binary else value.removesuffix("\n")
 
 
@@ -687,12 +693,20 @@ class KeySource:
         path = key_file_of(db_path)
         return cls(None, f"the key file {path}", path)
 
-    def unfinished_rekey(self):
-        """A hint when a -rekey stopped between sealing and replacing the key file (see cmd_rekey)."""
+    def finish_rekey(self, check_value):
+        """A -rekey that stopped between sealing and replacing the key file beside the database (see
+        cmd_rekey) left the new key in KEYFILE.new: if that one opens the database, finish the
+        rename (one log line) and return its StorageKey; else None."""
         staged = self.key_file and self.key_file + ".new"
-        if staged and os.path.exists(staged):
-            return f"; a -rekey stopped before replacing the key file: the new key is in {staged}"
-        return ""
+        if not staged or not os.path.isfile(staged):
+            return None
+        key = StorageKey(read_key_file(staged, f"the key file {staged}"), self.name)
+        if not key.opens(check_value):
+            return None
+        os.replace(staged, self.key_file)
+        _sync_directory(self.key_file)
+        log.warning("a -rekey had stopped before replacing %s: finished it (the new key is in place)", self.key_file)
+        return key
 
     def load(self, sealed_already):
         """The StorageKey; ConfigError when the key is missing for a database that needs it."""
@@ -709,7 +723,7 @@ def read_key_file(path, name, missing="no such file"):
     """A key file's bytes (at least 32), or ConfigError naming it."""
     try:
         with open(path, "rb") as file:
-            raw = file.read()
+            raw = file.read(MAX_FILE_SETTING + 1)  # bounded: `-rekey /dev/urandom` must not fill memory
     except FileNotFoundError:
         raise ConfigError(f"{name} is missing: {missing}") from None
     except OSError as error:
@@ -842,6 +856,9 @@ MIGRATIONS = {
         "DROP TABLE revoked",
         "ALTER TABLE revoked_numbered RENAME TO revoked",
     ),
+    # 4.0 seals the seeds and the cookie key (Store._migrate does it, with the key): an older
+    # version must refuse the database, not take every sealed seed for a damaged one.
+    5: (),
 }
 
 
@@ -943,13 +960,16 @@ class Store:
             if check is None:
                 self._reseal(conn, None, key)
             elif not key.opens(check):
-                raise ConfigError(
-                    f"{key.source} does not open {self.shown_as}: its seeds are sealed with another key (fingerprint "
-                    f"{self._meta(conn, 'storage_key_fingerprint')}, this key's is {key.fingerprint}); give it the "
-                    f"key it was made with (STORAGE_KEY_FILE, or the key file beside it){keys.unfinished_rekey()}")
+                key = keys.finish_rekey(check) or self._wrong_key(conn, key, keys)
         if check is None:
             self._scrub()
         return key
+
+    def _wrong_key(self, conn, key, keys):
+        raise ConfigError(
+                    f"{key.source} does not open {self.shown_as}: its seeds are sealed with another key (fingerprint "
+                    f"{self._meta(conn, 'storage_key_fingerprint')}, this key's is {key.fingerprint}); give it the "
+                    "key it was made with (STORAGE_KEY_FILE, or the key file beside it)")
 
     @staticmethod
     def _meta(conn, key):
@@ -1377,8 +1397,8 @@ def hold_database(path, mode):
             fcntl.flock(fd, fcntl.LOCK_SH if mode == "shared" else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise DatabaseInUse(f"a server is using {path}: stop it first (systemctl stop forward-auth), "
-                                "then run this again") from None
+            raise DatabaseInUse(f"a server (or another command) is using {path}: stop it first (systemctl stop "
+                                "forward-auth), then run this again") from None
         if os.fstat(fd).st_ino == os.stat(path).st_ino:
             return fd
         os.close(fd)  # replaced while this waited: hold the new one
@@ -3613,9 +3633,10 @@ class CLI:
     def store(self):
         return self.open()
 
-    def open(self, hold=None):
-        """The database, its storage key checked first (a wrong key stops every command); `hold`
-        as Store takes it."""
+    def open(self, hold="shared"):
+        """The database, its storage key checked first (a wrong key stops every command). Held
+        shared, as a server holds it: a -rekey must not run while a command seals a new seed
+        under the key it replaces (`hold`: see hold_database)."""
         if self._store is None:
             if not self._creates:
                 _require_database(self.settings.db_path)
@@ -3876,7 +3897,8 @@ def cmd_rekey(cli, new_key_file):
     print(f"{cli.settings.db_path}: every seed is now sealed under key {new.fingerprint} (was {old.fingerprint}); "
           f"backups made before now still need the old key")
     if staged:
-        print(f"{keys.key_file} now holds the new key (a copy of {new_key_file})")
+        print(f"{keys.key_file} now holds the new key: keep {new_key_file} apart from the backups as its copy, "
+              "or delete it")
     else:
         print(f"now give the server the new key before starting it: {cli.settings.storage_key_source} must hold what "
               f"{new_key_file} holds")

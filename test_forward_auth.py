@@ -5119,7 +5119,7 @@ def test_storage_key_from_a_file_binary_or_text(db_path, tmp_path, capsys):
     short = tmp_path / "short.key"
     short.write_bytes(b"s" * 31)
     code, _, err = run_main(["-list"], db_path, capsys, STORAGE_KEY_FILE=str(short))
-    assert code == 2 and err.startswith("forward_auth: STORAGE_KEY: must be at least 32 bytes")
+    assert code == 2 and err.startswith("forward_auth: STORAGE_KEY_FILE: must be at least 32 bytes")
     assert run_main(["-list"], db_path, capsys, STORAGE_KEY="s" * 31)[0] == 2
     assert "k" * 40 not in repr(fa.Settings.from_env({"STORAGE_KEY": "k" * 40}))
 
@@ -5214,7 +5214,7 @@ def test_rekey_is_refused_while_serving_works_when_stopped_and_the_old_key_opens
     try:
         before = raw_rows(db, "SELECT name, seed FROM users")
         refused = rekey()
-        assert refused.returncode == 1 and "a server is using" in refused.stderr, refused.stderr
+        assert refused.returncode == 1 and "a server (or another command) is using" in refused.stderr, refused.stderr
         assert refused.stderr.count("\n") == 1 and refused.stdout == ""
         assert key_file(db) == old_key and raw_rows(db, "SELECT name, seed FROM users") == before
         assert http_get(port, "/health").status == 200
@@ -5285,7 +5285,7 @@ def test_restore_is_refused_while_serving_and_ends_every_session_it_brings_back(
         store.backup(backup)
         store.close()
         code, _, err = run_main(["-restore", backup], db, capsys)
-        assert code == 1 and "a server is using" in err
+        assert code == 1 and "a server (or another command) is using" in err
     finally:
         stop_process(process)
     code, out, err = run_main(["-restore", backup], db, capsys)
@@ -5336,7 +5336,8 @@ def test_restore_of_a_3_0_backup_on_a_fresh_machine_seals_it(tmp_path, capsys):
     store.close()
 
 
-def test_a_rekey_stopped_before_its_rename_says_where_the_new_key_is(db_path, tmp_path, capsys, monkeypatch):
+def test_a_rekey_cut_off_before_its_rename_is_finished_at_the_next_start(db_path, tmp_path, capsys, monkeypatch,
+                                                                         caplog):
     code, out, _ = run_main(["-generate", "alice"], db_path, capsys)
     seed = secret_of(out)
     new_key = tmp_path / "new.key"
@@ -5350,13 +5351,19 @@ def test_a_rekey_stopped_before_its_rename_says_where_the_new_key_is(db_path, tm
         fa.main(["-rekey", str(new_key)], environ={"DB_PATH": db_path})
     monkeypatch.undo()
     capsys.readouterr()
-    code, _, err = run_main(["-list"], db_path, capsys)
-    assert code == 2 and f"the new key is in {db_path}.key.new" in err
-    os.replace(db_path + ".key.new", db_path + ".key")
+    assert os.path.exists(db_path + ".key.new")
     assert run_main(["-list"], db_path, capsys)[0] == 0
+    assert "finished it" in caplog.text and key_file(db_path) == new_key.read_bytes()
+    assert not os.path.exists(db_path + ".key.new")
     store = fa.Store(db_path)
     assert seed_of(store, "alice") == seed
     store.close()
+    # A stray .new that does not open the database changes nothing and is not taken.
+    (tmp_path / "auth.db.key.new").write_bytes(os.urandom(32))
+    os.replace(db_path + ".key", tmp_path / "kept.key")
+    (tmp_path / "auth.db.key").write_bytes(os.urandom(32))
+    code, _, err = run_main(["-list"], db_path, capsys)
+    assert code == 2 and "does not open" in err and os.path.exists(db_path + ".key.new")
 
 
 @pytest.mark.parametrize("stored", ["fa4:" + "A" * 41, "fa4:" + "A" * 38, "fa4:" + "_" * 200, "fa4:", "fa4:é" * 20,
@@ -5369,3 +5376,39 @@ def test_any_stored_value_that_is_not_sealed_right_is_one_user_who_cannot_sign_i
     assert login(app, code_at(bob, clock())).status == 401
     assert login(app, code_at(alice, clock())).status == 302
     assert "user 'bob' cannot sign in" in caplog.text
+
+
+def test_rekey_waits_for_no_command_and_refuses_while_one_holds_the_database(db_path, tmp_path, capsys):
+    """A -invite that checked the old key and writes after the rekey would seal a reset seed under
+    the key being replaced: a command holds the database as a server does."""
+    assert run_main(["-generate", "alice"], db_path, capsys)[0] == 0
+    new_key = tmp_path / "new.key"
+    new_key.write_bytes(os.urandom(32))
+    command = fa.CLI(fa.Settings.from_env({"DB_PATH": db_path}))
+    command.open()  # a command between its key check and its write
+    try:
+        rekey = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py"), "-rekey", str(new_key)],
+                               env=dict(os.environ, DB_PATH=db_path), capture_output=True, text=True, timeout=20,
+                               check=False)
+        assert rekey.returncode == 1 and "another command" in rekey.stderr, rekey.stderr
+    finally:
+        command.close()
+    assert run_main(["-rekey", str(new_key)], db_path, capsys)[0] == 0
+
+
+@pytest.mark.parametrize("device", ["/dev/urandom", "/dev/zero"])
+def test_a_key_file_that_never_ends_is_refused_at_once(db_path, capsys, device):
+    assert run_main(["-generate", "alice"], db_path, capsys)[0] == 0
+    code, _, err = run_main(["-rekey", device], db_path, capsys)
+    assert code == 2 and "at most 4096 bytes" in err and err.count("\n") == 1
+    code, _, err = run_main(["-list"], db_path, capsys, STORAGE_KEY_FILE=device)
+    assert code == 2 and err.count("\n") == 1
+    code, _, err = run_main(["-list"], db_path, capsys, JWT_SECRET_FILE=device)
+    assert code == 2 and err.count("\n") == 1
+
+
+def test_a_sealed_database_is_refused_by_an_older_version(db_path, capsys):
+    """A 3.0 binary on a 4.0 database would take every sealed seed for a damaged one."""
+    assert run_main(["-generate", "alice"], db_path, capsys)[0] == 0
+    assert raw_rows(db_path, "PRAGMA user_version") == [(fa.SCHEMA_VERSION,)]
+    assert fa.SCHEMA_VERSION > 4  # 3.0 wrote 4 and refuses anything newer
