@@ -80,6 +80,7 @@ LOG_EVERY_SECONDS = 60  # a repeated refusal (forbidden host, bad app token) is 
 TOKEN_CACHE_SIZE = 1024  # signed Cookie headers whose claims are kept (by digest)
 USER_AGENT_CHARS = 120
 SCHEMA_VERSION = 5
+SEALED_SINCE = 5  # the schema from which every database holds a storage key check value
 STORAGE_KEY_BYTES = 32  # AES-256's key length: the least a storage key may hold
 SECRET_SETTINGS = ("jwt_secret", "storage_key")  # never shown by repr()
 BINARY_FILES = ("STORAGE_KEY",)  # read as bytes from their *_FILE: a random key is not text
@@ -951,25 +952,43 @@ class Store:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version > SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"database schema {version} is newer than this program")
+            if version < 0:
+                raise sqlite3.DatabaseError(f"database schema {version} is not one forward-auth writes")
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[step]:
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             check = self._meta(conn, "storage_check")
+            if check is None:
+                self._refuse_unless_from_before_sealing(conn, version)
             key = keys.load(sealed_already=check is not None)
             if check is None:
                 self._reseal(conn, None, key)
             elif not key.opens(check):
-                key = keys.finish_rekey(check) or self._wrong_key(conn, key, keys)
-        if check is None:
+                key = keys.finish_rekey(check) or self._wrong_key(conn, key)
+            scrub = self._meta(conn, "scrub_pending") is not None
+        if scrub:
             self._scrub()
         return key
 
-    def _wrong_key(self, conn, key, keys):
+    def _refuse_unless_from_before_sealing(self, conn, version):
+        """Only a new database or one from before 4.0 may have its values sealed in place. One of 4.0
+        without its check value, or an older one that holds sealed values, was written by hand:
+        sealing what is plain in it would seal seeds someone chose (ConfigError)."""
+        sealed = conn.execute(
+            "SELECT 1 FROM users WHERE seed LIKE 'fa4:%' UNION ALL SELECT 1 FROM invites WHERE seed LIKE 'fa4:%' "
+            "UNION ALL SELECT 1 FROM meta WHERE value LIKE 'fa4:%'").fetchone()
+        if version >= SEALED_SINCE or sealed:
+            raise ConfigError(f"{self.shown_as} holds no storage key check value, yet it is from 4.0 or holds sealed "
+                              "values: it was damaged or written by hand; restore a backup you made")
+
+    def _wrong_key(self, conn, key):
+        stored = self._meta(conn, "storage_key_fingerprint")
+        stored = stored if isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{8}", stored) else "unknown"
         raise ConfigError(
-                    f"{key.source} does not open {self.shown_as}: its seeds are sealed with another key (fingerprint "
-                    f"{self._meta(conn, 'storage_key_fingerprint')}, this key's is {key.fingerprint}); give it the "
-                    "key it was made with (STORAGE_KEY_FILE, or the key file beside it)")
+            f"{key.source} does not open {self.shown_as}: its seeds are sealed with another key (fingerprint "
+            f"{stored}, this key's is {key.fingerprint}); give it the key it was made with (STORAGE_KEY_FILE, or "
+            "the key file beside it)")
 
     @staticmethod
     def _meta(conn, key):
@@ -986,8 +1005,6 @@ class Store:
                                 + (" AND key = 'cookie_key'" if table == "meta" else "")).fetchall()
             for row, value in rows:
                 place = f"{table}:{column}:{row}"
-                if old is None and SEALED.fullmatch(value or ""):
-                    continue  # sealed already (a check value lost by hand): never seal it twice
                 try:
                     text = value if old is None else old.open(value, place)
                 except Unsealable:
@@ -997,16 +1014,31 @@ class Store:
                     conn.execute(f"UPDATE {table} SET {column} = ? WHERE {row_column} = ?", (new.seal(text, place), row))
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('storage_check', ?)", (new.check_value(),))
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('storage_key_fingerprint', ?)", (new.fingerprint,))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('scrub_pending', '1')")  # cleared by _scrub
         return stuck
 
     def _scrub(self):
         """Leave no earlier value anywhere in the file: secure_delete zeroed what a change freed,
         VACUUM rewrites every page (its copy in memory, never a temporary file), and a truncating
-        checkpoint empties the WAL, which held the pages as they were."""
+        checkpoint writes them over the old pages and empties the WAL. Another program reading
+        the database (an sqlite3 shell, a backup tool) keeps the checkpoint from finishing: then the
+        flag 'scrub_pending' stays, one line says so, and the next open tries again."""
         with self._lock:
-            self._conn.execute("PRAGMA temp_store = MEMORY")
-            self._conn.execute("VACUUM")
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn = self._conn
+            conn.execute("PRAGMA temp_store = MEMORY")
+            conn.execute("VACUUM")
+            if self._checkpointed(conn):
+                conn.execute("DELETE FROM meta WHERE key = 'scrub_pending'")
+                if self._checkpointed(conn):
+                    return True
+        log.warning("another program is reading %s: the values as they were before sealing stay in its pages until "
+                    "it stops; forward-auth finishes this at its next start", self.shown_as)
+        return False
+
+    @staticmethod
+    def _checkpointed(conn):
+        busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return busy == 0 and frames == copied
 
     def _query(self, sql, params=()):
         with self._lock:
@@ -1047,13 +1079,14 @@ class Store:
     def rekey(self, new):
         """Seal every secret under `new` (a StorageKey) in one transaction, with a fresh cookie key:
         a rekey follows a key that may have leaked, and an old backup opened with it must not
-        mint cookies. Returns the places that did not open (their users need a reset)."""
+        mint cookies. (The places that did not open (their users need a reset), and whether the
+        old values are gone from every page: see _scrub.)"""
         with self._transaction() as conn:
             stuck = self._reseal(conn, self.key, new)
             conn.execute("DELETE FROM meta WHERE key = 'cookie_key'")
         self.key = new
-        self._scrub()
-        return [place for place in stuck if not place.startswith("meta:")]
+        scrubbed = self._scrub()
+        return [place for place in stuck if not place.startswith("meta:")], scrubbed
 
     # -- The cookie key --
 
@@ -1402,6 +1435,24 @@ def hold_database(path, mode):
         if os.fstat(fd).st_ino == os.stat(path).st_ino:
             return fd
         os.close(fd)  # replaced while this waited: hold the new one
+
+
+def schema_of(conn):
+    """A database's schema as sqlite_master holds it (whitespace aside), to compare."""
+    rows = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
+    return sorted((kind, name, table, " ".join((sql or "").split())) for kind, name, table, sql in rows)
+
+
+def schema_of_version(version):
+    """The schema this module's migrations make, up to `version`."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        for step in range(1, version + 1):
+            for statement in MIGRATIONS[step]:
+                conn.execute(statement)
+        return schema_of(conn)
+    finally:
+        conn.close()
 
 
 def digest(token):
@@ -3890,7 +3941,7 @@ def cmd_rekey(cli, new_key_file):
         if os.path.lexists(staged):
             os.unlink(staged)  # left by a rekey that stopped before its rename
         _write_key_file(staged, material)
-    stuck = store.rekey(new)
+    stuck, scrubbed = store.rekey(new)
     if staged:
         os.replace(staged, keys.key_file)
         _sync_directory(keys.key_file)
@@ -3908,11 +3959,15 @@ def cmd_rekey(cli, new_key_file):
     for place in stuck:
         user = place.split(":", 2)[2]
         print(f"{place} did not open and was left as it was: reset {user} with -invite {user}")
+    if not scrubbed:
+        raise CommandError("the values sealed under the old key stay in the file's old pages while another program "
+                           "reads the database: stop it, then run any command (-list) to finish")
 
 
-def cmd_restore(cli, source):
-    """Put the backup SOURCE in place of the database (server stopped): checked against the storage
-    key, sealed if it is from before 4.0, every session it brings back ended, its invitations void."""
+def cmd_restore(cli, source, unsealed=None):
+    """Put the backup SOURCE in place of the database (server stopped): its schema and storage key
+    checked, sealed if it is from before 4.0 (--unsealed), every session it brings back ended, its
+    invitations void, and read as a start reads it before it replaces anything."""
     path = cli.settings.db_path
     if not os.path.isfile(source):
         raise CommandError(f"no backup at {source}")
@@ -3923,14 +3978,8 @@ def cmd_restore(cli, source):
     restored = False
     try:
         _remove_database_files(staging)
-        _copy_database(source, staging)
-        store = Store(staging, KeySource.of(cli.settings), shown_as=source)  # a key that does not open it: exit 2
-        try:
-            store.ping()
-            voided = store.end_what_a_backup_brought_back(cli.clock())
-            fingerprint = store.key.fingerprint
-        finally:
-            store.close()
+        _copy_database(source, staging, unsealed)
+        fingerprint, voided, tokens = _prepare_restore(cli, staging, source)
         _remove_database_files(path, keep_main=True)  # a crashed server's WAL belongs to the file replaced
         os.replace(staging, path)
         _sync_directory(path)
@@ -3943,14 +3992,37 @@ def cmd_restore(cli, source):
     print(f"{source} restored to {path} (storage key {fingerprint}); every session it held has ended, so everyone "
           "signs in again")
     for name in voided:
-        print(f"{name}'s invitation was void: send a new link with -invite {name}")
+        print(f"{shown(name)}'s invitation was void: send a new link with -invite {shown(name)}")
+    for token in tokens:
+        print(f"app token {shown(token.user)} {shown(token.label)} is back: -revoke-token it if you did not make it")
     print("Undo again what was done since the backup: users deleted or reset and app tokens revoked since then are "
           "back (-revoke, -invite, -revoke-token)")
 
 
-def _copy_database(source, destination):
-    """Copy a database file with SQLite's backup API (the source opened read-only, never changed;
-    the -wal and -shm a read-only reader of a WAL file leaves beside it are removed)."""
+def _prepare_restore(cli, staging, source):
+    """End what the staged backup brings back and read it as a start does (the cookie key, what the
+    check path loads, the users), so that nothing is put in place that a server cannot start from.
+    (fingerprint, names whose invitation was void, the app tokens it holds)."""
+    store = Store(staging, KeySource.of(cli.settings), shown_as=source)  # a key that does not open it: exit 2
+    try:
+        voided = store.end_what_a_backup_brought_back(cli.clock())
+        if cli.settings.jwt_secret is None:
+            store.cookie_key()
+        store.snapshot()
+        store.active_users()
+        return store.key.fingerprint, voided, store.app_tokens()
+    except sqlite3.Error as error:
+        raise CommandError(f"{source} cannot be served from ({error}): nothing restored") from None
+    finally:
+        store.close()
+
+
+def _copy_database(source, destination, unsealed=False):
+    """Copy a backup with SQLite's backup API, once it is known to be one forward-auth wrote: its
+    schema exactly what this version's migrations make (no trigger, view or table of anyone
+    else's, which would come along and run on every later write), and, from before 4.0, only
+    with --unsealed. The source is opened read-only and never changed (the -wal and -shm a
+    read-only reader of a WAL file leaves beside it are removed)."""
     leftovers = [name for name in (source + "-wal", source + "-shm") if not os.path.exists(name)]
     try:
         reader = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(source))}?mode=ro", uri=True)
@@ -3961,8 +4033,12 @@ def _copy_database(source, destination):
     try:
         if reader.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise CommandError(f"{source} is damaged (PRAGMA quick_check)")
-        if not reader.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'users'").fetchone():
-            raise CommandError(f"{source} is not a forward-auth database (it has no users)")
+        (version,) = reader.execute("PRAGMA user_version").fetchone()
+        if not 1 <= version <= SCHEMA_VERSION or schema_of(reader) != schema_of_version(version):
+            raise CommandError(f"{source} is not a forward-auth database (its schema is not one forward-auth writes)")
+        if version < SEALED_SINCE and not unsealed:
+            raise CommandError(f"{source} is from before 4.0: its seeds are in the clear, and nothing shows who wrote "
+                               "it. Restore it only if you made it yourself, with --unsealed")
         reader.backup(writer)
     except sqlite3.DatabaseError as error:
         raise CommandError(f"{source} is not a forward-auth database ({error})") from None
@@ -4007,7 +4083,7 @@ COMMANDS = (
     Command("-backup", ("FILE",), (), cmd_backup, False, "write an online backup of the database"),
     Command("-rekey", ("NEWKEYFILE",), (), cmd_rekey, False,
             "seal every seed under a new storage key (server stopped)"),
-    Command("-restore", ("FILE",), (), cmd_restore, True,
+    Command("-restore", ("FILE",), ("unsealed",), cmd_restore, True,
             "put a backup in place of the database (server stopped); ends every session it brings back"),
     Command("-version", (), (), cmd_version, False, "print the version"),
 )
@@ -4015,6 +4091,7 @@ COMMANDS = (
 FLAGS = {
     "url": ("url", "BASE", "the https://host the link starts with"),
     "keep-tokens": ("keep_tokens", None, "a reset keeps the user's app tokens (by default they are deleted)"),
+    "unsealed": ("unsealed", None, "restore a backup from before 4.0 (seeds in the clear: only one you made)"),
     "name": ("full_name", "TEXT", "display name, sent as Remote-Name (empty clears)"),
     "email": ("email", "ADDRESS", "email, sent as Remote-Email (empty clears)"),
     "groups": ("groups", "G1,G2", "groups, sent as Remote-Groups (empty clears)"),

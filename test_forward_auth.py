@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -5328,6 +5329,8 @@ def test_restore_of_a_3_0_backup_on_a_fresh_machine_seals_it(tmp_path, capsys):
     db = str(tmp_path / "new" / "auth.db")
     os.mkdir(tmp_path / "new")
     code, _, err = run_main(["-restore", path], db, capsys)
+    assert code == 1 and "from before 4.0" in err and "--unsealed" in err  # nothing shows who wrote it
+    code, _, err = run_main(["-restore", path, "--unsealed"], db, capsys)
     assert code == 0, err
     assert_nowhere(db, plain)
     assert len(key_file(db)) == 32
@@ -5412,3 +5415,421 @@ def test_a_sealed_database_is_refused_by_an_older_version(db_path, capsys):
     assert run_main(["-generate", "alice"], db_path, capsys)[0] == 0
     assert raw_rows(db_path, "PRAGMA user_version") == [(fa.SCHEMA_VERSION,)]
     assert fa.SCHEMA_VERSION > 4  # 3.0 wrote 4 and refuses anything newer
+
+
+# --- 4.0 red team: a stolen, or rewritten, backup ----------------------------
+# Kept from the red team that held a stolen backup (and could write one an admin restores).
+
+def read_bytes(path):
+    with open(path, "rb") as file:
+        return file.read()
+
+
+KNOWN_SEED = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"  # the attacker's own seed
+KNOWN_COOKIE_KEY = "ab" * 32  # the attacker's own cookie key (64 hex digits)
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def run_cli(db, *args, timeout=60):
+    env = dict(os.environ, DB_PATH=str(db), SECURE_COOKIES="false")
+    env.pop("STORAGE_KEY", None), env.pop("STORAGE_KEY_FILE", None), env.pop("JWT_SECRET", None)
+    return subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py"), *args], env=env, capture_output=True,
+                          text=True, cwd=os.path.dirname(str(db)), timeout=timeout, check=False)
+
+
+def installation(tmp_path):
+    """A 4.0 database with alice (admin), bob, a pending invitation for carol and a cookie key,
+    and a -backup of it (what the attacker stole). Returns (db, backup, {name: seed})."""
+    db = tmp_path / "live" / "auth.db"
+    db.parent.mkdir()
+    seeds = {}
+    for name in ("alice", "bob"):
+        out = run_cli(db, "-generate", name)
+        assert out.returncode == 0, out.stderr
+        seeds[name] = re.search(r"secret=([A-Z2-7]+)", out.stdout).group(1)
+    assert run_cli(db, "-user", "alice", "--groups", "admins").returncode == 0
+    assert run_cli(db, "-invite", "carol", "--url", "https://auth.example.com").returncode == 0
+    store = fa.Store(str(db))
+    store.cookie_key()  # what the first start does
+    store.close()
+    backup = tmp_path / "stolen-backup.db"
+    out = run_cli(db, "-backup", str(backup))
+    assert out.returncode == 0, out.stderr
+    return db, backup, seeds
+
+
+def rewritten(backup, tmp_path, *statements, name="crafted.db"):
+    """A copy of the stolen backup with the attacker's SQL applied."""
+    crafted = tmp_path / name
+    shutil.copy(backup, crafted)
+    conn = sqlite3.connect(crafted)
+    for statement in statements:
+        conn.execute(*statement) if isinstance(statement, tuple) else conn.execute(statement)
+    conn.commit()
+    conn.close()
+    return crafted
+
+
+def files_of(db):
+    return [p for p in (str(db), f"{db}-wal", f"{db}-shm") if os.path.exists(p)]
+
+
+def found_in_files(db, needles):
+    hits = []
+    for path in files_of(db):
+        data = read_bytes(path)
+        hits += [(os.path.basename(path), n[:16]) for n in needles if n and n in data]
+    return hits
+
+
+def plain_secrets_of(fixture):
+    conn = sqlite3.connect(f"file:{fixture}?mode=ro", uri=True)
+    seeds = [s for (s,) in conn.execute("SELECT seed FROM users WHERE seed != ''")]
+    try:
+        seeds += [s for (s,) in conn.execute("SELECT seed FROM invites")]
+    except sqlite3.Error:
+        pass
+    (cookie_key,) = conn.execute("SELECT value FROM meta WHERE key = 'cookie_key'").fetchone()
+    conn.close()
+    needles = [cookie_key.encode(), bytes.fromhex(cookie_key)]
+    for seed in seeds:
+        needles += [seed.encode(), base64.b32decode(seed)]
+    return needles
+
+
+class Browser:
+    """Just enough of a browser to drive the WSGI app in-process (no sockets)."""
+
+    def __init__(self, app):
+        self.app, self.jar = app, {}
+
+    def request(self, method, path, form=None, headers=()):
+        body = urllib.parse.urlencode(form).encode() if form is not None else b""
+        path, _, query = path.partition("?")
+        environ = {
+            "REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": "auth.example",
+            "SERVER_PORT": "80", "REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http", "HTTP_HOST": "auth.example",
+            "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
+            "HTTP_ACCEPT": "text/html",
+        }
+        if form is not None:
+            environ["CONTENT_TYPE"] = "application/x-www-form-urlencoded"
+        if self.jar:
+            environ["HTTP_COOKIE"] = "; ".join(f"{k}={v}" for k, v in self.jar.items())
+        for name, value in headers:
+            environ["HTTP_" + name.upper().replace("-", "_")] = value
+        answer = {}
+
+        def start_response(status, response_headers, exc_info=None):
+            answer["status"], answer["headers"] = int(status.split()[0]), response_headers
+
+        text = b"".join(self.app(environ, start_response)).decode()
+        for name, value in answer["headers"]:
+            if name.lower() == "set-cookie":
+                key, _, rest = value.partition("=")
+                self.jar[key] = rest.split(";", 1)[0]
+        return answer["status"], dict(answer["headers"]), text
+
+    def csrf(self, text):
+        return re.search(r'name="csrf" value="([^"]+)"', text).group(1)
+
+
+def app_for(db):
+    settings = fa.Settings.from_env({"DB_PATH": str(db), "SECURE_COOKIES": "false"})
+    return fa.make_app(settings, store=fa.Store(str(db), fa.KeySource.of(settings), hold="shared"))
+
+
+def sign_in(app, seed):
+    browser = Browser(app)
+    _, _, page = browser.request("GET", "/login")
+    code = pyotp.TOTP(seed).now()
+    status, _, _ = browser.request("POST", "/login", {"otp": code, "csrf": browser.csrf(page), "next": ""})
+    return status, browser.jar.get("auth_token")
+
+
+def verify_as(app, cookie=None, token=None):
+    browser = Browser(app)
+    headers = [("X-Forwarded-Host", "app.example"), ("X-Forwarded-Proto", "http"), ("X-Forwarded-Uri", "/"),
+               ("Accept", "application/json")]
+    if token:
+        headers.append(("Authorization", "Bearer " + token))
+    if cookie:
+        browser.jar["auth_token"] = cookie
+    status, headers, _ = browser.request("GET", "/verify", headers=headers)
+    return status, headers.get("Remote-User"), headers.get("Remote-Groups")
+
+
+def enrol_with(app, token):
+    """Open an invitation link as its first browser; (seed shown, session cookie) or (None, None)."""
+    browser = Browser(app)
+    status, _, page = browser.request("GET", "/login?invite=" + token)
+    if status != 200:
+        return None, None
+    status, _, page = browser.request("POST", "/login", {"invite": token, "csrf": browser.csrf(page)})
+    match = re.search(r"secret=([A-Z2-7]+)", page)
+    if not match:
+        return None, None
+    seed = match.group(1)
+    code = pyotp.TOTP(seed).now()
+    browser.request("POST", "/login", {"invite": token, "csrf": browser.csrf(page), "otp": code})
+    return seed, browser.jar.get("auth_token")
+
+
+def test_restore_does_not_seal_a_plain_seed_written_into_a_4_0_backup(tmp_path):
+    """README: 'a plain seed written in by hand, opens nothing'. Deleting the check value makes
+    -restore (and any start) take the file for a pre-4.0 one and seal the attacker's plain seed."""
+    db, backup, _ = installation(tmp_path)
+    crafted = rewritten(backup, tmp_path,
+                        "DELETE FROM meta WHERE key IN ('storage_check', 'storage_key_fingerprint')",
+                        ("UPDATE users SET seed = ? WHERE name = 'alice'", (KNOWN_SEED,)))
+    out = run_cli(db, "-restore", str(crafted))
+    app = app_for(db)
+    try:
+        status, cookie = sign_in(app, KNOWN_SEED)
+        signed_in = status == 302 and cookie is not None
+    finally:
+        app.store.close()
+    assert not (out.returncode == 0 and signed_in), (
+        "a 4.0 backup with its check value removed was restored and the attacker's plain seed signs in as alice "
+        "(an admin)")
+
+
+def test_restore_does_not_seal_a_plain_cookie_key_written_into_a_4_0_backup(tmp_path):
+    """Same downgrade, for the cookie key: afterwards the attacker mints a session for anyone."""
+    db, backup, _ = installation(tmp_path)
+    crafted = rewritten(backup, tmp_path,
+                        "DELETE FROM meta WHERE key IN ('storage_check', 'storage_key_fingerprint')",
+                        ("UPDATE meta SET value = ? WHERE key = 'cookie_key'", (KNOWN_COOKIE_KEY,)))
+    run_cli(db, "-restore", str(crafted))
+    minted = fa.sign_token(fa.new_claims("alice", time.time() + 5, 3600), bytes.fromhex(KNOWN_COOKIE_KEY))
+    app = app_for(db)
+    try:
+        status, user, _ = verify_as(app, cookie=minted)
+    finally:
+        app.store.close()
+    assert (status, user) != (200, "alice"), "a cookie signed with a key the attacker wrote into the backup passes"
+
+
+def test_restore_refuses_a_foreign_file_that_merely_lacks_a_check_value(tmp_path):
+    """README: a backup sealed under another key is refused (exit 2, nothing changed). Without its
+    check value it is restored, and every user's seed no longer opens: the household is locked out."""
+    db, _, _ = installation(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_backup, _ = installation(tmp_path / "other")  # another household's backup, another key
+    crafted = rewritten(other_backup, tmp_path, "DELETE FROM meta WHERE key = 'storage_check'")
+    out = run_cli(db, "-restore", str(crafted))
+    assert out.returncode == 2, f"restored a file sealed under another key: {out.stdout}"
+
+
+# --- 2. SQL triggers travel inside a backup ------------------------------------------------
+
+
+def test_restore_voids_invitations_even_when_the_backup_carries_a_trigger(tmp_path):
+    """README: a restore 'voids its pending invitations'. A BEFORE DELETE trigger in the crafted file
+    makes the DELETE a no-op; -restore still prints 'carol's invitation was void', and the attacker,
+    who set its hash to one of a token they know, enrols as carol (and learns her sealed seed)."""
+    db, backup, _ = installation(tmp_path)
+    token = secrets.token_urlsafe(32)
+    crafted = rewritten(backup, tmp_path,
+                        ("UPDATE invites SET hash = ?, expires = 4102444800, browser = NULL WHERE user = 'carol'",
+                         (fa.digest(token),)),
+                        "CREATE TRIGGER keep BEFORE DELETE ON invites BEGIN SELECT RAISE(IGNORE); END")
+    before = database_bytes(str(db))
+    out = run_cli(db, "-restore", str(crafted))
+    assert out.returncode == 1 and "not a forward-auth database" in out.stderr, out.stderr
+    assert database_bytes(str(db)) == before
+    app = app_for(db)
+    try:
+        seed, _ = enrol_with(app, token)
+    finally:
+        app.store.close()
+    assert seed is None, f"a 'void' invitation enrolled the attacker as carol (seed {seed} shown to them)"
+
+
+def test_restore_does_not_bring_triggers_into_the_live_database(tmp_path):
+    """A trigger in the crafted file re-points every invitation made AFTER the restore at the attacker's
+    token: the admin's own -invite link (here: resetting alice, an admin) answers 410, the attacker's
+    shows alice's new seed and signs them in as alice."""
+    db, backup, _ = installation(tmp_path)
+    token = secrets.token_urlsafe(32)
+    stolen = fa.digest(token)
+    crafted = rewritten(backup, tmp_path, f"""CREATE TRIGGER steal AFTER INSERT ON invites WHEN new.hash != '{stolen}'
+        BEGIN UPDATE invites SET hash = '{stolen}' WHERE user = new.user; END""")
+    assert run_cli(db, "-restore", str(crafted)).returncode == 1  # a schema forward-auth does not write
+    conn = sqlite3.connect(db)
+    triggers = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")]
+    conn.close()
+    out = run_cli(db, "-invite", "alice", "--url", "https://auth.example.com")
+    assert out.returncode == 0, out.stderr
+    app = app_for(db)
+    try:
+        seed, cookie = enrol_with(app, token)
+        status, user, _ = verify_as(app, cookie=cookie) if cookie else (None, None, None)
+    finally:
+        app.store.close()
+    assert not triggers and (status, user) != (200, "alice"), (
+        f"trigger(s) {triggers} came in with the backup; the attacker took alice's reset link (seed {seed})")
+
+
+# --- 3. one damaged sealed value takes everyone down ---------------------------------------
+
+
+def test_a_malformed_sealed_value_is_unsealable_not_a_crash(tmp_path):
+    """SPEC/README: 'a single value that does not decrypt ... that user cannot log in, everyone else
+    works'. A value 'fa4:' + 41 characters (length 1 mod 4) raises binascii.Error from
+    StorageKey.open instead of Unsealable: the server stops at start with a traceback, for everyone."""
+    key = fa.StorageKey(os.urandom(32), "test")
+    with pytest.raises(fa.Unsealable):
+        key.open("fa4:" + "A" * 41, "users:seed:bob")
+
+
+def test_a_restored_backup_with_one_malformed_seed_still_lets_the_others_sign_in(tmp_path):
+    db, backup, seeds = installation(tmp_path)
+    crafted = rewritten(backup, tmp_path, ("UPDATE users SET seed = ? WHERE name = 'bob'", ("fa4:" + "A" * 41,)))
+    assert run_cli(db, "-restore", str(crafted)).returncode == 0
+    store = fa.Store(str(db))
+    try:
+        users = {u.name: u.seed for u in store.active_users()}  # what every sign-in and the first start call
+    finally:
+        store.close()
+    assert users.get("alice") == seeds["alice"] and users.get("bob") is None
+
+
+# --- 4. the CLI crashes on a crafted backup ------------------------------------------------
+
+
+@pytest.mark.parametrize("statements", [
+    ["PRAGMA user_version = -1"],
+    ["DELETE FROM meta WHERE key = 'storage_check'", "UPDATE users SET seed = x'00ff' WHERE name = 'alice'"],
+    ["UPDATE meta SET value = 'fa4:" + "A" * 41 + "' WHERE key = 'storage_check'"],
+], ids=["negative-user_version", "blob-seed-without-check", "malformed-check-value"])
+def test_restore_of_a_crafted_backup_is_one_line_never_a_traceback(tmp_path, statements):
+    db, backup, _ = installation(tmp_path)
+    before = read_bytes(db)
+    out = run_cli(db, "-restore", str(rewritten(backup, tmp_path, *statements)))
+    assert "Traceback" not in out.stderr, out.stderr[-300:]
+    assert out.returncode in (1, 2) and len(out.stderr.strip().splitlines()) == 1
+    assert read_bytes(db) == before
+
+
+# --- 5. restore replaces a working database with one the server cannot start from ----------
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'storage_check') WHERE key = 'cookie_key'",
+    "UPDATE users SET full_name = CAST(x'ff' AS TEXT) WHERE name = 'bob'",
+], ids=["cookie-key-does-not-open", "identity-not-utf8"])
+def test_restore_refuses_a_backup_the_server_cannot_start_from(tmp_path, statement):
+    """-restore checks only the check value: it puts in place a file whose cookie key does not open
+    (every start then exits 2) or whose text is not UTF-8 (every start and -list then fail), and the
+    working database it replaced is gone."""
+    db, backup, _ = installation(tmp_path)
+    out = run_cli(db, "-restore", str(rewritten(backup, tmp_path, statement)))
+    if out.returncode == 0:
+        listing = run_cli(db, "-list")
+        settings = fa.Settings.from_env({"DB_PATH": str(db)})
+        try:
+            app = fa.make_app(settings)
+            app.store.cookie_key()
+            app.refresh(time.time(), force=True)
+            app.store.ping()
+            listing_ok = listing.returncode == 0
+            app.store.close()
+        except (fa.ConfigError, sqlite3.Error):
+            listing_ok = False
+        assert listing_ok, "-restore exit 0, but the restored database does not serve"
+
+
+# --- 6. old plain values / old-key values left in the file when something reads meanwhile ---
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0", "3.0"])
+def test_upgrade_in_place_leaves_no_plain_seed_even_with_a_reader(tmp_path, version):
+    """README: after the upgrade '... a truncating checkpoint empties the WAL: the tests look for
+    every old seed and the old cookie key ... and find none'. With any other connection holding a
+    read transaction (an sqlite3 shell, Litestream, a monitoring script), the TRUNCATE checkpoint
+    returns 'busy' (ignored): the command exits 0 and auth.db still holds every plain seed and the
+    plain cookie key until some later full checkpoint."""
+    fixture = os.path.join(HERE, "fixtures", f"auth-{version}.db")
+    db = tmp_path / "auth.db"
+    shutil.copy(fixture, db)
+    needles = plain_secrets_of(str(db))
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM users").fetchone()
+    try:
+        out = run_cli(db, "-list")
+        hits = found_in_files(db, needles)
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    # The old pages stay while the reader holds them: said so, and finished at the next open.
+    assert out.returncode == 0 and (not hits or "another program is reading" in out.stderr), hits
+    assert run_cli(db, "-list").returncode == 0
+    assert not found_in_files(db, needles) and raw_rows(str(db), "SELECT * FROM meta WHERE key = 'scrub_pending'") == []
+
+
+def test_rekey_leaves_no_value_sealed_under_the_old_key_even_with_a_reader(tmp_path):
+    """README threat table: the key file alone stolen -> -rekey. With a reader open during the rekey,
+    auth.db keeps every value sealed under the OLD key: a later copy of the file plus the stolen key
+    gives every seed (seeds are not changed by a rekey)."""
+    db, _, seeds = installation(tmp_path)
+    old_key = fa.StorageKey(read_bytes(f"{db}.key"), "old")
+    conn = sqlite3.connect(db)
+    old_values = [v for (v,) in conn.execute("SELECT seed FROM users WHERE seed != '' UNION ALL "
+                                             "SELECT seed FROM invites UNION ALL "
+                                             "SELECT value FROM meta WHERE key = 'cookie_key'")]
+    conn.close()
+    new_key = tmp_path / "new.key"
+    new_key.write_bytes(os.urandom(32))
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM users").fetchone()
+    try:
+        out = run_cli(db, "-rekey", str(new_key))
+        stolen = b"".join(read_bytes(p) for p in files_of(db))
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    recovered = {}
+    for value in old_values:
+        if value.encode() in stolen:
+            for name in seeds:
+                try:
+                    recovered[name] = old_key.open(value, f"users:seed:{name}")
+                except fa.Unsealable:
+                    pass
+    assert out.returncode != 0 or not recovered, f"-rekey exit 0, the old key still opens {sorted(recovered)}"
+    assert out.returncode == 1 and "stop it, then run any command" in out.stderr
+    assert run_cli(db, "-list").returncode == 0  # the reader has gone: the next open finishes the scrub
+    stolen = b"".join(read_bytes(p) for p in files_of(db))
+    assert not [value for value in old_values if value.encode() in stolen]
+
+
+# --- 7. attacker-controlled text reaches the admin's terminal unescaped --------------------
+
+
+def test_restore_output_escapes_control_characters(tmp_path):
+    db, backup, _ = installation(tmp_path)
+    crafted = rewritten(backup, tmp_path, ("INSERT INTO invites (user, hash, seed, expires) VALUES (?, 'h', 'x', 1)",
+                                           ("x\x1b]0;owned\x07\x1b[2J",)))
+    out = run_cli(db, "-restore", str(crafted))
+    assert "\x1b" not in out.stdout
+    crafted = rewritten(backup, tmp_path, "UPDATE meta SET value = 'junk' WHERE key = 'storage_check'",
+                        "UPDATE meta SET value = '\x1b[2J\x1b]0;owned\x07' WHERE key = 'storage_key_fingerprint'",
+                        name="crafted2.db")
+    out = run_cli(db, "-restore", str(crafted))
+    assert "\x1b" not in out.stderr
+
+
+def test_a_restore_names_the_app_tokens_it_brings_back(tmp_path):
+    """A backup someone could write can hold an app token they know (sealing protects seeds, not rows):
+    -restore lists every app token it brings back, so an unknown one is seen and revoked."""
+    db, backup, _ = installation(tmp_path)
+    token = "fat_" + secrets.token_urlsafe(32)
+    crafted = rewritten(backup, tmp_path, ("INSERT INTO app_tokens VALUES (?, 'alice', 'x', '*', 1, NULL, NULL)",
+                                           (fa.digest(token),)))
+    out = run_cli(db, "-restore", str(crafted))
+    assert out.returncode == 0 and "app token alice x is back" in out.stdout
