@@ -109,9 +109,10 @@ def wait_http(port, path="/health", timeout=15):
 
 
 class Process:
-    def __init__(self, command, env, port):
+    def __init__(self, command, env, port, cwd=None):
         self.port = port
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        cwd=cwd)
         wait_http(port)
 
     def cpu_seconds(self):
@@ -257,8 +258,9 @@ def rss_after_verifies(db, cookie, compiled=False, count=100_000, where=HERE):
         env = forward_auth_env(db, port)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env.update(PYTHONPYCACHEPREFIX=os.path.join(os.path.dirname(db), "pycache"), PYTHONPATH=where)
-        subprocess.run([sys.executable, "-c", "import forward_auth"], env=env, check=True)  # writes the .pyc
-        process = Process(pinned([sys.executable, "-m", "forward_auth"], 0), env, port)
+        subprocess.run([sys.executable, "-c", "import forward_auth"], env=env, check=True, cwd=where)  # the .pyc
+        # From `where`: -m finds the module in the current directory before PYTHONPATH.
+        process = Process(pinned([sys.executable, "-m", "forward_auth"], 0), env, port, cwd=where)
     try:
         subprocess.run(pinned(["wrk", "-t1", f"-c{CONNECTIONS}", "-d60s", "-H", f"Cookie: {cookie}",
                                "-s", _wrk_limit_script(count), f"http://127.0.0.1:{process.port}/verify"], 1),

@@ -3492,7 +3492,7 @@ def test_the_systemd_unit_verifies_and_is_hardened(tmp_path):
     for line in ("StateDirectory=forward-auth", "Environment=DB_PATH=/var/lib/forward-auth/auth.db",
                  "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
                  "CapabilityBoundingSet=", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
-                 "ExecStart=/opt/forward-auth/venv/bin/forward-auth", "User=forward-auth"):
+                 "ExecStart=/opt/forward-auth/venv/bin/python -m forward_auth", "User=forward-auth"):
         assert line in unit.splitlines(), line
     readme = read("README.md")
     assert "useradd --system --home /var/lib/forward-auth" in readme and "/opt/forward-auth/venv" in readme
@@ -3504,7 +3504,7 @@ def test_the_systemd_unit_verifies_and_is_hardened(tmp_path):
     system_units = "/usr/lib/systemd/system" if os.path.isdir("/usr/lib/systemd/system") else "/lib/systemd/system"
     shutil.copytree(system_units, root / "usr/lib/systemd/system", symlinks=True)
     (root / "opt/forward-auth/venv/bin").mkdir(parents=True)
-    entry = root / "opt/forward-auth/venv/bin/forward-auth"
+    entry = root / "opt/forward-auth/venv/bin/python"
     entry.write_text("#!/bin/sh\n")
     entry.chmod(0o755)
     target = root / "etc/systemd/system/forward-auth.service"
@@ -5200,8 +5200,12 @@ def stop_process(process):
 
 def test_rekey_is_refused_while_serving_works_when_stopped_and_the_old_key_opens_nothing(tmp_path):
     process, port, environ = start_process(tmp_path)
-    printed = "".join(process.stdout.readline() for _ in range(4))  # the first user's block, to its Secret line
-    seed = secret_of(printed)
+    try:
+        printed = "".join(process.stdout.readline() for _ in range(4))  # the first user's block, to its Secret line
+        seed = secret_of(printed)
+    except BaseException:
+        stop_process(process)
+        raise
     db = environ["DB_PATH"]
     old_key = key_file(db)
     new_key = tmp_path / "new.key"
@@ -5833,3 +5837,38 @@ def test_a_restore_names_the_app_tokens_it_brings_back(tmp_path):
                                            (fa.digest(token),)))
     out = run_cli(db, "-restore", str(crafted))
     assert out.returncode == 0 and "app token alice x is back" in out.stdout
+
+
+def test_the_served_process_maps_one_openssl_and_signs_in(tmp_path):
+    """Served as the README runs it, hashlib's OpenSSL is left out (the cipher library brings its
+    own): the built-in SHA-1 and SHA-256 give RFC 6238's codes and sign a person in."""
+    vectors = ("import sys; sys.modules['_hashlib'] = None; import forward_auth as fa, hmac, hashlib; "
+               f"u = fa.User('rfc', '{RFC_SEED}', 0, None, 0); "
+               "assert fa.match_code('287082', [u], 59) and fa.match_code('081804', [u], 1111111109); "
+               "assert hashlib.sha256.__module__ != '_hashlib' and hmac.compare_digest(b'a', b'a'); print('ok')")
+    result = subprocess.run([sys.executable, "-c", vectors], cwd=HERE, capture_output=True, text=True, timeout=20,
+                            check=False)
+    assert result.stdout == "ok\n", result.stderr
+    added = subprocess.run([sys.executable, os.path.join(HERE, "forward_auth.py"), "-generate", "alice"],
+                           env=dict(os.environ, DB_PATH=str(tmp_path / "auth.db")), capture_output=True, text=True,
+                           timeout=20, check=True)
+    seed = secret_of(added.stdout)
+    process, port, _ = start_process(tmp_path)  # no first user to draw: segno (and through it ssl) stays out
+    try:
+        with open(f"/proc/{process.pid}/maps") as maps:
+            mapped = maps.read()
+        assert "libcrypto.so.3" not in mapped and "_hashlib" not in mapped
+        assert "_rust.abi3.so" in mapped  # the cipher library's, for the key check at start
+        page = http_get(port, "/login")
+        csrf = csrf_token_of(page.text)
+        cookie = page.header("Set-Cookie").split(";")[0]
+        body = urllib.parse.urlencode({"otp": code_at(seed, time.time()), "csrf": csrf})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("POST", "/login", body=body, headers={"Content-Type": "application/x-www-form-urlencoded",
+                                                           "Cookie": cookie})
+        answer = conn.getresponse()
+        answer.read()
+        conn.close()
+        assert answer.status == 302
+    finally:
+        stop_process(process)
