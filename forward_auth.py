@@ -888,6 +888,97 @@ def _hosts_rule(text):
     return None if EVERY_HOST in patterns or not patterns else patterns
 
 
+class SealedFile:
+    """The storage key's side of the database file: the check value that proves a key, sealing a
+    database from before 4.0 in place, sealing everything again under a new key (what is sealed
+    where: SEALED_COLUMNS), and leaving no earlier value in the file's pages. It works on the
+    Store's connection, inside the Store's transactions; `shown_as` names the file in errors."""
+
+    def __init__(self, shown_as):
+        self.shown_as = shown_as
+
+    def unlock(self, conn, keys, version):
+        """(the StorageKey of `keys` that opens this file, whether the file still needs a scrub); a
+        database that holds nothing sealed yet (new, or from before 4.0, schema `version`) has
+        its values sealed now."""
+        check = self.meta(conn, "storage_check")
+        if check is None:
+            self._refuse_unless_from_before_sealing(conn, version)
+        key = keys.load(sealed_already=check is not None)
+        if check is None:
+            self.reseal(conn, None, key)
+        elif not key.opens(check):
+            key = keys.finish_rekey(check) or self._wrong_key(conn, key)
+        return key, self.meta(conn, "scrub_pending") is not None
+
+    def _refuse_unless_from_before_sealing(self, conn, version):
+        """Only a new database or one from before 4.0 may have its values sealed in place. One of 4.0
+        without its check value, or an older one that holds sealed values, was written by hand:
+        sealing what is plain in it would seal seeds someone chose (ConfigError)."""
+        sealed = conn.execute(
+            "SELECT 1 FROM users WHERE seed LIKE 'fa4:%' UNION ALL SELECT 1 FROM invites WHERE seed LIKE 'fa4:%' "
+            "UNION ALL SELECT 1 FROM meta WHERE value LIKE 'fa4:%'").fetchone()
+        if version >= SEALED_SINCE or sealed:
+            raise ConfigError(f"{self.shown_as} holds no storage key check value, yet it is from 4.0 or holds sealed "
+                              "values: it was damaged or written by hand; restore a backup you made")
+
+    def _wrong_key(self, conn, key):
+        stored = self.meta(conn, "storage_key_fingerprint")
+        stored = stored if isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{8}", stored) else "unknown"
+        raise ConfigError(
+            f"{key.source} does not open {self.shown_as}: its seeds are sealed with another key (fingerprint "
+            f"{stored}, this key's is {key.fingerprint}); give it the key it was made with (STORAGE_KEY_FILE, or "
+            "the key file beside it)")
+
+    @staticmethod
+    def meta(conn, key):
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row and row[0]
+
+    def reseal(self, conn, old, new):
+        """Seal every secret under `new`: opened with `old`, or (None) as stored before 4.0, in the
+        clear. A value that does not open stays as it is (its user still cannot sign in); their
+        places are returned. The cookie key is not carried over (see Store.rekey)."""
+        stuck = []
+        for table, row_column, column in SEALED_COLUMNS:
+            rows = conn.execute(f"SELECT {row_column}, {column} FROM {table} WHERE {column} != ''"  # names fixed
+                                + (" AND key = 'cookie_key'" if table == "meta" else "")).fetchall()
+            for row, value in rows:
+                place = f"{table}:{column}:{row}"
+                try:
+                    text = value if old is None else old.open(value, place)
+                except Unsealable:
+                    stuck.append(place)
+                    continue
+                if isinstance(text, str):
+                    conn.execute(f"UPDATE {table} SET {column} = ? WHERE {row_column} = ?", (new.seal(text, place), row))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('storage_check', ?)", (new.check_value(),))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('storage_key_fingerprint', ?)", (new.fingerprint,))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('scrub_pending', '1')")  # cleared by scrub
+        return stuck
+
+    def scrub(self, conn):
+        """Leave no earlier value anywhere in the file: secure_delete zeroed what a change freed,
+        VACUUM rewrites every page (its copy in memory, never a temporary file), and a truncating
+        checkpoint writes them over the old pages and empties the WAL. Another program reading
+        the database (an sqlite3 shell, a backup tool) keeps the checkpoint from finishing: then the
+        flag 'scrub_pending' stays, one line says so, and the next open tries again."""
+        conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute("VACUUM")
+        if self._checkpointed(conn):
+            conn.execute("DELETE FROM meta WHERE key = 'scrub_pending'")
+            if self._checkpointed(conn):
+                return True
+        log.warning("another program is reading %s: the values as they were before sealing stay in its pages until "
+                    "it stops; forward-auth finishes this at its next start", self.shown_as)
+        return False
+
+    @staticmethod
+    def _checkpointed(conn):
+        busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return busy == 0 and frames == copied
+
+
 class Store:
     """The SQLite file and what forward-auth keeps in it: users, sessions, app
     tokens, invitations and the cookie key, the secrets among them sealed under
@@ -914,6 +1005,7 @@ class Store:
         self._held = hold_database(path, hold) if hold else None
         self._conn = self._connect()
         self._lock = threading.Lock()
+        self._sealed = SealedFile(self.shown_as)
         try:
             self.key = self._migrate(keys or KeySource.beside(path))
         except BaseException:
@@ -967,87 +1059,14 @@ class Store:
                 for statement in MIGRATIONS[step]:
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            check = self._meta(conn, "storage_check")
-            if check is None:
-                self._refuse_unless_from_before_sealing(conn, version)
-            key = keys.load(sealed_already=check is not None)
-            if check is None:
-                self._reseal(conn, None, key)
-            elif not key.opens(check):
-                key = keys.finish_rekey(check) or self._wrong_key(conn, key)
-            scrub = self._meta(conn, "scrub_pending") is not None
+            key, scrub = self._sealed.unlock(conn, keys, version)
         if scrub:
             self._scrub()
         return key
 
-    def _refuse_unless_from_before_sealing(self, conn, version):
-        """Only a new database or one from before 4.0 may have its values sealed in place. One of 4.0
-        without its check value, or an older one that holds sealed values, was written by hand:
-        sealing what is plain in it would seal seeds someone chose (ConfigError)."""
-        sealed = conn.execute(
-            "SELECT 1 FROM users WHERE seed LIKE 'fa4:%' UNION ALL SELECT 1 FROM invites WHERE seed LIKE 'fa4:%' "
-            "UNION ALL SELECT 1 FROM meta WHERE value LIKE 'fa4:%'").fetchone()
-        if version >= SEALED_SINCE or sealed:
-            raise ConfigError(f"{self.shown_as} holds no storage key check value, yet it is from 4.0 or holds sealed "
-                              "values: it was damaged or written by hand; restore a backup you made")
-
-    def _wrong_key(self, conn, key):
-        stored = self._meta(conn, "storage_key_fingerprint")
-        stored = stored if isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{8}", stored) else "unknown"
-        raise ConfigError(
-            f"{key.source} does not open {self.shown_as}: its seeds are sealed with another key (fingerprint "
-            f"{stored}, this key's is {key.fingerprint}); give it the key it was made with (STORAGE_KEY_FILE, or "
-            "the key file beside it)")
-
-    @staticmethod
-    def _meta(conn, key):
-        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row and row[0]
-
-    def _reseal(self, conn, old, new):
-        """Seal every secret under `new`: opened with `old`, or (None) as stored before 4.0, in the
-        clear. A value that does not open stays as it is (its user still cannot sign in); their
-        places are returned. The cookie key is not carried over (see rekey)."""
-        stuck = []
-        for table, row_column, column in SEALED_COLUMNS:
-            rows = conn.execute(f"SELECT {row_column}, {column} FROM {table} WHERE {column} != ''"  # names fixed
-                                + (" AND key = 'cookie_key'" if table == "meta" else "")).fetchall()
-            for row, value in rows:
-                place = f"{table}:{column}:{row}"
-                try:
-                    text = value if old is None else old.open(value, place)
-                except Unsealable:
-                    stuck.append(place)
-                    continue
-                if isinstance(text, str):
-                    conn.execute(f"UPDATE {table} SET {column} = ? WHERE {row_column} = ?", (new.seal(text, place), row))
-        conn.execute("INSERT OR REPLACE INTO meta VALUES ('storage_check', ?)", (new.check_value(),))
-        conn.execute("INSERT OR REPLACE INTO meta VALUES ('storage_key_fingerprint', ?)", (new.fingerprint,))
-        conn.execute("INSERT OR REPLACE INTO meta VALUES ('scrub_pending', '1')")  # cleared by _scrub
-        return stuck
-
     def _scrub(self):
-        """Leave no earlier value anywhere in the file: secure_delete zeroed what a change freed,
-        VACUUM rewrites every page (its copy in memory, never a temporary file), and a truncating
-        checkpoint writes them over the old pages and empties the WAL. Another program reading
-        the database (an sqlite3 shell, a backup tool) keeps the checkpoint from finishing: then the
-        flag 'scrub_pending' stays, one line says so, and the next open tries again."""
         with self._lock:
-            conn = self._conn
-            conn.execute("PRAGMA temp_store = MEMORY")
-            conn.execute("VACUUM")
-            if self._checkpointed(conn):
-                conn.execute("DELETE FROM meta WHERE key = 'scrub_pending'")
-                if self._checkpointed(conn):
-                    return True
-        log.warning("another program is reading %s: the values as they were before sealing stay in its pages until "
-                    "it stops; forward-auth finishes this at its next start", self.shown_as)
-        return False
-
-    @staticmethod
-    def _checkpointed(conn):
-        busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        return busy == 0 and frames == copied
+            return self._sealed.scrub(self._conn)
 
     def _query(self, sql, params=()):
         with self._lock:
@@ -1091,7 +1110,7 @@ class Store:
         mint cookies. (The places that did not open (their users need a reset), and whether the
         old values are gone from every page: see _scrub.)"""
         with self._transaction() as conn:
-            stuck = self._reseal(conn, self.key, new)
+            stuck = self._sealed.reseal(conn, self.key, new)
             conn.execute("DELETE FROM meta WHERE key = 'cookie_key'")
         self.key = new
         scrubbed = self._scrub()
