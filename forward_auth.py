@@ -1262,13 +1262,19 @@ class Store:
         )
         return True
 
-    def end_what_a_backup_brought_back(self, now):
-        """After a restore: end every session (one signed out since the backup must not come back)
-        and void every invitation (one used since the backup would enrol a second phone). The
-        names of the users whose invitation was voided."""
+    def end_what_a_backup_brought_back(self, now, step):
+        """After a restore: end every session (one signed out since the backup must not come back),
+        void every invitation (one used since the backup would enrol a second phone), take every
+        code up to TOTP step `step` as used (one typed just before the backup was put back must
+        not work twice), and number revocations on from those there are. The names of the users
+        whose invitation was voided."""
         with self._transaction() as conn:
             for (name,) in conn.execute("SELECT name FROM users").fetchall():
                 self._end_sessions(conn, name, now)
+            conn.execute("UPDATE users SET last_step = max(last_step, ?)", (step,))
+            # A number that cannot grow would make every later revocation fail ("database is full").
+            conn.execute("UPDATE sqlite_sequence SET seq = (SELECT coalesce(max(seq), 0) FROM revoked) "
+                         "WHERE name = 'revoked'")
             voided = [name for (name,) in conn.execute("SELECT user FROM invites ORDER BY user")]
             conn.execute("DELETE FROM invites")
             return voided
@@ -4033,7 +4039,8 @@ def _prepare_restore(cli, staging, source):
     (fingerprint, names whose invitation was void, the app tokens it holds)."""
     store = Store(staging, KeySource.of(cli.settings), shown_as=source)  # a key that does not open it: exit 2
     try:
-        voided = store.end_what_a_backup_brought_back(cli.clock())
+        now = cli.clock()
+        voided = store.end_what_a_backup_brought_back(now, step_at(now) + 1)  # +1: the skew a code may have had
         if cli.settings.jwt_secret is None:
             store.cookie_key()
         store.snapshot()
@@ -4046,11 +4053,13 @@ def _prepare_restore(cli, staging, source):
 
 
 def _copy_database(source, destination, unsealed=False):
-    """Copy a backup with SQLite's backup API, once it is known to be one forward-auth wrote: its
+    """Copy a backup with SQLite's backup API (the source opened read-only, never changed; the -wal
+    and -shm a read-only reader of a WAL file leaves beside it are removed), then check the copy,
+    not the source someone may still be writing: every page and index whole (integrity_check: a
+    row kept out of its index would hide a token from -tokens, or a user row from -logout), the
     schema exactly what this version's migrations make (no trigger, view or table of anyone
     else's, which would come along and run on every later write), and, from before 4.0, only
-    with --unsealed. The source is opened read-only and never changed (the -wal and -shm a
-    read-only reader of a WAL file leaves beside it are removed)."""
+    with --unsealed."""
     leftovers = [name for name in (source + "-wal", source + "-shm") if not os.path.exists(name)]
     try:
         reader = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(source))}?mode=ro", uri=True)
@@ -4059,15 +4068,8 @@ def _copy_database(source, destination, unsealed=False):
     _create_private_file(destination, exclusive=True)
     writer = sqlite3.connect(destination)
     try:
-        if reader.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-            raise CommandError(f"{source} is damaged (PRAGMA quick_check)")
-        (version,) = reader.execute("PRAGMA user_version").fetchone()
-        if not 1 <= version <= SCHEMA_VERSION or schema_of(reader) != schema_of_version(version):
-            raise CommandError(f"{source} is not a forward-auth database (its schema is not one forward-auth writes)")
-        if version < SEALED_SINCE and not unsealed:
-            raise CommandError(f"{source} is from before 4.0: its seeds are in the clear, and nothing shows who wrote "
-                               "it. Restore it only if you made it yourself, with --unsealed")
         reader.backup(writer)
+        _check_backup(writer, source, unsealed)
     except sqlite3.DatabaseError as error:
         raise CommandError(f"{source} is not a forward-auth database ({error})") from None
     finally:
@@ -4076,6 +4078,17 @@ def _copy_database(source, destination, unsealed=False):
         for name in leftovers:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
+
+
+def _check_backup(conn, source, unsealed):
+    if conn.execute("PRAGMA integrity_check").fetchall() != [("ok",)]:
+        raise CommandError(f"{source} is damaged (PRAGMA integrity_check)")
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if not 1 <= version <= SCHEMA_VERSION or schema_of(conn) != schema_of_version(version):
+        raise CommandError(f"{source} is not a forward-auth database (its schema is not one forward-auth writes)")
+    if version < SEALED_SINCE and not unsealed:
+        raise CommandError(f"{source} is from before 4.0: its seeds are in the clear, and nothing shows who wrote "
+                           "it. Restore it only if you made it yourself, with --unsealed")
 
 
 def _remove_database_files(path, keep_main=False):

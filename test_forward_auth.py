@@ -5872,3 +5872,272 @@ def test_the_served_process_maps_one_openssl_and_signs_in(tmp_path):
         assert answer.status == 302
     finally:
         stop_process(process)
+
+
+# --- 4.0 red team, round 2: restores that look whole -------------------------
+# Kept from the second red team (a writable backup handed to an admin who runs -restore).
+
+RT3_SCRIPT = os.path.join(HERE, "forward_auth.py")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def rt3_run_cli(db, *args):
+    env = dict(os.environ, DB_PATH=str(db), SECURE_COOKIES="false")
+    for name in ("STORAGE_KEY", "STORAGE_KEY_FILE", "JWT_SECRET"):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, RT3_SCRIPT, *args], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(str(db)), timeout=60, check=False)
+
+
+def rt3_installation(tmp_path):
+    """A 4.0 database with alice and bob, a cookie key, and a -backup of it. (db, backup, seeds)"""
+    db = tmp_path / "live" / "auth.db"
+    db.parent.mkdir()
+    seeds = {}
+    for name in ("alice", "bob"):
+        out = rt3_run_cli(db, "-generate", name)
+        assert out.returncode == 0, out.stderr
+        seeds[name] = re.search(r"secret=([A-Z2-7]+)", out.stdout).group(1)
+    store = fa.Store(str(db))
+    store.cookie_key()  # what the first start does
+    store.close()
+    backup = tmp_path / "backup.db"
+    out = rt3_run_cli(db, "-backup", str(backup))
+    assert out.returncode == 0, out.stderr
+    return db, backup, seeds
+
+
+def rt3_app_of(db):
+    return fa.make_app(fa.Settings(db_path=str(db), secure_cookies=False))
+
+
+def rt3_call(app, method, path, headers=None, body=b"", query=""):
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "REMOTE_ADDR": "127.0.0.1",
+               "HTTP_HOST": "auth.example.com", "wsgi.input": io.BytesIO(body)}
+    if body:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    for name, value in (headers or {}).items():
+        key = name.upper().replace("-", "_")
+        environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key] = value
+    wsgiref.util.setup_testing_defaults(environ)
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = int(status.split()[0]), headers
+
+    body = b"".join(app(environ, start_response))
+    return seen["status"], seen["headers"], body
+
+
+def rt3_verify(app, cookie=None, bearer=None):
+    headers = {"Accept": "application/json", "X-Original-URL": "https://app.example.com/"}
+    if cookie:
+        headers["Cookie"] = cookie
+    if bearer:
+        headers["Authorization"] = "Bearer " + bearer
+    return rt3_call(app, "GET", "/verify", headers)[0]
+
+
+def rt3_login(app, code):
+    _, headers, body = rt3_call(app, "GET", "/login")
+    name = app.cookies.csrf_name
+    nonce = next(v.split(";")[0].split("=", 1)[1] for k, v in headers if k == "Set-Cookie" and v.startswith(name + "="))
+    token = re.search(r'name="csrf" value="([^"]+)"', body.decode()).group(1)
+    form = urllib.parse.urlencode({"otp": code, "next": "/", "csrf": token}).encode()
+    return rt3_call(app, "POST", "/login", {"Content-Type": "application/x-www-form-urlencoded",
+                                         "Cookie": f"{name}={nonce}"}, form)[0]
+
+
+def rt3_stolen_cookie(db, user="alice", ago=5):
+    """A session cookie of `user`, as a thief who copied it holds it."""
+    store = fa.Store(str(db))
+    key = store.cookie_key()
+    store.close()
+    return "auth_token=" + fa.sign_token(fa.new_claims(user, time.time() - ago, 86400), key)
+
+
+def rt3_swap_roots(path, a, b):
+    conn = sqlite3.connect(path, isolation_level=None)
+    root_a = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (a,)).fetchone()[0]
+    root_b = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (b,)).fetchone()[0]
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("UPDATE sqlite_master SET rootpage = ? WHERE name = ?", (root_b, a))
+    conn.execute("UPDATE sqlite_master SET rootpage = ? WHERE name = ?", (root_a, b))
+    conn.execute("PRAGMA writable_schema = OFF")
+    conn.close()
+
+
+def rt3_behind_index(path, index, twin_ddl, *statements):
+    """Run `statements` on the backup while `index` is swapped for the empty index of a throwaway twin
+    table, then swap back and drop the twin: the rows land in the table but not in `index`. The
+    schema is then exactly forward-auth's again and PRAGMA quick_check says 'ok' (it does not compare
+    indexes with their tables; integrity_check does)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(twin_ddl)
+    conn.close()
+    rt3_swap_roots(path, index, "sqlite_autoindex_twin_1")
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in statements:
+        conn.execute(*statement) if isinstance(statement, tuple) else conn.execute(statement)
+    conn.close()
+    rt3_swap_roots(path, index, "sqlite_autoindex_twin_1")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP TABLE twin")
+    assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok"
+    conn.close()
+
+
+# --- 1. an app token -restore does not list (nor -tokens, nor -revoke-token) --------------------
+
+
+def test_restore_lists_every_app_token_the_backup_brings_back_even_one_missing_from_its_index(tmp_path):
+    """README: a writable backup could hold an app token whose secret the attacker chose; the defence
+    is that '-restore ... lists the app tokens it brings back'. The listing (Store.app_tokens) walks
+    the UNIQUE(user, label) index; the check path (Store.snapshot) scans the table. A row left out of
+    that index (quick_check, the only check, does not compare an index with its table) is a token
+    that signs in as alice, that -restore and -tokens do not show, and that -revoke-token cannot delete.
+    Fix: PRAGMA integrity_check (not quick_check) on the copy, or REINDEX the staged copy."""
+    db, backup, _ = rt3_installation(tmp_path)
+    token = "fat_" + "A" * 43
+    crafted = tmp_path / "crafted.db"
+    shutil.copy(backup, crafted)
+    rt3_behind_index(str(crafted), "sqlite_autoindex_app_tokens_2",
+                 "CREATE TABLE twin (user TEXT NOT NULL, label TEXT NOT NULL, UNIQUE (user, label))",
+                 ("INSERT INTO app_tokens VALUES (?, 'alice', 'x', '*', 1, NULL, NULL)", (fa.digest(token),)))
+    out = rt3_run_cli(db, "-restore", str(crafted))
+    app = rt3_app_of(db)
+    try:
+        works = rt3_verify(app, bearer=token) == 200
+    finally:
+        app.store.close()
+    listed = "app token alice x is back" in out.stdout
+    shown = "\tx\t" in rt3_run_cli(db, "-tokens").stdout or "alice\tx" in rt3_run_cli(db, "-tokens").stdout
+    assert out.returncode != 0 or not works or (listed and shown), (
+        f"-restore exit {out.returncode}; the token signs in as alice: {works}; listed by -restore: {listed}; "
+        f"by -tokens: {shown}; -revoke-token: {rt3_run_cli(db, '-revoke-token', 'alice', 'x').stderr.strip()}")
+
+
+# --- 2. a session -restore (and -logout) does not end -------------------------------------------
+
+
+def test_restore_ends_the_sessions_of_a_user_row_missing_from_the_index(tmp_path):
+    """README: -restore 'ends every session the backup brings back (one signed out since then must not
+    come back)'. It ends them by name through the users primary-key index; the check path reads the
+    table. A second 'alice' row kept out of the index (PRIMARY KEY bypassed, quick_check 'ok') keeps
+    its old sessions_after: a cookie alice signed out (-logout) comes back after the restore, and a
+    later -logout alice (which updates only the indexed row) does not end it either."""
+    db, backup, _ = rt3_installation(tmp_path)
+    cookie = rt3_stolen_cookie(db)
+    time.sleep(1.1)
+    assert rt3_run_cli(db, "-logout", "alice").returncode == 0  # the owner ends the stolen session
+    app = rt3_app_of(db)
+    assert rt3_verify(app, cookie) == 401
+    app.store.close()
+    crafted = tmp_path / "crafted.db"
+    shutil.copy(backup, crafted)
+    conn = sqlite3.connect(crafted)
+    row = conn.execute("SELECT * FROM users WHERE name = 'alice'").fetchone()
+    conn.close()
+    rt3_behind_index(str(crafted), "sqlite_autoindex_users_1", "CREATE TABLE twin (name TEXT PRIMARY KEY)",
+                 (f"INSERT INTO users VALUES ({','.join('?' * len(row))})", row))
+    out = rt3_run_cli(db, "-restore", str(crafted))
+    assert rt3_run_cli(db, "-logout", "alice").returncode in (0, 1)
+    app = rt3_app_of(db)
+    try:
+        back = rt3_verify(app, cookie)
+    finally:
+        app.store.close()
+    assert out.returncode != 0 or back == 401, f"-restore exit 0 and then -logout alice: the signed-out cookie gets {back}"
+
+
+# --- 3. the schema is checked on one read, the copy made on another -----------------------------
+
+
+def test_restore_copies_exactly_the_file_it_checked(tmp_path, monkeypatch, capsys):
+    """_copy_database checks the backup's schema with one read and copies it with another
+    (reader.backup), with no transaction or copy in between: whoever can write the backup file (the
+    attacker of 'a writable backup') and changes it in that window brings a trigger into the live
+    database, the thing the schema check exists to refuse. Here the attacker's write is made at the
+    moment the window opens (after the backup's schema was read). Fix: copy first (backup API into
+    the staging file), then run quick/integrity check and the schema comparison on the copy."""
+    db, backup, _ = rt3_installation(tmp_path)
+    original = fa.schema_of_version
+
+    def attacker_wins_the_race(version):
+        conn = sqlite3.connect(backup)
+        conn.execute("CREATE TRIGGER keep AFTER INSERT ON revoked BEGIN DELETE FROM revoked WHERE seq = NEW.seq; END")
+        conn.commit()
+        conn.close()
+        return original(version)
+
+    monkeypatch.setattr(fa, "schema_of_version", attacker_wins_the_race)
+    code = fa.main(["-restore", str(backup)], {"DB_PATH": str(db), "SECURE_COOKIES": "false"})
+    conn = sqlite3.connect(db)
+    triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    conn.close()
+    assert code != 0 or not triggers, f"-restore exit 0, and the live database now has the trigger {triggers}"
+
+
+# --- 4. a restored database where no logout is ever written -------------------------------------
+
+
+def test_after_a_restore_a_logout_survives_a_restart(tmp_path):
+    """A writable backup with sqlite_sequence.seq of 'revoked' at 2^63-1 (and no session rows, so
+    -restore's own revocations insert nothing) restores with exit 0 and 'reads as a start would'.
+    From then on every revocation fails ('database or disk is full'): a browser's sign-out is held in
+    memory only and is lost at the next restart (the signed-out cookie works again), -logout NAME
+    exits 1, renewals answer 503. Fix: in -restore, reset sqlite_sequence to max(seq) of revoked (or
+    refuse a seq that is not an int within range), or try each kind of write on the staged copy."""
+    db, backup, _ = rt3_installation(tmp_path)
+    crafted = tmp_path / "crafted.db"
+    shutil.copy(backup, crafted)
+    conn = sqlite3.connect(crafted)
+    conn.execute("DELETE FROM sessions")
+    conn.execute("DELETE FROM sqlite_sequence WHERE name = 'revoked'")
+    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('revoked', 9223372036854775807)")
+    conn.commit()
+    conn.close()
+    out = rt3_run_cli(db, "-restore", str(crafted))
+    assert out.returncode == 0, out.stderr
+    time.sleep(1.1)  # a session that begins after the restore
+    cookie = rt3_stolen_cookie(db, ago=0)
+    app = rt3_app_of(db)
+    assert rt3_verify(app, cookie) == 200
+    assert rt3_call(app, "GET", "/logout", {"Cookie": cookie})[0] == 302  # alice signs out
+    assert rt3_verify(app, cookie) == 401
+    app.gate.write_before_stopping()
+    app.store.close()  # the service restarts
+    app = rt3_app_of(db)
+    try:
+        after_restart = rt3_verify(app, cookie)
+    finally:
+        app.store.close()
+    assert after_restart == 401, "a signed-out session is back after a restart: the restored database takes no revocation"
+
+
+# --- 5. a restore makes a used code usable again ------------------------------------------------
+
+
+def test_a_code_used_before_a_restore_is_not_accepted_again_after_it(tmp_path):
+    """Codes are single-use (last_step, stored before any cookie). -restore brings back the backup's
+    older last_step: a code typed in the minutes before the service was stopped for a restore (seen
+    over a shoulder, or relayed by a phishing page) signs in again right after it, within its ~90 s.
+    Fix: -restore keeps max(live last_step, backup's) per user, or sets every last_step to the
+    current step + 1 (codes of the current window are refused once)."""
+    db, backup, seeds = rt3_installation(tmp_path)
+    code = pyotp.TOTP(seeds["alice"]).now()
+    app = rt3_app_of(db)
+    assert rt3_login(app, code) == 302  # alice signs in; the service is then stopped for a restore
+    app.gate.write_before_stopping()
+    app.store.close()
+    out = rt3_run_cli(db, "-restore", str(backup))
+    assert out.returncode == 0, out.stderr
+    app = rt3_app_of(db)
+    try:
+        again = rt3_login(app, code)
+    finally:
+        app.store.close()
+    assert again != 302, "the code alice used before the restore signs in again after it"
