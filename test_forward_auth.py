@@ -5877,36 +5877,13 @@ def test_the_served_process_maps_one_openssl_and_signs_in(tmp_path):
 # --- 4.0 red team, round 2: restores that look whole -------------------------
 # Kept from the second red team (a writable backup handed to an admin who runs -restore).
 
-RT3_SCRIPT = os.path.join(HERE, "forward_auth.py")
 
 
 # --- helpers -------------------------------------------------------------------------------
 
 
-def rt3_run_cli(db, *args):
-    env = dict(os.environ, DB_PATH=str(db), SECURE_COOKIES="false")
-    for name in ("STORAGE_KEY", "STORAGE_KEY_FILE", "JWT_SECRET"):
-        env.pop(name, None)
-    return subprocess.run([sys.executable, RT3_SCRIPT, *args], env=env, capture_output=True, text=True,
-                          cwd=os.path.dirname(str(db)), timeout=60, check=False)
-
-
-def rt3_installation(tmp_path):
-    """A 4.0 database with alice and bob, a cookie key, and a -backup of it. (db, backup, seeds)"""
-    db = tmp_path / "live" / "auth.db"
-    db.parent.mkdir()
-    seeds = {}
-    for name in ("alice", "bob"):
-        out = rt3_run_cli(db, "-generate", name)
-        assert out.returncode == 0, out.stderr
-        seeds[name] = re.search(r"secret=([A-Z2-7]+)", out.stdout).group(1)
-    store = fa.Store(str(db))
-    store.cookie_key()  # what the first start does
-    store.close()
-    backup = tmp_path / "backup.db"
-    out = rt3_run_cli(db, "-backup", str(backup))
-    assert out.returncode == 0, out.stderr
-    return db, backup, seeds
+rt3_run_cli = run_cli  # the helpers of the first round's section above
+rt3_installation = installation
 
 
 def rt3_app_of(db):
