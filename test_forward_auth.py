@@ -5878,10 +5878,6 @@ def test_the_served_process_maps_one_openssl_and_signs_in(tmp_path):
 # Kept from the second red team (a writable backup handed to an admin who runs -restore).
 
 
-
-# --- helpers -------------------------------------------------------------------------------
-
-
 rt3_run_cli = run_cli  # the helpers of the first round's section above
 rt3_installation = installation
 
