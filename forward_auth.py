@@ -680,11 +680,6 @@ class StorageKey:
             return False
 
 
-def key_file_of(db_path):
-    """Where the storage key lives when STORAGE_KEY is unset: beside the database, never in it."""
-    return db_path + ".key"
-
-
 class KeySource:
     """Where a database's storage key comes from: STORAGE_KEY(_FILE), or the key file beside the
     database, made on the first start of a database that holds nothing sealed yet."""
@@ -700,21 +695,35 @@ class KeySource:
 
     @classmethod
     def beside(cls, db_path):
-        path = key_file_of(db_path)
+        """The key file beside the database (never in it), for when STORAGE_KEY is unset."""
+        path = db_path + ".key"
         return cls(None, f"the key file {path}", path)
 
+    @property
+    def staged(self):
+        """Where a -rekey writes the new key before the database is sealed under it, to be renamed
+        over the key file after (None: the key is given, there is no file to replace)."""
+        return self.key_file and self.key_file + ".new"
+
+    def stage(self, material):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.staged)  # left by a rekey that stopped before its rename
+        _write_key_file(self.staged, material)
+
+    def replace_with_staged(self):
+        os.replace(self.staged, self.key_file)
+        _sync_directory(self.key_file)
+
     def finish_rekey(self, check_value):
-        """A -rekey that stopped between sealing and replacing the key file beside the database (see
-        cmd_rekey) left the new key in KEYFILE.new: if that one opens the database, finish the
-        rename (one log line) and return its StorageKey; else None."""
-        staged = self.key_file and self.key_file + ".new"
-        if not staged or not os.path.isfile(staged):
+        """A -rekey that stopped between sealing and replacing the key file left the new key staged:
+        if that one opens the database, finish the rename (one log line) and return its
+        StorageKey; else None."""
+        if not self.staged or not os.path.isfile(self.staged):
             return None
-        key = StorageKey(read_key_file(staged, f"the key file {staged}"), self.name)
+        key = StorageKey(read_key_file(self.staged, f"the key file {self.staged}"), self.name)
         if not key.opens(check_value):
             return None
-        os.replace(staged, self.key_file)
-        _sync_directory(self.key_file)
+        self.replace_with_staged()
         log.warning("a -rekey had stopped before replacing %s: finished it (the new key is in place)", self.key_file)
         return key
 
@@ -866,7 +875,7 @@ MIGRATIONS = {
         "DROP TABLE revoked",
         "ALTER TABLE revoked_numbered RENAME TO revoked",
     ),
-    # 4.0 seals the seeds and the cookie key (Store._migrate does it, with the key): an older
+    # 4.0 seals the seeds and the cookie key (SealedFile.unlock does it, with the key): an older
     # version must refuse the database, not take every sealed seed for a damaged one.
     5: (),
 }
@@ -3970,18 +3979,14 @@ def cmd_rekey(cli, new_key_file):
         raise CommandError(f"{new_key_file} holds the key in use (fingerprint {old.fingerprint}): make a new one "
                            "with head -c 32 /dev/urandom")
     keys = KeySource.of(cli.settings)
-    staged = keys.key_file and keys.key_file + ".new"
-    if staged:  # written before the database changes, renamed over the old one after
-        if os.path.lexists(staged):
-            os.unlink(staged)  # left by a rekey that stopped before its rename
-        _write_key_file(staged, material)
+    if keys.staged:  # written before the database changes, renamed over the old key file after
+        keys.stage(material)
     stuck, scrubbed = store.rekey(new)
-    if staged:
-        os.replace(staged, keys.key_file)
-        _sync_directory(keys.key_file)
+    if keys.staged:
+        keys.replace_with_staged()
     print(f"{cli.settings.db_path}: every seed is now sealed under key {new.fingerprint} (was {old.fingerprint}); "
           f"backups made before now still need the old key")
-    if staged:
+    if keys.staged:
         print(f"{keys.key_file} now holds the new key: keep {new_key_file} apart from the backups as its copy, "
               "or delete it")
     else:
@@ -3991,8 +3996,8 @@ def cmd_rekey(cli, new_key_file):
         print("the cookie key was renewed with it: every session and device cookie has ended, so everyone signs in "
               "again (JWT_SECRET keeps them across a rekey)")
     for place in stuck:
-        user = place.split(":", 2)[2]
-        print(f"{place} did not open and was left as it was: reset {user} with -invite {user}")
+        user = shown(place.split(":", 2)[2])
+        print(f"{shown(place)} did not open and was left as it was: reset {user} with -invite {user}")
     if not scrubbed:
         raise CommandError("the values sealed under the old key stay in the file's old pages while another program "
                            "reads the database: stop it, then run any command (-list) to finish")

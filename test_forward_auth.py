@@ -6114,3 +6114,22 @@ def test_a_code_used_before_a_restore_is_not_accepted_again_after_it(tmp_path):
     finally:
         app.store.close()
     assert again != 302, "the code alice used before the restore signs in again after it"
+
+
+def test_rekey_carries_a_damaged_value_over_and_names_its_user(db_path, tmp_path, capsys):
+    assert run_main(["-generate", "alice"], db_path, capsys)[0] == 0
+    code, out, _ = run_main(["-generate", "bob"], db_path, capsys)
+    bob = secret_of(out)
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE users SET seed = 'fa4:' || substr(seed, 6) WHERE name = 'bob'")
+    conn.commit()
+    conn.close()
+    new_key = tmp_path / "new.key"
+    new_key.write_bytes(os.urandom(32))
+    code, out, err = run_main(["-rekey", str(new_key)], db_path, capsys)
+    assert code == 0, err
+    assert "users:seed:bob did not open and was left as it was: reset bob with -invite bob" in out
+    store = fa.Store(db_path)
+    assert {u.name: u.seed for u in store.active_users()}["bob"] is None and bob not in out
+    assert seed_of(store, "alice")  # everyone else is sealed under the new key
+    store.close()
