@@ -88,10 +88,10 @@ TOKEN_CHECK_SECONDS = 0.1  # an unknown app token looks in the database at most 
 LOG_EVERY_SECONDS = 60  # a repeated refusal (forbidden host, bad app token) is logged once a minute
 TOKEN_CACHE_SIZE = 1024  # signed Cookie headers whose claims are kept (by digest)
 USER_AGENT_CHARS = 120
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SEALED_SINCE = 5  # the schema from which every database holds a storage key check value
 STORAGE_KEY_BYTES = 32  # AES-256's key length: the least a storage key may hold
-SECRET_SETTINGS = ("jwt_secret", "storage_key")  # never shown by repr()
+SECRET_SETTINGS = ("jwt_secret", "storage_key", "notify_url")  # never shown by repr() (a URL may hold a token)
 BINARY_FILES = ("STORAGE_KEY",)  # read as bytes from their *_FILE: a random key is not text
 MAX_FILE_SETTING = 4096  # the most a *_FILE setting or a key file may hold
 
@@ -109,10 +109,15 @@ HOST_PATTERN = re.compile(
 EVERY_HOST = "*"
 DEFAULT_PORTS = {"http": 80, "https": 443}
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+NOTIFY_TIMEOUT_SECONDS = 5  # a receiver that is slower is given up on (and logged once a minute)
+NOTIFY_EVERY_SECONDS = 60  # at most one notice per user and event this often
+SHOWN_ONCE_SECONDS = 600  # a new link or token waits this long to be shown, once
+HISTORY_PAGE_ROWS = 200  # the admin page's history shows the newest this many
 
 STATUS_LINES = {  # the statuses this service answers (http.HTTPStatus would cost an import)
     200: "200 OK",
     302: "302 Found",
+    303: "303 See Other",
     400: "400 Bad Request",
     401: "401 Unauthorized",
     403: "403 Forbidden",
@@ -166,6 +171,14 @@ class HTTPError(Exception):
 
 class ConfigError(ValueError):
     """A setting with a bad value; the message names the variable."""
+
+
+class UsageError(Exception):
+    """A value given is wrong (a command line, a form field): one line, exit 2 or a 400, nothing changed."""
+
+
+class CommandError(Exception):
+    """A task could not be done (no such user, a file exists, the last admin): one line, exit 1 or a page."""
 
 
 class DatabaseInUse(RuntimeError):
@@ -496,6 +509,40 @@ def as_storage_key(value):
     return value
 
 
+def as_group(value):
+    """ADMIN_GROUP: a group name as -user --groups takes it, or empty for no admin page."""
+    value = value.strip()
+    if value and not USER_NAME.fullmatch(value):
+        raise ValueError("expected a group name (1-64 of A-Z a-z 0-9 . _ @ -), or empty for no admin page")
+    return value
+
+
+def as_days(value):
+    return _as_int(value, 1, 3650)
+
+
+def as_notify_url(value):
+    """NOTIFY_URL: an http(s) URL (ntfy, Gotify-style receivers), or with apprise installed any
+    Apprise URL (ntfy://, mailto://, tgram://). Empty: nothing is sent. The error never repeats
+    the value: a receiver's URL may carry its token."""
+    value = value.strip()
+    if not value:
+        return ""
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme in DEFAULT_PORTS:
+        if not parts.hostname or any(c.isspace() or ord(c) < 32 for c in value):
+            raise ValueError("expected an http(s) URL such as https://ntfy.sh/my-household")
+        return value
+    if not re.fullmatch(r"[a-z][a-z0-9+.-]*", parts.scheme or "", re.ASCII) or not parts.netloc:
+        raise ValueError("expected an http(s) URL, or an Apprise URL (ntfy://, mailto://, ...)")
+    import importlib.util  # only for a non-http URL: is apprise there to send it?
+
+    if importlib.util.find_spec("apprise") is None:
+        raise ValueError(f"a {parts.scheme}:// URL needs the apprise package (pip install apprise); "
+                         "an http(s) URL needs nothing")
+    return value
+
+
 def as_log_format(value):
     lowered = value.strip().lower()
     if lowered not in ("text", "json"):
@@ -527,6 +574,10 @@ SETTINGS = (
     ("threads", "THREADS", "8", as_threads),
     ("invite_ttl", "INVITE_TTL_SECONDS", "259200", as_seconds),
     ("basic_auth_hosts", "BASIC_AUTH_HOSTS", "", as_host_patterns),
+    ("admin_group", "ADMIN_GROUP", "admins", as_group),  # empty: no admin page
+    ("admin_fresh", "ADMIN_FRESH_SECONDS", "600", as_seconds),  # how old a code may be for the admin page
+    ("history_days", "HISTORY_DAYS", "90", as_days),
+    ("notify_url", "NOTIFY_URL", "", as_notify_url),  # empty: no notices
 )
 
 
@@ -791,9 +842,10 @@ def invite_readable(invite):
             and (opened is None or type(opened) is int))
 
 
-class SessionRecord(collections.namedtuple("SessionRecord", "jti user created expires ip agent sid", defaults=(None,))):
+class SessionRecord(collections.namedtuple("SessionRecord", "jti user created expires ip agent sid seen",
+                                           defaults=(None, None))):
     """A login as the sessions table keeps it (`created`: the login time, `sid`: the session's id,
-    both kept across renewals)."""
+    both kept across renewals; `seen`: when it was last used, as -sessions shows it)."""
 
     def row(self):
         return (self.jti, self.user, int(self.created), int(self.expires), self.ip, self.agent[:USER_AGENT_CHARS],
@@ -878,10 +930,41 @@ MIGRATIONS = {
     # 4.0 seals the seeds and the cookie key (SealedFile.unlock does it, with the key): an older
     # version must refuse the database, not take every sealed seed for a damaged one.
     5: (),
+    6: (
+        # Who signed in, and what the admins did: never a code, seed, key, token or link.
+        # `user`: whose account (None: a code that matched nobody); `actor`: the admin who
+        # did it (None: the person themselves; '' the command line); `device`: 'known' or
+        # 'new' for a sign-in, else ''; `detail`: what changed (hosts, a token's label).
+        """CREATE TABLE history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at INTEGER NOT NULL,
+            event TEXT NOT NULL,
+            user TEXT,
+            actor TEXT,
+            ip TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            device TEXT NOT NULL,
+            detail TEXT NOT NULL)""",
+        "CREATE INDEX history_at ON history (at)",
+        # When the session was last used (written in batches, at most once a minute), and when
+        # a code was last typed in it (a sign-in, or the admin page's fresh code).
+        "ALTER TABLE sessions ADD COLUMN seen INTEGER",
+        "ALTER TABLE sessions ADD COLUMN fresh INTEGER",
+    ),
 }
 
 
 USER_COLUMNS = "name, seed, created, last_login, last_step, hosts, full_name, email, groups_list"
+
+
+class HistoryEntry(collections.namedtuple("HistoryEntry", "at event user actor ip agent device detail",
+                                          defaults=(None, None, "", "", "", ""))):
+    """One line of the history: what happened (`event`), to whose account (`user`), done by whom
+    (`actor`: an admin's name, '' the command line, None the person themselves), from where."""
+
+    def row(self):
+        return (int(self.at), self.event, self.user, self.actor, str(self.ip), (self.agent or "")[:USER_AGENT_CHARS],
+                self.device, self.detail)
 # The values sealed under the storage key: (table, the column naming the row, the sealed column).
 # A value's place, its associated data, is table:column:row ("users:seed:alice").
 SEALED_COLUMNS = (("users", "name", "seed"), ("invites", "user", "seed"), ("meta", "key", "value"))
@@ -1196,12 +1279,16 @@ class Store:
 
     def set_identity(self, name, *, full_name=None, email=None, groups=None):
         """Replace the given fields of NAME's identity (None: keep); False if there is no such user."""
+        with self._transaction() as conn:
+            return self._set_identity(conn, name, full_name, email, groups)
+
+    def _set_identity(self, conn, name, full_name=None, email=None, groups=None):
         changes = {"full_name": full_name, "email": email, "groups_list": None if groups is None else ",".join(groups)}
         changes = {column: value for column, value in changes.items() if value is not None}
         if not changes:
-            return self.user(name) is not None
+            return conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is not None
         assignments = ", ".join(f"{column} = ?" for column in changes)  # the column names are fixed above
-        return self._write(f"UPDATE users SET {assignments} WHERE name = ?", (*changes.values(), name)) == 1
+        return conn.execute(f"UPDATE users SET {assignments} WHERE name = ?", (*changes.values(), name)).rowcount == 1
 
     # -- Logins and sessions --
 
@@ -1290,7 +1377,8 @@ class Store:
 
     def live_sessions(self, name, now):
         """Sessions not expired and not ended, newest first."""
-        sql = """SELECT s.jti, s.user, s.created, s.expires, s.ip, s.agent FROM sessions s JOIN users u ON u.name = s.user
+        sql = """SELECT s.jti, s.user, s.created, s.expires, s.ip, s.agent, coalesce(s.sid, s.jti), s.seen
+                 FROM sessions s JOIN users u ON u.name = s.user
                  WHERE s.expires > ? AND s.created >= u.sessions_after
                  AND s.jti NOT IN (SELECT jti FROM revoked) AND (? IS NULL OR s.user = ?)
                  ORDER BY s.created DESC, s.rowid DESC"""
@@ -1307,11 +1395,53 @@ class Store:
                            "AND jti NOT IN (SELECT jti FROM revoked)", (sid, int(now)))
         return rows[0] if rows and isinstance(rows[0][1], int) else None
 
-    def purge_expired(self, now):
-        """Delete revocations and session records of tokens that expired: they need neither."""
+    def purge_expired(self, now, history_before=None):
+        """Delete revocations and session records of tokens that expired: they need neither; and
+        the history before `history_before` (HISTORY_DAYS)."""
         with self._transaction() as conn:
             conn.execute("DELETE FROM revoked WHERE expires <= ?", (int(now),))
             conn.execute("DELETE FROM sessions WHERE expires <= ?", (int(now),))
+            if history_before is not None:
+                conn.execute("DELETE FROM history WHERE at < ?", (int(history_before),))
+
+    def touch_sessions(self, seen):
+        """Write a batch of {jti: last seen}."""
+        with self._transaction(quick=True) as conn:
+            conn.executemany("UPDATE sessions SET seen = max(coalesce(seen, 0), ?) WHERE jti = ?",
+                             [(int(when), jti) for jti, when in seen.items()])
+
+    def accept_fresh_code(self, name, step, session, now):
+        """A code typed for the admin page: refused (False) if that step or a later one was used
+        (RFC 6238 §5.2, as a sign-in), else stored as the session's last typed code."""
+        with self._transaction() as conn:
+            changed = conn.execute(
+                "UPDATE users SET last_step = ? WHERE name = ? AND last_step < ? AND seed != ''", (step, name, step)
+            ).rowcount
+            if changed == 1:
+                if not conn.execute("UPDATE sessions SET fresh = ? WHERE sid = ? OR (sid IS NULL AND jti = ?)",
+                                    (int(now), session.sid, session.sid)).rowcount:
+                    self._record_session(conn, session)  # a session without a record (pruned): it gets one
+                    conn.execute("UPDATE sessions SET fresh = ? WHERE jti = ?", (int(now), session.jti))
+            return changed == 1
+
+    def last_code_time(self, sid):
+        """When a code was last typed in the session `sid` (its sign-in or a fresh code), or 0."""
+        rows = self._query("SELECT max(created, coalesce(fresh, 0)) FROM sessions WHERE sid = ? OR "
+                           "(sid IS NULL AND jti = ?)", (sid, sid))
+        return max((row[0] for row in rows if type(row[0]) is int), default=0)
+
+    # -- History --
+
+    def record(self, entry):
+        """Keep one HistoryEntry."""
+        self._write("INSERT INTO history (at, event, user, actor, ip, agent, device, detail) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", entry.row())
+
+    def history(self, name=None, since=0, limit=-1):
+        """HistoryEntry rows since `since`, of NAME (as the account or the admin who acted) or of all, newest first."""
+        sql = """SELECT at, event, user, actor, ip, agent, device, detail FROM history
+                 WHERE at >= ? AND (? IS NULL OR user = ? OR actor = ?) ORDER BY at DESC, id DESC LIMIT ?"""
+        return [HistoryEntry(*row) for row in self._query(sql, (int(since), name, name, name, limit))]
 
     # -- App tokens --
 
@@ -1346,8 +1476,9 @@ class Store:
 
     # -- Invitations --
 
-    def create_invite(self, name, digest, seed, now, expires, keep_tokens=False):
-        """A pending seed for NAME; a new NAME is created pending, an existing one is reset.
+    def create_invite(self, name, digest, seed, now, expires, keep_tokens=False, hosts=None, identity=None):
+        """A pending seed for NAME; a new NAME is created pending, an existing one is reset. `hosts`
+        (patterns) and `identity` (set_identity's fields) are set in the same transaction.
 
         Returns True for a new user. A reset (a lost phone) ends the current seed,
         every session and, unless `keep_tokens`, the app tokens now: a calendar
@@ -1365,6 +1496,9 @@ class Store:
                 self._end_sessions(conn, name, now)
                 if not keep_tokens:
                     conn.execute("DELETE FROM app_tokens WHERE user = ?", (name,))
+            if hosts is not None:
+                conn.execute("UPDATE users SET hosts = ? WHERE name = ?", (_hosts_text(hosts), name))
+            self._set_identity(conn, name, **(identity or {}))
             conn.execute(
                 "INSERT OR REPLACE INTO invites (user, hash, seed, expires) VALUES (?, ?, ?, ?)",
                 (name, digest, self.key.seal(seed, f"invites:seed:{name}"), int(expires)),
@@ -1826,6 +1960,437 @@ class RateLimiter:
             bucket.last_trip = now
             # The failures stay for the day's budget; the lockout (at least a window) outlasts
             # their place in the window.
+
+    def failures(self, key, now):
+        """Failed attempts of `key` within the window: a sign-in after some is worth a notice."""
+        with self._lock:
+            bucket = self._buckets.get(key)
+            return 0 if bucket is None else self._in_window(bucket, now)
+
+
+# --- History and notices ----------------------------------------------------
+# Who signed in and what the admins did, kept in the database (HISTORY_DAYS) and,
+# for what a household should hear of at once, sent to NOTIFY_URL. Neither ever
+# holds a code, seed, key, token or link: the callers pass none, and a detail is
+# only ever a name, a host list or a token's label.
+
+class Throttle:
+    """Says whether a key (a user and host, a client address) is due another log line; bounded."""
+
+    def __init__(self, every=LOG_EVERY_SECONDS, max_keys=10_000):
+        self.every = every
+        self.max_keys = max_keys
+        self._last = {}
+        self._lock = threading.Lock()
+
+    def due(self, key, now):
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and 0 <= now - last < self.every:
+                return False
+            if len(self._last) >= self.max_keys:
+                self._last.clear()  # a stranger's many addresses: forget, at worst log a line again
+            self._last[key] = now
+            return True
+
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(text):
+    """Stored text made safe for a terminal: control characters (a tab that fakes a column, U+009B
+    that starts a terminal command) as \\xNN escapes."""
+    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def format_time(epoch):
+    """A stored time as UTC ISO 8601; "never" for none, "unreadable" for what a hand-edited database may hold."""
+    if not epoch:
+        return "never"
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "unreadable"
+
+
+# event: (what the history and a notice say, whether it is notified). A sign-in is
+# notified when it comes from a new device or after failed attempts (SignIn decides).
+EVENTS = {
+    "sign-in": ("signed in", False),
+    "sign-in-failed": ("wrong code", False),
+    "sign-in-replayed": ("code used twice, refused", False),
+    "sign-in-limited": ("too many attempts, refused", False),
+    "renewal": ("session renewed", False),
+    "sign-out": ("signed out", False),
+    "sign-out-everywhere": ("signed out everywhere", True),
+    "fresh-code": ("typed a fresh code for the admin page", False),
+    "fresh-code-failed": ("wrong code on the admin page", False),
+    "fresh-code-replayed": ("code used twice on the admin page, refused", False),
+    "fresh-code-limited": ("too many attempts on the admin page, refused", False),
+    "invitation-opened": ("opened their invitation", False),
+    "invitation-used": ("set up their authenticator from an invitation", True),
+    "invited": ("invited (a new person)", True),
+    "reset": ("reset for a lost phone (a new invitation)", True),
+    "hosts": ("hosts changed", True),
+    "identity": ("name, email or groups changed", True),
+    "sessions-ended": ("every session ended", True),
+    "session-ended": ("one session ended", True),
+    "deleted": ("deleted", True),
+    "token-created": ("app token created", True),
+    "token-revoked": ("app token revoked", True),
+}
+OUTCOME_EVENTS = {Outcome.SUCCESS: "", Outcome.FAILURE: "-failed", Outcome.REPLAY: "-replayed",
+                  Outcome.LIMITED: "-limited"}
+# Who did something: an admin on the page (their name), the command line (''), or the
+# person themselves (None, on their own sign-in page).
+Actor = collections.namedtuple("Actor", "name ip agent")
+COMMAND_LINE = Actor("", "command line", "")
+
+
+class Notifier:
+    """Sends notices to NOTIFY_URL from one background thread: a plain-text POST with a `Title`
+    header (ntfy, Gotify-style receivers show both as they are), or through apprise for its URLs.
+    At most one notice per user and event a minute; a receiver that is down or slow is logged
+    once a minute and never delays or fails a sign-in (`notify` only appends to a queue)."""
+
+    def __init__(self, url, *, timeout=NOTIFY_TIMEOUT_SECONDS, send=None):
+        self.url = url
+        self.timeout = timeout
+        self._send = send or self._post
+        self._queue = collections.deque(maxlen=1000)  # a flood of events drops the oldest notices
+        self._wake = threading.Condition()
+        self._busy = False
+        self._thread = None
+        self._repeats = Throttle(NOTIFY_EVERY_SECONDS)
+        self._failures = Throttle()
+
+    def notify(self, user, event, title, body, now):
+        if not self.url or not self._repeats.due((user, event), now):
+            return
+        with self._wake:
+            self._queue.append((title, body))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="notices", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def drain(self, timeout):
+        """Wait up to `timeout` seconds for the queue to empty (the CLI before it exits, tests)."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while (self._queue or self._busy) and time.monotonic() < deadline:
+                self._wake.wait(0.05)
+        return not self._queue
+
+    def _run(self):
+        while True:
+            with self._wake:
+                while not self._queue:
+                    self._busy = False
+                    self._wake.notify_all()
+                    self._wake.wait()
+                title, body = self._queue.popleft()
+                self._busy = True
+            try:
+                self._send(title, body)
+            except Exception as error:  # noqa: BLE001 - whatever the receiver does, sign-ins go on
+                if self._failures.due("send", time.time()):
+                    # The reason only: the URL may carry the receiver's token.
+                    log.warning("a notice could not be sent to NOTIFY_URL: %s", _reason(error))
+
+    def _post(self, title, body):
+        scheme = self.url.partition(":")[0].lower()
+        if scheme not in DEFAULT_PORTS:
+            return self._apprise(title, body)
+        import urllib.request  # here: the serving process carries it only once it has a notice to send
+
+        request = urllib.request.Request(self.url, data=body.encode("utf-8"), method="POST", headers={
+            "Title": _header_text(title), "Content-Type": "text/plain; charset=utf-8",
+        })
+        with urllib.request.urlopen(request, timeout=self.timeout) as answer:  # noqa: S310 - http(s) only, checked
+            answer.read(1024)
+
+    def _apprise(self, title, body):
+        import apprise  # optional: NOTIFY_URL accepted a non-http URL only with it installed
+
+        sender = apprise.Apprise()
+        sender.add(self.url)
+        if not sender.notify(title=title, body=body):
+            raise RuntimeError("apprise could not deliver it")
+
+
+def _reason(error):
+    """What went wrong sending a notice, without the URL (urllib puts it in some messages)."""
+    reason = getattr(error, "reason", None) or getattr(error, "code", None) or error.__class__.__name__
+    return f"{error.__class__.__name__} ({reason})" if not isinstance(reason, str) or "://" not in reason else \
+        error.__class__.__name__
+
+
+def _header_text(text):
+    """A header value: ASCII as it is, else RFC 2047 UTF-8 (ntfy decodes it), never a line break."""
+    text = " ".join(text.split())
+    if text.isascii():
+        return text
+    return "=?UTF-8?B?" + base64.b64encode(text.encode("utf-8")).decode() + "?="
+
+
+class Journal:
+    """The history and the notices: one record() per thing that happened. Writing the history never
+    fails what happened (a busy database loses the line and logs it)."""
+
+    def __init__(self, store, notifier, app_name):
+        self.store = store
+        self.notifier = notifier
+        self.app_name = app_name
+
+    def record(self, event, user, now, *, actor=None, ip="", agent="", device="", detail="", notify=None):
+        entry = HistoryEntry(now, event, user, actor, ip, agent, device, detail)
+        try:
+            self.store.record(entry)
+        except sqlite3.Error as error:
+            log.warning("a history line (%s of %s) could not be written: %s", event, user or "-", error)
+        if notify if notify is not None else EVENTS[event][1]:
+            self.notifier.notify(user, event, *self.notice(entry), now)
+
+    def notice(self, entry):
+        """(title, body) of a notice: short enough for a lock screen; no secret is ever in an entry."""
+        what = EVENTS[entry.event][0]
+        who = entry.user or "someone"
+        if entry.event == "sign-in" and entry.device == "new":
+            what = "signed in from a new device"
+        title = f"{self.app_name}: {who} {what}"
+        by = "" if entry.actor is None else f" by {entry.actor or 'the command line'}"
+        detail = f" ({entry.detail})" if entry.detail else ""
+        line2 = " · ".join(part for part in (str(entry.ip), (entry.agent or "")[:60], format_time(entry.at)) if part)
+        return shown(title), shown(f"{who} {what}{detail}{by}.") + "\n" + shown(line2)
+
+
+# --- Household --------------------------------------------------------------
+# The household's tasks, each once, for the command line and the admin page alike:
+# the values checked, the change made, its history line and notice. A bad value is a
+# UsageError (exit 2, a 400), a task that cannot be done a CommandError (exit 1, a page).
+
+Invitation = collections.namedtuple("Invitation", "name token expires new")
+NewToken = collections.namedtuple("NewToken", "name label token hosts expires notes")
+
+
+def _checked_name(name, what="name"):
+    if not isinstance(name, str) or not USER_NAME.fullmatch(name):
+        raise UsageError(f"invalid {what} {shown(name)!r}: use 1-64 of A-Z a-z 0-9 . _ @ -")
+    return name
+
+
+def _patterns(raw):
+    """Validated, de-duplicated host patterns; `*` anywhere means every host."""
+    patterns = []
+    for text in raw:
+        try:
+            pattern = as_host_pattern(text)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if pattern not in patterns:
+            patterns.append(pattern)
+    return (EVERY_HOST,) if EVERY_HOST in patterns else tuple(patterns)
+
+
+def _pattern_list(text):
+    """Host patterns as a form or --hosts gives them: separated by commas or whitespace."""
+    return _patterns(text.replace(",", " ").split())
+
+
+def _checked_full_name(text):
+    if text is None or text == "":
+        return text
+    if len(text) > 100 or not text.isprintable() or text != text.strip():
+        raise UsageError(f"--name {shown(text)!r}: use 1-100 printable characters, no spaces at either end")
+    return text
+
+
+def _checked_email(text):
+    if text is None or text == "":
+        return text
+    local, at, domain = text.partition("@")
+    if not (at and local and domain and "@" not in domain and len(text) <= 254 and text.isascii()
+            and text.isprintable() and not any(c.isspace() for c in text)):
+        raise UsageError(f"--email {shown(text)!r}: expected one address such as alice@example.com")
+    return text
+
+
+MAX_GROUPS_CHARS = 1000  # Remote-Groups stays far below the 4-8 KB header buffers of nginx and Caddy
+
+
+def _checked_groups(text):
+    if text is None or text == "":
+        return None if text is None else ()
+    if len(text) > MAX_GROUPS_CHARS:
+        raise UsageError(f"--groups: at most {MAX_GROUPS_CHARS} characters in all (proxies refuse longer headers)")
+    groups = [group.strip() for group in text.split(",")]
+    for group in groups:
+        _checked_name(group, "group")
+    return tuple(dict.fromkeys(groups))
+
+
+def _checked_identity(full_name=None, email=None, groups=None):
+    return {"full_name": _checked_full_name(full_name), "email": _checked_email(email),
+            "groups": _checked_groups(groups)}
+
+
+def groups_of(user):
+    return [group for group in (user.groups or "").split(",") if group]
+
+
+def short_id(sid):
+    """The session id as -sessions and the admin page show it, and -logout --session takes it."""
+    return digest(sid)[:8]
+
+
+class Household:
+    """What a household does, the same from the command line and the admin page. `actor` says who
+    (COMMAND_LINE, or the admin on the page); only the page is held to the last-admin rule, so
+    that the person with the server can always repair it."""
+
+    def __init__(self, settings, store, journal, clock=time.time):
+        self.settings = settings
+        self.store = store
+        self.journal = journal
+        self.clock = clock
+
+    def require_user(self, name):
+        user = self.store.user(_checked_name(name))
+        if user is None:
+            raise CommandError(f"no user named {name!r}")
+        return user
+
+    def is_admin(self, user):
+        return bool(self.settings.admin_group) and self.settings.admin_group in groups_of(user)
+
+    def admins(self):
+        return [user for user in self.store.users() if self.is_admin(user)]
+
+    def invite(self, name, actor, *, hosts=None, full_name=None, email=None, groups=None, keep_tokens=False):
+        """A link for a new person (created pending) or a reset of a lost phone (their seed, sessions
+        and, unless keep_tokens, app tokens end now); hosts and identity set with it."""
+        _checked_name(name)
+        patterns = None if hosts is None else _pattern_list(hosts)
+        if patterns == ():
+            raise UsageError("--hosts: give at least one pattern (* for every host)")
+        identity = _checked_identity(full_name, email, groups)
+        existing = self.store.user(name)
+        if existing is not None and actor.name:
+            self._refuse_on_self(existing, actor, "reset")
+            self._keep_an_admin(existing, identity["groups"])
+        token = secrets.token_urlsafe(32)
+        now = self.clock()
+        expires = int(now) + self.settings.invite_ttl
+        new = self.store.create_invite(name, digest(token), new_seed(), now, expires, keep_tokens=bool(keep_tokens),
+                                       hosts=patterns, identity=identity)
+        detail = "app tokens kept" if keep_tokens and not new else ""
+        self._record("invited" if new else "reset", name, actor, now, detail)
+        return Invitation(name, token, expires, new)
+
+    def set_hosts(self, name, hosts, actor):
+        patterns = _pattern_list(hosts) if isinstance(hosts, str) else _patterns(hosts)
+        if not patterns:
+            raise UsageError("give at least one host pattern (* for every host)")
+        _checked_name(name)
+        if not self.store.set_hosts(name, patterns):
+            raise CommandError(f"no user named {name!r}")
+        self._record("hosts", name, actor, self.clock(), _hosts_text(patterns))
+        return patterns
+
+    def set_identity(self, name, actor, full_name=None, email=None, groups=None):
+        changes = _checked_identity(full_name, email, groups)
+        if all(value is None for value in changes.values()):
+            raise UsageError("give at least one of --name, --email, --groups")
+        user = self.require_user(name)
+        if actor.name:
+            self._keep_an_admin(user, changes["groups"])
+        if not self.store.set_identity(name, **changes):
+            raise CommandError(f"no user named {name!r}")
+        fields = ", ".join(label for label, value in zip(("name", "email", "groups"), changes.values())
+                           if value is not None)
+        self._record("identity", name, actor, self.clock(), fields)
+        return self.store.user(name)
+
+    def end_sessions(self, name, actor):
+        _checked_name(name)
+        now = self.clock()
+        if not self.store.end_sessions(name, now):
+            raise CommandError(f"no user named {name!r}")
+        self._record("sessions-ended", name, actor, now)
+
+    def end_session(self, name, session, actor):
+        """End one live session of NAME, named by its short id (or its whole id)."""
+        self.require_user(name)
+        now = self.clock()
+        found = [s for s in self.store.live_sessions(name, now) if session in (short_id(s.sid), s.sid)]
+        if not found:
+            raise CommandError(f"{name} has no live session {session!r} (see -sessions {name})")
+        self.store.end_session(found[0].sid)
+        self._record("session-ended", name, actor, now, f"session {short_id(found[0].sid)}")
+        return found[0]
+
+    def delete(self, name, actor):
+        user = self.require_user(name)
+        if actor.name:
+            self._refuse_on_self(user, actor, "delete")
+            self._keep_an_admin(user, ())
+        now = self.clock()
+        if not self.store.delete_user(name, now):
+            raise CommandError(f"no user named {name!r}")
+        self._record("deleted", name, actor, now)
+
+    def create_token(self, name, label, actor, hosts=None, days=None):
+        _checked_name(name)
+        _checked_name(label, "label")
+        patterns = _pattern_list(hosts) if hosts else (EVERY_HOST,)
+        expires = None
+        if days not in (None, ""):
+            try:
+                expires = int(self.clock()) + _as_int(days, 1, 3650) * 86400
+            except ValueError as error:
+                raise UsageError(f"--days: {error}") from None
+        user = self.require_user(name)
+        notes = []
+        user_patterns = _hosts_rule(user.hosts)
+        if user_patterns is not None and patterns != (EVERY_HOST,):
+            useless = [p for p in patterns if not any(patterns_overlap(p, u) for u in user_patterns)]
+            if len(useless) == len(patterns):
+                raise CommandError(f"{name} may open only {user.hosts}: a token for {','.join(patterns)} would open "
+                                   "nothing (change their hosts first)")
+            if useless:
+                notes.append(f"{name} may not open {','.join(useless)}; the token will not open it either")
+        token = APP_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = self.clock()
+        try:
+            self.store.add_app_token(name, label, digest(token), patterns, now, expires)
+        except RuntimeError as error:
+            raise CommandError(str(error)) from None
+        self._record("token-created", name, actor, now, f"label {label}, hosts {_hosts_text(patterns)}")
+        return NewToken(name, label, token, patterns, expires, notes)
+
+    def revoke_token(self, name, label, actor):
+        if not self.store.delete_app_token(name, label):
+            raise CommandError(f"{name!r} has no token labelled {label!r}")
+        self._record("token-revoked", name, actor, self.clock(), f"label {label}")
+
+    def _refuse_on_self(self, user, actor, what):
+        if user.name == actor.name:
+            raise CommandError(f"You cannot {what} yourself here: ask another admin, or use the command line")
+
+    def _keep_an_admin(self, user, new_groups):
+        """The page never takes the last admin out of ADMIN_GROUP (new_groups without it, or () for a
+        deletion; None: unchanged): nobody could come back to the page."""
+        if new_groups is None or not self.is_admin(user) or self.settings.admin_group in new_groups:
+            return
+        if not [admin for admin in self.admins() if admin.seed and admin.name != user.name]:
+            raise CommandError(f"{user.name} is the last admin ({self.settings.admin_group}): make someone else an "
+                               "admin first")
+
+    def _record(self, event, name, actor, now, detail=""):
+        self.journal.record(event, name, now, actor=actor.name, ip=actor.ip, agent=actor.agent, detail=detail)
+
 
 
 # --- Request ----------------------------------------------------------------
@@ -2456,16 +3021,6 @@ def plural_minutes(seconds):
     return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
-def format_time(epoch):
-    """A stored time as UTC ISO 8601; "never" for none, "unreadable" for what a hand-edited database may hold."""
-    if not epoch:
-        return "never"
-    try:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-    except (TypeError, ValueError, OverflowError, OSError):
-        return "unreadable"
-
-
 def human_time(epoch, now):
     """A coming moment as people read it: "in 3 days, on Tuesday 1 December at 13:00 UTC"."""
     left = max(0, epoch - now)
@@ -2513,26 +3068,6 @@ def identity_headers(name, rule):
 def app_token_key(token):
     """The stored key (SHA-256) of a well-formed app token, or None: then it matches nothing."""
     return digest(token) if APP_TOKEN_SHAPE.fullmatch(token) else None
-
-
-class Throttle:
-    """Says whether a key (a user and host, a client address) is due another log line; bounded."""
-
-    def __init__(self, every=LOG_EVERY_SECONDS, max_keys=10_000):
-        self.every = every
-        self.max_keys = max_keys
-        self._last = {}
-        self._lock = threading.Lock()
-
-    def due(self, key, now):
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and 0 <= now - last < self.every:
-                return False
-            if len(self._last) >= self.max_keys:
-                self._last.clear()  # a stranger's many addresses: forget, at worst log a line again
-            self._last[key] = now
-            return True
 
 
 # One consistent picture of the database, swapped in by one assignment: a
@@ -3630,14 +4165,6 @@ def __getattr__(name):
 # --- CLI --------------------------------------------------------------------
 
 
-class UsageError(Exception):
-    """The command line is wrong: one line on stderr, exit 2, nothing changed."""
-
-
-class CommandError(Exception):
-    """A command could not do what it was asked (no such user, a file exists): one line, exit 1."""
-
-
 HALF_BLOCKS = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
 
 
@@ -3704,15 +4231,6 @@ def _patterns(raw):
     return (EVERY_HOST,) if EVERY_HOST in patterns else tuple(patterns)
 
 
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def shown(text):
-    """Stored text made safe for a terminal: control characters (a tab that fakes a column, U+009B
-    that starts a terminal command) as \\xNN escapes."""
-    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
-
-
 class CLI:
     """What a command works with: the settings, the clock, and the database, opened on first use
     (so that a usage error is reported before a missing database)."""
@@ -3737,15 +4255,23 @@ class CLI:
             self._store = Store(self.settings.db_path, KeySource.of(self.settings), hold=hold)
         return self._store
 
+    @functools.cached_property
+    def notifier(self):
+        return Notifier(self.settings.notify_url)
+
+    @property
+    def household(self):
+        journal = Journal(self.store, self.notifier, self.settings.app_name)
+        return Household(self.settings, self.store, journal, self.clock)
+
     def close(self):
+        if "notifier" in self.__dict__ and not self.notifier.drain(NOTIFY_TIMEOUT_SECONDS + 1):
+            print("note: a notice to NOTIFY_URL could not be sent in time", file=sys.stderr)
         if self._store is not None:
             self._store.close()
 
     def require_user(self, name):
-        user = self.store.user(name)
-        if user is None:
-            raise CommandError(f"no user named {name!r}")
-        return user
+        return self.household.require_user(name)
 
 
 def cmd_generate(cli, name=None):
@@ -3759,22 +4285,26 @@ def cmd_generate(cli, name=None):
     print_enrolment(name, seed, cli.settings.app_name)
 
 
-def cmd_invite(cli, name, url=None, keep_tokens=None):
+def cmd_invite(cli, name, url=None, keep_tokens=None, hosts=None, full_name=None, email=None, groups=None):
     _checked_name(name)
     link_base = _invite_base(cli.settings, url)
-    token = secrets.token_urlsafe(32)
-    now = cli.clock()
-    expires = int(now) + cli.settings.invite_ttl
-    new = cli.store.create_invite(name, digest(token), new_seed(), now, expires, keep_tokens=bool(keep_tokens))
+    _checked_identity(full_name, email, groups)  # usage errors before the database is opened
+    if hosts is not None:
+        _pattern_list(hosts)
+    invitation = cli.household.invite(name, COMMAND_LINE, hosts=hosts, full_name=full_name, email=email,
+                                      groups=groups, keep_tokens=keep_tokens)
     path = cli.settings.login.path
     tokens = "app tokens are kept (--keep-tokens)" if keep_tokens else "so did their app tokens (--keep-tokens keeps them)"
-    what = "a new user, who can sign in once the link is used" if new else (
+    what = "a new user, who can sign in once the link is used" if invitation.new else (
         f"their old authenticator and every session stopped working now, {tokens}; their hosts are kept")
     print(f"Invitation for {name}: {what}.")
-    print(f"Link: {link_base}{path}?invite={token}")
-    print(f"Expires: {format_time(expires)} (in {_duration(cli.settings.invite_ttl)}); it works once.")
+    print(f"Link: {link_base}{path}?invite={invitation.token}")
+    print(f"Expires: {format_time(invitation.expires)} (in {_duration(cli.settings.invite_ttl)}); it works once.")
     if not link_base:
         print("Open it on the address of any protected app, e.g. https://app.example.com" + path + "?invite=…")
+    user = cli.store.user(name)
+    print(shown(f"{name}: hosts {user.hosts}, name {user.full_name or '-'}, email {user.email or '-'}, "
+                f"groups {user.groups or '-'}"))
     print(f"Send it to {name} directly (a message to them, not a group): it shows the setup code to the first "
           "browser that opens it, and only to that one. -list shows when it was opened.")
 
@@ -3829,47 +4359,15 @@ def _user_columns(user, invite, now):
 def cmd_user(cli, name, full_name=None, email=None, groups=None):
     """Set who NAME is for the apps behind; a flag given replaces that field, an empty value clears it."""
     _checked_name(name)
-    changes = {"full_name": _checked_full_name(full_name), "email": _checked_email(email),
-               "groups": _checked_groups(groups)}
-    if all(value is None for value in changes.values()):
-        raise UsageError("-user needs at least one of --name, --email, --groups")
-    if not cli.store.set_identity(name, **changes):
-        raise CommandError(f"no user named {name!r}")
-    user = cli.store.user(name)
+    _checked_identity(full_name, email, groups)
+    try:
+        user = cli.household.set_identity(name, COMMAND_LINE, full_name, email, groups)
+    except UsageError as error:
+        if "at least one" in str(error):
+            raise UsageError("-user needs at least one of --name, --email, --groups") from None
+        raise
     print(shown(f"{name}: name {user.full_name or '-'}, email {user.email or '-'}, groups {user.groups or '-'} "
                 "(the apps see it within a second)"))
-
-
-def _checked_full_name(text):
-    if text is None or text == "":
-        return text
-    if len(text) > 100 or not text.isprintable() or text != text.strip():
-        raise UsageError(f"--name {text!r}: use 1-100 printable characters, no spaces at either end")
-    return text
-
-
-def _checked_email(text):
-    if text is None or text == "":
-        return text
-    local, at, domain = text.partition("@")
-    if not (at and local and domain and "@" not in domain and len(text) <= 254 and text.isascii()
-            and text.isprintable() and not any(c.isspace() for c in text)):
-        raise UsageError(f"--email {text!r}: expected one address such as alice@example.com")
-    return text
-
-
-MAX_GROUPS_CHARS = 1000  # Remote-Groups stays far below the 4-8 KB header buffers of nginx and Caddy
-
-
-def _checked_groups(text):
-    if text is None or text == "":
-        return None if text is None else ()
-    if len(text) > MAX_GROUPS_CHARS:
-        raise UsageError(f"--groups: at most {MAX_GROUPS_CHARS} characters in all (proxies refuse longer headers)")
-    groups = text.split(",")
-    for group in groups:
-        _checked_name(group, "group")
-    return tuple(dict.fromkeys(groups))
 
 
 def cmd_allow(cli, name, *raw):
@@ -3877,39 +4375,21 @@ def cmd_allow(cli, name, *raw):
     if not raw:
         raise UsageError("-allow needs a NAME and at least one PATTERN (* for every host)")
     patterns = _patterns(raw)
-    if not cli.store.set_hosts(name, patterns):
-        raise CommandError(f"no user named {name!r}")
+    cli.household.set_hosts(name, patterns, COMMAND_LINE)
     print(f"{name} may open: {_hosts_text(patterns)} (takes effect within a second)")
 
 
 def cmd_token(cli, name, label, hosts=None, days=None):
     _checked_name(name)
     _checked_name(label, "label")
-    patterns = _patterns(hosts.split(",")) if hosts is not None else (EVERY_HOST,)
-    expires = None
-    if days is not None:
-        try:
-            expires = int(cli.clock()) + _as_int(days, 1, 3650) * 86400
-        except ValueError as error:
-            raise UsageError(f"--days: {error}") from None
-    user = cli.require_user(name)
-    user_patterns = _hosts_rule(user.hosts)
-    if user_patterns is not None and patterns != (EVERY_HOST,):
-        useless = [p for p in patterns if not any(patterns_overlap(p, u) for u in user_patterns)]
-        if len(useless) == len(patterns):
-            raise CommandError(f"{name} may open only {user.hosts}: a token for {','.join(patterns)} would open "
-                               "nothing (change their hosts with -allow first)")
-        if useless:
-            print(f"note: {name} may not open {','.join(useless)}; the token will not open it either",
-                  file=sys.stderr)
-    token = APP_TOKEN_PREFIX + secrets.token_urlsafe(32)
-    try:
-        cli.store.add_app_token(name, label, digest(token), patterns, cli.clock(), expires)
-    except RuntimeError as error:
-        raise CommandError(str(error)) from None
-    print(token)
-    ends = format_time(expires) if expires else "never"
-    print(f"App token {label!r} for {name} (hosts {_hosts_text(patterns)}, expires {ends}). "
+    if hosts is not None:
+        _patterns(hosts.split(","))  # a malformed pattern is a usage error before anything is looked up
+    new = cli.household.create_token(name, label, COMMAND_LINE, hosts=hosts, days=days)
+    for note in new.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(new.token)
+    ends = format_time(new.expires) if new.expires else "never"
+    print(f"App token {label!r} for {name} (hosts {_hosts_text(new.hosts)}, expires {ends}). "
           "It is shown only now: store it where the script reads it.", file=sys.stderr)
 
 
@@ -3927,8 +4407,7 @@ def cmd_tokens(cli, name=None):
 
 
 def cmd_revoke_token(cli, name, label):
-    if not cli.store.delete_app_token(name, label):
-        raise CommandError(f"{name!r} has no token labelled {label!r}")
+    cli.household.revoke_token(name, label, COMMAND_LINE)
     print(f"deleted {name}'s token {label!r}: refused within a second")
 
 
@@ -3938,21 +4417,51 @@ def cmd_sessions(cli, name=None):
     sessions = cli.store.live_sessions(name, cli.clock())
     if not sessions:
         print("no live sessions")
+        return
+    print("\t".join(SESSION_COLUMNS))
     for s in sessions:
-        columns = (f"login {format_time(s.created)}", s.user, s.ip, f"expires {format_time(s.expires)}", s.agent)
+        columns = (short_id(s.sid), s.user, format_time(s.created), format_time(s.seen or s.created), s.ip,
+                   format_time(s.expires), s.agent)
         print("\t".join(shown(column) for column in columns))
 
 
-def cmd_logout(cli, name):
-    if not cli.store.end_sessions(name, cli.clock()):
-        raise CommandError(f"no user named {name!r}")
+SESSION_COLUMNS = ("id", "user", "login", "last seen", "ip", "expires", "user agent")
+
+
+def cmd_logout(cli, name, session=None):
+    if session is not None:
+        ended = cli.household.end_session(name, session, COMMAND_LINE)
+        print(f"ended {name}'s session {short_id(ended.sid)} (from {shown(ended.ip)}) within a second; their "
+              "other sessions go on")
+        return
+    cli.household.end_sessions(name, COMMAND_LINE)
     print(f"ended every session of {name} (within a second); they can sign in again")
 
 
 def cmd_revoke(cli, name):
-    if not cli.store.delete_user(name, cli.clock()):
-        raise CommandError(f"no user named {name!r}")
+    cli.household.delete(name, COMMAND_LINE)
     print(f"revoked {name}: their sessions and app tokens stop working within a second")
+
+
+def cmd_history(cli, name=None, days=None):
+    if name is not None:
+        _checked_name(name)
+    try:
+        days = cli.settings.history_days if days is None else _as_int(days, 1, 3650)
+    except ValueError as error:
+        raise UsageError(f"--days: {error}") from None
+    entries = cli.store.history(name, cli.clock() - days * 86400)
+    if not entries:
+        print(f"nothing in the last {days} days")
+        return
+    print("\t".join(HISTORY_COLUMNS))
+    for e in entries:
+        columns = (format_time(e.at), e.event, e.user or "-", "-" if e.actor is None else (e.actor or "command line"),
+                   e.ip or "-", e.device or "-", e.detail or "-", e.agent or "-")
+        print("\t".join(shown(column) for column in columns))
+
+
+HISTORY_COLUMNS = ("time", "event", "user", "by", "ip", "device", "detail", "user agent")
 
 
 def cmd_backup(cli, destination):
@@ -4113,7 +4622,7 @@ def cmd_version(cli):
 Command = collections.namedtuple("Command", "flag args flags run creates help")
 COMMANDS = (
     Command("-generate", ("[NAME]",), (), cmd_generate, True, "add a user and print its enrolment"),
-    Command("-invite", ("NAME",), ("url", "keep-tokens"), cmd_invite, True,
+    Command("-invite", ("NAME",), ("url", "keep-tokens", "hosts", "name", "email", "groups"), cmd_invite, True,
             "print a single-use enrolment link (new user, or reset a lost phone)"),
     Command("-list", (), (), cmd_list, False, "list users"),
     Command("-user", ("NAME",), ("name", "email", "groups"), cmd_user, False,
@@ -4124,8 +4633,11 @@ COMMANDS = (
     Command("-tokens", ("[NAME]",), (), cmd_tokens, False, "list app tokens"),
     Command("-revoke-token", ("NAME", "LABEL"), (), cmd_revoke_token, False, "delete an app token"),
     Command("-sessions", ("[NAME]",), (), cmd_sessions, False, "list live sessions"),
-    Command("-logout", ("NAME",), (), cmd_logout, False, "end every session of NAME (the user stays)"),
+    Command("-logout", ("NAME",), ("session",), cmd_logout, False,
+            "end every session of NAME, or one (--session ID from -sessions); the user stays"),
     Command("-revoke", ("NAME",), (), cmd_revoke, False, "delete a user and end their sessions"),
+    Command("-history", ("[NAME]",), ("days",), cmd_history, False,
+            "who signed in and what admins did, newest first"),
     Command("-backup", ("FILE",), (), cmd_backup, False, "write an online backup of the database"),
     Command("-rekey", ("NEWKEYFILE",), (), cmd_rekey, False,
             "seal every seed under a new storage key (server stopped)"),
@@ -4141,8 +4653,9 @@ FLAGS = {
     "name": ("full_name", "TEXT", "display name, sent as Remote-Name (empty clears)"),
     "email": ("email", "ADDRESS", "email, sent as Remote-Email (empty clears)"),
     "groups": ("groups", "G1,G2", "groups, sent as Remote-Groups (empty clears)"),
-    "hosts": ("hosts", "PATTERN,...", "hosts the token may open"),
-    "days": ("days", "N", "expire after N days"),
+    "hosts": ("hosts", "PATTERN,...", "hosts the token (or the invited person) may open"),
+    "days": ("days", "N", "expire after N days (-history: the last N days)"),
+    "session": ("session", "ID", "the one session to end (its id from -sessions)"),
 }
 
 

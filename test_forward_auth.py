@@ -3207,7 +3207,9 @@ def test_logout_and_sessions(db_path, capsys, store, clock):
     app = fa.make_app(settings(), store=store, clock=FakeClock(time.time()))
     cookie = session_cookie(app, login(app, code_at(seed, app.clock()), headers={"User-Agent": "Firefox/140"}))
     code, out, _ = run_main(["-sessions"], db_path, capsys)
-    assert code == 0 and re.fullmatch(r"login 20\S+Z\talice\t127\.0\.0\.1\texpires 20\S+Z\tFirefox/140\n", out)
+    header, row = out.splitlines()
+    assert code == 0 and header == "id\tuser\tlogin\tlast seen\tip\texpires\tuser agent"
+    assert re.fullmatch(r"[0-9a-f]{8}\talice\t20\S+Z\t20\S+Z\t127\.0\.0\.1\t20\S+Z\tFirefox/140", row)
     add_user(store, "bob")
     assert run_main(["-sessions", "bob"], db_path, capsys)[1] == "no live sessions\n"
     code, out, _ = run_main(["-logout", "alice"], db_path, capsys)
@@ -4123,7 +4125,7 @@ def test_the_cli_prints_stored_text_with_control_characters_escaped(db_path, cap
     app = fa.make_app(settings(), store=store, clock=FakeClock(time.time()))
     login(app, code_at(seed, app.clock()), headers={"User-Agent": "Evil\tcolumn\x9b31m"})
     out = run_main(["-sessions"], db_path, capsys)[1]
-    assert out.count("\t") == 4 and "Evil\\x09column\\x9b31m" in out and "\x9b" not in out
+    assert out.splitlines()[1].count("\t") == 6 and "Evil\\x09column\\x9b31m" in out and "\x9b" not in out
 
 
 @pytest.mark.parametrize("args", [["-generat", "bob"], ["-log", "alice"], ["-list", "--days", "3"],
@@ -4766,7 +4768,7 @@ def test_sessions_and_list_escape_control_characters(tmp_path, capsys):
                                                     "1.2.3.4", "UA\x1b[2J\tfake\x9b31m"))
     s._write("UPDATE users SET full_name = 'A\x1b]0;x\x07'")
     s.close()
-    for cmd, n in ((["-sessions"], 4), (["-list"], None)):
+    for cmd, n in ((["-sessions"], 12), (["-list"], None)):
         _, out, _ = run_main(cmd, db, capsys)
         assert "\x1b" not in out and "\x9b" not in out and "\x07" not in out
         if n:
