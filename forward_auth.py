@@ -2240,6 +2240,15 @@ def groups_of(user):
     return [group for group in (user.groups or "").split(",") if group]
 
 
+ADMIN_SUFFIX = "/admin"  # the admin page: LOGIN_URL + this, routed with the login page
+
+
+def is_admin_rule(settings, rule):
+    """Whether a user (a User or the check path's Rule) is in ADMIN_GROUP; nobody is when it is empty."""
+    groups = rule.groups if isinstance(rule.groups, str) else ""
+    return bool(settings.admin_group) and settings.admin_group in groups.split(",")
+
+
 def short_id(sid):
     """The session id as -sessions and the admin page show it, and -logout --session takes it."""
     return digest(sid)[:8]
@@ -2263,7 +2272,7 @@ class Household:
         return user
 
     def is_admin(self, user):
-        return bool(self.settings.admin_group) and self.settings.admin_group in groups_of(user)
+        return is_admin_rule(self.settings, user)
 
     def admins(self):
         return [user for user in self.store.users() if self.is_admin(user)]
@@ -2590,6 +2599,24 @@ def is_cross_site(sec_fetch_site, origin, own_origin):
     return own_origin is None or parts.scheme not in DEFAULT_PORTS or host != own_origin[1]
 
 
+def is_same_origin(sec_fetch_site, origin, own_origin):
+    """For the admin page's changes, stricter than is_cross_site: Fetch Metadata, when sent, says
+    same-origin (a sibling subdomain is same-site, not same-origin), and an Origin, when sent, is
+    exactly this scheme and host (`null` included: refused). A client that sends neither is no
+    browser another site can drive; the session-bound CSRF token decides."""
+    site = (sec_fetch_site or "").lower()
+    if site and site != "same-origin":
+        return False
+    if origin is None:
+        return True
+    try:
+        parts = urllib.parse.urlsplit(origin)
+        host = normalise_host(parts.netloc, parts.scheme)
+    except ValueError:
+        return False
+    return own_origin is not None and (parts.scheme, host) == own_origin
+
+
 def parse_cookies(header):
     """{name: [values]} for a Cookie header: a name sent twice keeps every value (a sibling
     subdomain can plant `auth_token=junk` beside the real one)."""
@@ -2759,7 +2786,11 @@ class Request:
 
     @computed_once
     def query(self):
-        return parse_form(_wsgi_text(self._environ.get("QUERY_STRING", "")))
+        return parse_form(self.query_string)
+
+    @computed_once
+    def query_string(self):
+        return _wsgi_text(self._environ.get("QUERY_STRING", ""))
 
     @property
     def user_agent(self):
@@ -2824,6 +2855,26 @@ a{color:var(--accent)}
 .secret{font:1.05rem/1.6 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;text-align:center;
 word-spacing:.3em;overflow-wrap:anywhere;user-select:all;margin:0 0 1rem}
 .note{color:var(--muted);font-size:.875rem;margin:0 0 1rem;padding:.5rem .75rem;border-left:3px solid var(--line)}
+main.wide{max-width:46rem;padding:1.5rem 1.25rem}
+nav{display:flex;flex-wrap:wrap;gap:.25rem 1.25rem;justify-content:center;margin:-.5rem 0 1.25rem}
+h2{font-size:1.05rem;margin:1.75rem 0 .6rem;padding-top:1rem;border-top:1px solid var(--line)}
+input.field,textarea{width:100%;padding:.55rem .65rem;margin:0 0 .75rem;font:inherit;border:1px solid var(--line);
+border-radius:8px;background:transparent;color:inherit}
+label.check{font-weight:400;display:flex;gap:.5rem;align-items:center}
+.row{display:block;border:1px solid var(--line);border-radius:8px;padding:.6rem .8rem;margin:0 0 .5rem;
+overflow-wrap:anywhere;color:inherit;text-decoration:none}
+a.row:hover{border-color:var(--accent)}
+.row form{margin:.4rem 0 0}
+.muted{color:var(--muted);font-size:.875rem}
+.done{margin:0 0 1rem;padding:.6rem .8rem;border-radius:8px;border:1px solid var(--accent)}
+details{margin:0 0 .75rem}summary{cursor:pointer;font-weight:600;margin:0 0 .6rem}
+button.small{width:auto;margin:0;padding:.35rem .8rem;font-size:.875rem}
+button.danger{background:var(--error);color:var(--card)}
+a.button{display:block;margin:1rem 0 0;padding:.75rem;border-radius:8px;text-align:center;font-weight:600;
+text-decoration:none;background:var(--accent);color:var(--accent-fg)}
+.center{text-align:center}
+input.link{width:100%;padding:.55rem;font:.9rem ui-monospace,Menlo,Consolas,monospace;border:1px solid var(--line);
+border-radius:8px;background:transparent;color:inherit;margin:0 0 1rem}
 @keyframes rise{from{opacity:0;transform:translateY(.5rem)}to{opacity:1;transform:none}}
 @media (prefers-reduced-motion:no-preference){main{animation:rise .3s ease-out}}
 """
@@ -2840,7 +2891,7 @@ PAGE = """<!doctype html>
 <style>{css}</style>
 </head>
 <body>
-<main>
+<main{wide}>
 {body}</main>
 </body>
 </html>
@@ -2866,6 +2917,7 @@ FORGET_DEVICE = """<form method="post">
 
 SIGNED_IN = """<h1>{app_name}</h1>
 <p class="sub">Signed in as {name}</p>
+{admin}
 <form method="post" action="{logout}">
 <input type="hidden" name="csrf" value="{csrf}">
 <button type="submit">Sign out</button>
@@ -2875,7 +2927,10 @@ SIGNED_IN = """<h1>{app_name}</h1>
 <input type="hidden" name="all" value="1">
 <button type="submit" class="quiet">Sign out everywhere</button>
 </form>
-<p class="hint">Everywhere: every browser and device signed in as {name}.</p>
+<p class="hint">Everywhere: every browser and device signed in as {user}.</p>
+"""
+
+ADMIN_LINK = """<p class="center"><a class="button" href="{admin}">Manage the household</a></p>
 """
 
 FORBIDDEN_PAGE = """<h1>Not allowed</h1>
@@ -2961,9 +3016,10 @@ def escape(text):
     )
 
 
-def render_page(title, template, **values):
-    """A whole page: `template` filled with `values` (see fragment)."""
-    return PAGE.format(title=escape(title), css=PAGE_CSS, body=fragment(template, **values)).encode("utf-8")
+def render_page(title, template, wide=False, **values):
+    """A whole page: `template` filled with `values` (see fragment); `wide` for the admin page's lists."""
+    body = fragment(template, **values)
+    return PAGE.format(title=escape(title), css=PAGE_CSS, body=body, wide=' class="wide"' if wide else "").encode()
 
 
 class Markup(str):
@@ -3126,8 +3182,9 @@ class Gate:
     kept in memory, merged into every refresh and written when it lets us.
     """
 
-    def __init__(self, store, session_key, cookie_name, session_ttl=86400, session_max=2592000):
+    def __init__(self, store, session_key, cookie_name, session_ttl=86400, session_max=2592000, history_days=None):
         self.store = store
+        self.history_days = history_days
         self.session_key = session_key
         self.cookie_name = cookie_name
         self.session_ttl = session_ttl
@@ -3140,6 +3197,7 @@ class Gate:
         self.view = View(None, {}, {}, self._revoked, {}, {})
         self._claims = {}  # SHA-256 of a Cookie header -> claims of its session cookies whose signature holds
         self._last_used = {}  # SHA-256 -> when, written in batches
+        self._seen = {}  # jti -> when its session was last allowed, written in batches (-sessions "last seen")
         self._next_flush = 0.0
         self._next_purge = None
         self._next_refresh = 0.0
@@ -3213,7 +3271,7 @@ class Gate:
         self.flush_last_used()
 
     def flush_last_used(self):
-        """Write the app tokens' last-used times collected so far (also at shutdown)."""
+        """Write the app tokens' last-used and the sessions' last-seen times collected so far (also at shutdown)."""
         batch, self._last_used = self._last_used, {}
         if batch:
             try:
@@ -3221,9 +3279,15 @@ class Gate:
             except sqlite3.Error:
                 for key, when in batch.items():
                     self._last_used.setdefault(key, when)  # try again next time
+        seen, self._seen = self._seen, {}
+        if seen:
+            try:
+                self.store.touch_sessions(seen)
+            except sqlite3.Error:  # a last-seen time is worth no retry: the next use writes it again
+                pass
 
     def _flush_if_due(self, now):
-        if self._last_used and not self._next_flush - LAST_USED_SECONDS <= now < self._next_flush:
+        if (self._last_used or self._seen) and not self._next_flush - LAST_USED_SECONDS <= now < self._next_flush:
             self._next_flush = now + LAST_USED_SECONDS
             _in_background(self.flush_last_used)
 
@@ -3239,7 +3303,7 @@ class Gate:
 
     def purge_expired(self, now):
         try:
-            self.store.purge_expired(now)
+            self.store.purge_expired(now, history_before=self.history_days and now - self.history_days * 86400)
         except sqlite3.Error as error:  # locked or closed: the next schedule tries again
             log.warning("cannot purge expired sessions yet: %s", error)
 
@@ -3338,6 +3402,7 @@ class Gate:
         if claims is None:
             return DENIED
         name = claims["sub"]
+        self._seen[claims["jti"]] = request.now
         hosts = view.rules[name].hosts
         decision = view.allowed[(name, False)] if hosts is None else self._by_host(request, view, name, hosts)
         # One comparison on the hot path: renewal is looked at only past half the idle lifetime.
@@ -3485,13 +3550,15 @@ class Cookies:
 class SignIn:
     """The login page and form: codes judged within the guessing limits, devices, the signed-in page."""
 
-    def __init__(self, settings, *, store, gate, cookies, limiter, metrics):
+    def __init__(self, settings, *, store, gate, cookies, limiter, metrics, journal):
         self.settings = settings
         self.store = store
         self.gate = gate
         self.cookies = cookies
         self.limiter = limiter
         self.metrics = metrics
+        self.journal = journal
+        self._limited_lines = Throttle()  # refused attempts: one history line per client a minute
         self._warned_plain_http = False
         self._unusable_seeds = set()  # users already logged as having a seed pyotp cannot use
 
@@ -3506,9 +3573,17 @@ class SignIn:
             return self._renew(request, claims, self.safe_next(request, next_value))
         if next_value:
             return 302, [("Location", self.safe_next(request, next_value))], b""
+        return self.signed_in_page(request, claims)
+
+    def signed_in_page(self, request, claims):
+        """Where a sign-in with nowhere to go lands: who this is, sign out, and the admin page for admins."""
         csrf, cookie = self.cookies.csrf(request)
-        name = self.settings.app_name
-        page = render_page(name, SIGNED_IN, app_name=name, name=claims["sub"], csrf=csrf, logout=self.logout_url())
+        rule = self.gate.view.rules.get(claims["sub"])
+        full_name = rule.full_name if rule and rule.full_name else claims["sub"]
+        admin = rule is not None and is_admin_rule(self.settings, rule)
+        link = fragment(ADMIN_LINK, admin=self.settings.login.url + ADMIN_SUFFIX) if admin else Markup("")
+        page = render_page(self.settings.app_name, SIGNED_IN, app_name=self.settings.app_name, name=full_name,
+                           user=claims["sub"], csrf=csrf, logout=self.logout_url(), admin=link)
         return html_page(200, page, cookie)
 
     def form(self, request, next_value, refusal=None):
@@ -3549,7 +3624,15 @@ class SignIn:
             claims = self.attempt(request, device, lambda: self._judge_code(request, form.get("otp", ""), device))
         except _Refused as refusal:
             return self.form(request, next_value, refusal)
-        return self.signed_in(request, claims, self.safe_next(request, next_value))
+        return self.signed_in(request, claims, self.landing(request, next_value))
+
+    def landing(self, request, next_value):
+        """`next` if it is usable, else the signed-in page: the login host's own / is a 404 behind a
+        shared login host (SPEC, the first week)."""
+        target = self.safe_next(request, next_value)
+        if target == "/" and next_value != "/":
+            return self.settings.login.url
+        return target
 
     def guard(self, request, form):
         """Refuse a cross-site POST (403, no form) and a bad CSRF token (_Refused 403)."""
@@ -3560,21 +3643,27 @@ class SignIn:
             self.count(Outcome.CSRF, None, request)
             raise _Refused(403, "This form expired. Please enter the code again.")
 
-    def attempt(self, request, device, judge, group=None):
+    def attempt(self, request, device, judge, group=None, event="sign-in", user=None):
         """Run `judge` within the guessing limits; the new session's claims, or _Refused.
 
         A device is limited per device; anyone else per client IP and by the global ceiling
         of anonymous clients, or (an invitation's first code, tried against one pending seed)
         by its `group`'s own limit instead: a stranger's lockout does not stop the invitee,
-        and one link from many addresses still gets five guesses a window.
+        and one link from many addresses still gets five guesses a window. Every attempt is
+        in the history as `event` (a sign-in, a fresh code, an invitation's first code) of
+        `user` where it is known.
         """
         key = f"device:{device['jti']}" if device else limiter_key(request.ip)
+        user = user or (device and device["sub"]) or None
         limits = {"device": device is not None, "group": group, "now": request.now}
         wait = self.limiter.acquire(key, owner=device and device["sub"], **limits)
         if wait:
             self.count(Outcome.LIMITED, None, request)
+            if self._limited_lines.due(key, request.now):
+                self.remember(event, Outcome.LIMITED, user, request, device)
             message = f"Too many attempts. Try again in {plural_minutes(wait)}."
             raise _Refused(429, message, [("Retry-After", str(wait))], disabled=True)
+        failed_before = self.limiter.failures(key, request.now)
         outcome, claims = Outcome.UNDECIDED, None
         try:
             outcome, claims = judge()
@@ -3584,11 +3673,27 @@ class SignIn:
         finally:
             self.limiter.release(key, outcome=outcome, **limits)
         self.count(outcome, claims and claims["sub"], request)
+        self.remember(event, outcome, claims["sub"] if claims else user, request, device, failed_before)
         if outcome is Outcome.REPLAY:
             raise _Refused(401, "That code was just used. Wait for the next one.")
         if outcome is not Outcome.SUCCESS:
             raise _Refused(401, "Wrong code. Try again.")
         return claims
+
+    def remember(self, event, outcome, user, request, device, failed_before=0):
+        """The history line of an attempt; a sign-in from a new device (no valid device cookie of that
+        user) or after failed attempts in this window is notified, as an invitation used always is."""
+        success = outcome is Outcome.SUCCESS
+        if event == "invitation-used" and not success:
+            event = "sign-in"
+        name = event + OUTCOME_EVENTS[outcome] if not (success and event == "invitation-used") else event
+        known = device is not None and device["sub"] == user
+        detail = f"after {failed_before} failed attempt{'s' if failed_before != 1 else ''}" if success and failed_before \
+            else ""
+        notify = success and (event == "invitation-used" or (event == "sign-in" and (not known or failed_before)))
+        self.journal.record(name, user, request.now, ip=str(request.ip), agent=request.user_agent,
+                            device=("known" if known else "new") if event != "fresh-code" or success else "",
+                            detail=detail, notify=notify)
 
     def _renew(self, request, claims, location):
         """A fresh session cookie for a session past half its idle lifetime: a new `jti` (the old one
@@ -3600,6 +3705,7 @@ class SignIn:
             return self._lost_renewal(request, claims, renewed, location)
         self.gate.revoke(claims["jti"], claims["exp"])
         log.info("renew user=%s ip=%s", claims["sub"], request.ip)
+        self.journal.record("renewal", claims["sub"], request.now, ip=str(request.ip), agent=request.user_agent)
         return 302, [self.cookies.session(renewed), ("Location", location)], b""
 
     def _lost_renewal(self, request, claims, renewed, location):
@@ -3736,11 +3842,12 @@ class Enrolment:
         try:
             judge = functools.partial(self._judge, request, form["otp"], token, browser, invite)
             # Tried against this one pending seed: the per-IP limit, never the anonymous ceiling.
-            claims = self.signin.attempt(request, None, judge, group="invite:" + digest(token))
+            claims = self.signin.attempt(request, None, judge, group="invite:" + digest(token),
+                                         event="invitation-used", user=invite.user)
         except _Refused as refusal:
             return self._setup(request, token, invite, refusal)
         log.info("invite result=accepted user=%s ip=%s", invite.user, request.ip)
-        return self.signin.signed_in(request, claims, "/")
+        return self.signin.signed_in(request, claims, self.settings.login.url)
 
     def _open(self, request, token, invite):
         """The button: bind the pending seed to this browser (a fresh cookie), unless a browser has it.
@@ -3756,6 +3863,8 @@ class Enrolment:
         if not self.store.open_invite(digest(token), digest(nonce), request.now):
             raise self._gone(INVITE_ELSEWHERE)  # another browser pressed it a moment ago
         log.info("invite result=opened user=%s ip=%s", invite.user, request.ip)
+        self.signin.journal.record("invitation-opened", invite.user, request.now, ip=str(request.ip),
+                                   agent=request.user_agent)
         lifetime = max(1, int(invite.expires - request.now))
         # Path: the login page only, so the apps on this host never receive it.
         path = self.settings.login.path
@@ -3800,6 +3909,476 @@ class Enrolment:
         )
         status, headers = (refusal.status, refusal.headers) if refusal else (200, [])
         return html_page(status, page, [*headers, *bound_cookie, *cookie])
+
+
+# --- Admin page -------------------------------------------------------------
+# The household's admin page, LOGIN_URL + /admin, for users in ADMIN_GROUP: every
+# task is Household's (what the command line does), behind a session whose last
+# code is at most ADMIN_FRESH_SECONDS old (the fresh code is a sign-in attempt, in
+# the same limits), changes POSTed with a session-bound CSRF token from this origin.
+
+ADMIN_NAV = """<nav><a href="{base}">People</a><a href="{base}/history">History</a><a href="{login}">Your sign-in</a></nav>
+"""
+
+ADMIN_FRESH = """<h1>Manage the household</h1>
+<p class="sub">Signed in as {name}</p>
+{message}<form method="post">
+<input type="hidden" name="csrf" value="{csrf}">
+<input type="hidden" name="action" value="fresh">
+<label for="otp">A fresh code from your authenticator app</label>
+{otp_input}
+<button type="submit"{disabled}>Continue</button>
+</form>
+<p class="hint">The admin page asks for a code at most {minutes} old. The code you signed in with works once:
+wait for the next one.</p>
+"""
+
+ADMIN_NOT_ADMIN = """<h1>Not an admin</h1>
+<p>Signed in as {name}, who is not in the group {group} that manages {app_name}.</p>
+<p class="hint"><a href="{login}">Back</a></p>
+"""
+
+ADMIN_HOME = """<h1>Manage the household</h1>
+<p class="sub">{app_name} · {name}</p>
+{nav}{message}{rows}<h2>Invite someone</h2>
+<form method="post" action="{base}">
+<input type="hidden" name="csrf" value="{csrf}">
+<input type="hidden" name="action" value="invite">
+<label for="user">User name (what they are called at sign-in)</label>
+<input class="field" id="user" name="user" required maxlength="64" pattern="[A-Za-z0-9._@\\-]{{1,64}}"
+ autocapitalize="none" autocomplete="off" spellcheck="false" placeholder="oma">
+<details><summary>Name, email, groups, apps</summary>
+<label for="full_name">Full name</label><input class="field" id="full_name" name="full_name" maxlength="100">
+<label for="email">Email</label><input class="field" id="email" name="email" type="email" maxlength="254">
+<label for="groups">Groups (comma-separated)</label><input class="field" id="groups" name="groups" maxlength="1000">
+<label for="hosts">May open (host patterns; empty: every app)</label>
+<input class="field" id="hosts" name="hosts" placeholder="jellyfin.example.com *.media.example.com">
+</details>
+<button type="submit">Create an invitation link</button>
+</form>
+"""
+
+ADMIN_USER_ROW = """<a class="row" href="{url}"><b>{name}</b> {full_name}<br><span class="muted">{status}<br>{details}</span></a>
+"""
+
+ADMIN_USER = """<h1>{name}</h1>
+<p class="sub">{full_name}</p>
+{nav}{message}<p class="muted">{state}</p>
+<h2>Who they are</h2>
+<form method="post">
+<input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="identity">
+<label for="full_name">Full name</label><input class="field" id="full_name" name="full_name" value="{full_name}" maxlength="100">
+<label for="email">Email</label><input class="field" id="email" name="email" type="email" value="{email}" maxlength="254">
+<label for="groups">Groups (comma-separated; {admin_group} may manage the household)</label>
+<input class="field" id="groups" name="groups" value="{groups}" maxlength="1000">
+<button type="submit" class="small">Save</button>
+</form>
+<h2>What they may open</h2>
+<form method="post">
+<input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="hosts">
+<label for="hosts">Host patterns (* for every app)</label>
+<input class="field" id="hosts" name="hosts" value="{hosts}" required>
+<button type="submit" class="small">Save</button>
+</form>
+<h2>Signed in</h2>
+{sessions}<form method="post">
+<input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="end-sessions">
+<button type="submit" class="small">Sign {name} out everywhere</button>
+</form>
+<h2>App tokens</h2>
+{tokens}<details><summary>New app token (for a script, a calendar or a monitor)</summary>
+<form method="post">
+<input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="token">
+<label for="label">Label</label><input class="field" id="label" name="label" required maxlength="64" placeholder="calendar">
+<label for="token_hosts">Hosts (empty: all {name} may open)</label><input class="field" id="token_hosts" name="token_hosts">
+<label for="days">Expires after days (empty: never)</label><input class="field" id="days" name="days" inputmode="numeric">
+<button type="submit" class="small">Create the token</button>
+</form></details>
+<h2>Lost phone</h2>
+<p class="muted">A new invitation link: their authenticator and every session stop working now.</p>
+<form method="post">
+<input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="reset">
+<label class="check"><input type="checkbox" name="keep_tokens" value="1"> Keep their app tokens</label>
+<button type="submit" class="small">Reset {name}</button>
+</form>
+<h2>Delete</h2>
+<form method="post">
+<input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="delete">
+<label for="confirm">Type {name} to delete them, their sessions and tokens</label>
+<input class="field" id="confirm" name="confirm" required autocapitalize="none" autocomplete="off" spellcheck="false">
+<button type="submit" class="small danger">Delete {name}</button>
+</form>
+<p class="hint"><a href="{history}">History of {name}</a></p>
+"""
+
+ADMIN_SESSION_ROW = """<div class="row">{login} · last seen {seen}{this}<br><span class="muted">{ip} · {agent}</span>
+<form method="post"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="end-session">
+<input type="hidden" name="session" value="{session}"><button type="submit" class="small">End this session</button></form></div>
+"""
+
+ADMIN_TOKEN_ROW = """<div class="row"><b>{label}</b> · hosts {hosts}<br><span class="muted">created {created} · expires {expires} · last used {used}</span>
+<form method="post"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="revoke-token">
+<input type="hidden" name="label" value="{label}"><button type="submit" class="small">Revoke</button></form></div>
+"""
+
+ADMIN_HISTORY = """<h1>History</h1>
+<p class="sub">{what}</p>
+{nav}{rows}<p class="hint">Kept {days} days. Newest first{limit}.</p>
+"""
+
+ADMIN_HISTORY_ROW = """<div class="row"><b>{time}</b> {user} · {event}{detail}<br><span class="muted">{by}{ip} · {device}{agent}</span></div>
+"""
+
+ADMIN_INVITATION = """<h1>Invitation for {name}</h1>
+{nav}<p>Send this link to {name} directly (a message to them, not a group). It works once, on the first
+browser that opens it, and expires {expires}.</p>
+<input class="link" readonly value="{link}" aria-label="Invitation link">
+<div class="qr">{qr}</div>
+<p class="hint">Shown only now: this page does not come back. A new link voids this one.</p>
+<a class="button" href="{user_url}">Done</a>
+"""
+
+ADMIN_TOKEN = """<h1>App token for {name}</h1>
+{nav}<p>Label {label}, hosts {hosts}, expires {expires}. Put it where the script or app reads it
+(as a password with the user name {name}, or as a Bearer token).</p>
+<p class="secret">{token}</p>
+<p class="hint">Shown only now: this page does not come back.</p>
+<a class="button" href="{user_url}">Done</a>
+"""
+
+ADMIN_GONE = """<h1>Already shown</h1>
+{nav}<p>A new link or token is shown once. Make a new one if it was not copied.</p>
+"""
+
+# ?done= values a change redirects with: a fixed text each, never the value echoed.
+ADMIN_DONE = {
+    "identity": "Saved: the apps see it within a second.",
+    "hosts": "Saved: takes effect within a second.",
+    "end-sessions": "Every session ended.",
+    "end-session": "That session ended.",
+    "revoke-token": "Token revoked.",
+    "delete": "Deleted.",
+    "fresh": "",
+}
+
+
+class Admin:
+    """GET and POST under LOGIN_URL + /admin (and /login/admin where a proxy strips a prefix): who may
+    (an admin, else 403; no session: the login page and back), how fresh (a code typed at most
+    ADMIN_FRESH_SECONDS ago, else the code form), then a page or a change. A new invitation link or
+    app token is kept in memory, for this session only, until its one page shows it."""
+
+    def __init__(self, settings, *, store, gate, cookies, signin, household):
+        self.settings = settings
+        self.store = store
+        self.gate = gate
+        self.cookies = cookies
+        self.signin = signin
+        self.household = household
+        self.url = settings.login.url + ADMIN_SUFFIX  # what links and redirects use
+        self.prefixes = tuple(dict.fromkeys((settings.login.path + ADMIN_SUFFIX, "/login" + ADMIN_SUFFIX)))
+        self._csrf_key = derive_key(cookies.session_key, "admin-csrf")
+        self._shown = {}  # id -> (session id, expires, template, values): shown once
+        self._shown_lock = threading.Lock()
+        self.pages = {
+            ("GET", ""): self.home,
+            ("POST", ""): self.invite,
+            ("GET", "/user"): self.user_page,
+            ("POST", "/user"): self.change,
+            ("GET", "/history"): self.history,
+            ("GET", "/shown"): self.shown,
+        }
+
+    def owns(self, path):
+        return any(path == prefix or path.startswith(prefix + "/") for prefix in self.prefixes)
+
+    # -- Who may, and how fresh --
+
+    def handle(self, request):
+        prefix = next(p for p in self.prefixes if request.path == p or request.path.startswith(p + "/"))
+        page = request.path[len(prefix):].rstrip("/")
+        method = "GET" if request.method == "HEAD" else request.method
+        claims = self.gate.session(request)
+        if claims is None:
+            return self._to_login(request, method)
+        rule = self.gate.view.rules.get(claims["sub"])
+        if rule is None or not is_admin_rule(self.settings, rule):
+            return self._not_admin(claims)
+        handler = self.pages.get((method, page))
+        if handler is None:
+            allowed = sorted(m for m, p in self.pages if p == page)
+            if not allowed:
+                raise HTTPError(404, b"Not found\n")
+            raise HTTPError(405, b"Method not allowed\n", [("Allow", ", ".join(allowed + ["HEAD"] * ("GET" in allowed)))])
+        form = {}
+        if method == "POST":
+            form = self._checked_form(request, claims)
+            if form.get("action") == "fresh":
+                return self._fresh_code(request, claims, form)
+        if not self._fresh(request, claims):
+            return self._code_form(request, claims, None if method == "GET" else _Refused(
+                403, "Not done: type a fresh code first, then do it again."))
+        actor = Actor(claims["sub"], str(request.ip), request.user_agent)
+        return handler(request, claims, actor, form) if method == "POST" else handler(request, claims)
+
+    def _to_login(self, request, method):
+        """No session: sign in and come back (the admin page's own path; a POST's form is not kept)."""
+        target = self._public_path(request.path) + (
+            "?" + request.query_string if method == "GET" and request.query_string else "")
+        location = self.settings.login.url + "?" + urllib.parse.urlencode({"next": target}, quote_via=urllib.parse.quote)
+        return (303 if method == "POST" else 302), [("Location", location)], b""
+
+    def _not_admin(self, claims):
+        page = render_page(f"Not an admin · {self.settings.app_name}", ADMIN_NOT_ADMIN, name=claims["sub"],
+                           group=self.settings.admin_group or "(none: ADMIN_GROUP is empty)",
+                           app_name=self.settings.app_name, login=self.settings.login.url)
+        return html_page(403, page)
+
+    def _checked_form(self, request, claims):
+        """A change's form, from this origin and with this session's CSRF token; else 403."""
+        if not is_same_origin(request.sec_fetch_site, request.origin_header, request.origin):
+            self.signin.count(Outcome.CROSS_SITE, claims["sub"], request)
+            raise HTTPError(403, b"Cross-site request refused\n")
+        form = request.form
+        given = form.get("csrf", "").encode("utf-8")
+        if not hmac.compare_digest(self._csrf(claims).encode(), given):
+            self.signin.count(Outcome.CSRF, claims["sub"], request)
+            raise HTTPError(403, b"This form expired: open the admin page again\n")
+        return form
+
+    def _csrf(self, claims):
+        """Bound to the session (not to a cookie a sibling subdomain could plant), so it ends with it."""
+        return _b64encode(hmac.new(self._csrf_key, session_id(claims).encode(), hashlib.sha256).digest())
+
+    def _fresh(self, request, claims):
+        last = max(login_time(claims), self.store.last_code_time(session_id(claims)))
+        return 0 <= request.now - last <= self.settings.admin_fresh
+
+    def _code_form(self, request, claims, refusal=None):
+        message, disabled = (refusal.message, refusal.disabled) if refusal else ("", False)
+        page = render_page(
+            f"Fresh code · {self.settings.app_name}", ADMIN_FRESH, name=claims["sub"], csrf=self._csrf(claims),
+            message=message_markup(message), otp_input=otp_input(autofocus=True, disabled=disabled),
+            disabled=Markup(" disabled" if disabled else ""), minutes=plural_minutes(self.settings.admin_fresh),
+        )
+        status, headers = (refusal.status, refusal.headers) if refusal else (200, [])
+        return html_page(status, page, headers)
+
+    def _fresh_code(self, request, claims, form):
+        """A fresh code: tried against this admin's own seed only, within the login form's limits (their
+        device's own, else the client IP's and the anonymous ceiling): never a second guessing oracle."""
+        name = claims["sub"]
+        device = self.cookies.device(request, self.gate)
+        device = device if device is not None and device["sub"] == name else None  # another user's device
+        code = form.get("otp", "")
+
+        def judge():
+            users = [user for user in self.store.active_users() if user.name == name]
+            found = match_code(code, self.signin._usable(users), request.now)
+            if found is None:
+                return Outcome.FAILURE, None
+            if not self.store.accept_fresh_code(name, found[1], session_record(claims, request), request.now):
+                return Outcome.REPLAY, None  # RFC 6238 §5.2: the code just used to sign in, too
+            return Outcome.SUCCESS, claims
+
+        try:
+            self.signin.attempt(request, device, judge, event="fresh-code", user=name)
+        except _Refused as refusal:
+            return self._code_form(request, claims, refusal)
+        target = self._public_path(request.path) + ("?" + request.query_string if request.query_string else "")
+        return 303, [("Location", (self.settings.login.base or "") + target)], b""
+
+    def _public_path(self, path):
+        """An admin path as the browser addresses it (LOGIN_URL's path, whatever prefix a proxy stripped)."""
+        prefix = next(p for p in self.prefixes if path == p or path.startswith(p + "/"))
+        return self.settings.login.path + ADMIN_SUFFIX + path[len(prefix):]
+
+    # -- Pages --
+
+    def _render(self, title, template, status=200, **values):
+        page = render_page(f"{title} · {self.settings.app_name}", template, wide=True,
+                           nav=fragment(ADMIN_NAV, base=self.url, login=self.settings.login.url), **values)
+        return html_page(status, page)
+
+    def _message(self, request, error=None):
+        if error is not None:
+            return message_markup(str(error))
+        text = ADMIN_DONE.get(request.query.get("done", ""), "")
+        return fragment('<p class="done" role="status">{text}</p>\n', text=text) if text else Markup("")
+
+    def home(self, request, claims, error=None, status=200):
+        invites = self.store.invites()
+        rows = [fragment(ADMIN_USER_ROW, url=self._user_url(user.name), name=user.name,
+                         full_name=user.full_name, status=self._status(user, invites.get(user.name), request.now),
+                         details=self._details(user))
+                for user in self.store.users()]
+        return self._render("Household", ADMIN_HOME, status, app_name=self.settings.app_name, name=claims["sub"],
+                            message=self._message(request, error), rows=Markup("".join(rows)) or Markup(
+                                '<p class="muted">Nobody yet.</p>\n'), base=self.url, csrf=self._csrf(claims))
+
+    def user_page(self, request, claims, error=None, status=200, name=None):
+        name = request.query.get("name", "") if name is None else name
+        user = self.store.user(name) if USER_NAME.fullmatch(name) else None
+        if user is None:
+            raise HTTPError(404, b"No such user\n")
+        csrf = self._csrf(claims)
+        own = session_id(claims)
+        sessions = [fragment(ADMIN_SESSION_ROW, login=format_time(s.created), seen=format_time(s.seen or s.created),
+                             this=" · this browser" if s.sid == own else "", ip=s.ip, agent=s.agent or "-",
+                             csrf=csrf, session=short_id(s.sid))
+                    for s in self.store.live_sessions(name, request.now)]
+        tokens = [fragment(ADMIN_TOKEN_ROW, label=t.label, hosts=t.hosts, created=format_time(t.created),
+                           expires=format_time(t.expires) if t.expires else "never", used=format_time(t.last_used),
+                           csrf=csrf)
+                  for t in self.store.app_tokens(name)]
+        return self._render(
+            name, ADMIN_USER, status, name=name, full_name=user.full_name, email=user.email, groups=user.groups,
+            hosts=user.hosts, admin_group=self.settings.admin_group or "(ADMIN_GROUP is empty)",
+            state=self._status(user, self.store.invites().get(name), request.now),
+            message=self._message(request, error), csrf=csrf,
+            sessions=Markup("".join(sessions)) or Markup('<p class="muted">No live session.</p>\n'),
+            tokens=Markup("".join(tokens)) or Markup('<p class="muted">No app token.</p>\n'),
+            history=self.url + "/history?" + urllib.parse.urlencode({"name": name}),
+        )
+
+    def history(self, request, claims):
+        name = request.query.get("name") or None
+        if name is not None and not USER_NAME.fullmatch(name):
+            raise HTTPError(404, b"No such user\n")
+        days = self.settings.history_days
+        entries = self.store.history(name, request.now - days * 86400, HISTORY_PAGE_ROWS + 1)
+        rows = [fragment(ADMIN_HISTORY_ROW, time=format_time(e.at), user=e.user or "nobody", event=EVENTS.get(
+                    e.event, (e.event,))[0], detail=f" ({e.detail})" if e.detail else "",
+                    by="" if e.actor is None else f"by {e.actor or 'the command line'} · ", ip=e.ip or "-",
+                    device=f"{e.device} device" if e.device else "-", agent=f" · {e.agent}" if e.agent else "")
+                for e in entries[:HISTORY_PAGE_ROWS]]
+        return self._render("History", ADMIN_HISTORY, what=f"of {name}" if name else "everyone",
+                            rows=Markup("".join(rows)) or Markup('<p class="muted">Nothing yet.</p>\n'), days=days,
+                            limit=f", the last {HISTORY_PAGE_ROWS} (-history shows all)" if len(entries) >
+                            HISTORY_PAGE_ROWS else "")
+
+    def shown(self, request, claims):
+        """A new link or token, once: the entry is gone after this page (a reload says so)."""
+        with self._shown_lock:
+            entry = self._shown.get(request.query.get("id", ""))
+            if entry is not None and entry[0] == session_id(claims) and entry[1] > request.now:
+                del self._shown[request.query["id"]]
+            else:
+                entry = None
+        if entry is None:
+            return self._render("Already shown", ADMIN_GONE, 410)
+        _, _, title, template, values = entry
+        return self._render(title, template, **values)
+
+    def _keep_to_show(self, claims, now, title, template, **values):
+        key = secrets.token_urlsafe(16)
+        with self._shown_lock:
+            for old in [k for k, entry in self._shown.items() if entry[1] <= now]:
+                del self._shown[old]
+            if len(self._shown) >= 100:
+                self._shown.pop(next(iter(self._shown)))
+            self._shown[key] = (session_id(claims), now + SHOWN_ONCE_SECONDS, title, template, values)
+        return 303, [("Location", f"{self.url}/shown?id={key}")], b""
+
+    @staticmethod
+    def _status(user, invite, now):
+        if user.seed:
+            return f"last sign-in {format_time(user.last_login)}"
+        if invite is None or not invite_readable(invite) or invite.expires <= now:
+            return "invitation expired: reset them for a new link"
+        opened = f", opened {format_time(invite.opened)}" if invite.opened else ""
+        return f"invited{opened}; the link expires {format_time(invite.expires)}"
+
+    @staticmethod
+    def _details(user):
+        parts = [f"groups {user.groups}" if user.groups else "", f"may open {user.hosts}"]
+        return " · ".join(part for part in parts if part)
+
+    def _user_url(self, name, done=None):
+        query = {"name": name, **({"done": done} if done else {})}
+        return self.url + "/user?" + urllib.parse.urlencode(query)
+
+    # -- Changes: each one of Household's tasks --
+
+    def invite(self, request, claims, actor, form):
+        if form.get("action") != "invite":
+            raise HTTPError(400, b"Unknown action\n")
+        return self._invite(request, claims, actor, form.get("user", "").strip(), self.home, {
+            "hosts": form.get("hosts", "").strip() or None, "full_name": form.get("full_name", "").strip() or None,
+            "email": form.get("email", "").strip() or None, "groups": form.get("groups", "").strip() or None})
+
+    def _invite(self, request, claims, actor, name, page, fields):
+        try:
+            invitation = self.household.invite(name, actor, **fields)
+        except (UsageError, CommandError) as error:
+            return page(request, claims, error=error, status=400 if isinstance(error, UsageError) else 409)
+        self.gate.refresh(request.now, force=True)
+        base = self.settings.login.base or "{}://{}".format(*request.origin)
+        link = f"{base}{self.settings.login.path}?invite={invitation.token}"
+        return self._keep_to_show(
+            claims, request.now, f"Invitation for {name}", ADMIN_INVITATION, name=name, link=link,
+            qr=Markup(qr_svg(link)), expires=human_time(invitation.expires, request.now),
+            user_url=self._user_url(name))
+
+    def change(self, request, claims, actor, form):
+        """A change to the user the address names (?name=); a form naming another user is refused."""
+        name = request.query.get("name", "")
+        if "user" in form and form["user"] != name:
+            raise HTTPError(400, b"The form names another user than the address\n")
+        action = form.get("action", "")
+        try:
+            if action == "reset":
+                return self._invite(request, claims, actor, name, self._user_page_again(name),
+                                    {"keep_tokens": form.get("keep_tokens") == "1"})
+            if action == "token":
+                return self._token(request, claims, actor, name, form)
+            done = self._apply(action, name, actor, form)
+        except (UsageError, CommandError) as error:
+            status = 400 if isinstance(error, UsageError) else 409
+            return self._user_page_again(name)(request, claims, error=error, status=status)
+        self.gate.refresh(request.now, force=True)
+        if action == "delete":
+            return 303, [("Location", f"{self.url}?done=delete")], b""
+        return 303, [("Location", self._user_url(name, done))], b""
+
+    def _user_page_again(self, name):
+        """The user's page (or, for a user that is gone, the list) with an error message."""
+        def page(request, claims, error=None, status=200):
+            if self.store.user(name) is None:
+                return self.home(request, claims, error=error, status=status)
+            return self.user_page(request, claims, error=error, status=status, name=name)
+        return page
+
+    def _apply(self, action, name, actor, form):
+        household = self.household
+        if action == "identity":
+            household.set_identity(name, actor, form.get("full_name", "").strip(), form.get("email", "").strip(),
+                                   form.get("groups", "").replace(" ", ""))
+        elif action == "hosts":
+            household.set_hosts(name, form.get("hosts", ""), actor)
+        elif action == "end-sessions":
+            household.end_sessions(name, actor)
+        elif action == "end-session":
+            household.end_session(name, form.get("session", ""), actor)
+        elif action == "revoke-token":
+            household.revoke_token(name, form.get("label", ""), actor)
+        elif action == "delete":
+            if form.get("confirm", "").strip() != name:
+                raise UsageError(f"Not deleted: type {name} exactly to delete them")
+            household.delete(name, actor)
+        else:
+            raise UsageError("Unknown action")
+        return action
+
+    def _token(self, request, claims, actor, name, form):
+        new = self.household.create_token(name, form.get("label", "").strip(), actor,
+                                          hosts=form.get("token_hosts", "").strip() or None,
+                                          days=form.get("days", "").strip() or None)
+        self.gate.refresh(request.now, force=True)
+        return self._keep_to_show(
+            claims, request.now, f"App token for {name}", ADMIN_TOKEN, name=name, label=new.label,
+            hosts=_hosts_text(new.hosts), expires=format_time(new.expires) if new.expires else "never",
+            token=new.token, user_url=self._user_url(name))
 
 
 # --- App --------------------------------------------------------------------
@@ -3879,13 +4458,20 @@ class App:
             settings.max_login_attempts, settings.rate_limit_window, settings.global_max_failures, clock=clock
         )
         self.metrics = Metrics()
-        self.gate = Gate(store, key, settings.cookie_name, settings.session_ttl, settings.session_max)
+        self.gate = Gate(store, key, settings.cookie_name, settings.session_ttl, settings.session_max,
+                         settings.history_days)
         self.gate.refresh(clock(), force=True)
         self.cookies = Cookies(settings, key)
+        self.notifier = Notifier(settings.notify_url)
+        self.journal = Journal(store, self.notifier, settings.app_name)
         self.signin = SignIn(
-            settings, store=store, gate=self.gate, cookies=self.cookies, limiter=self.limiter, metrics=self.metrics
+            settings, store=store, gate=self.gate, cookies=self.cookies, limiter=self.limiter, metrics=self.metrics,
+            journal=self.journal,
         )
         self.enrolment = Enrolment(settings, store=store, cookies=self.cookies, signin=self.signin)
+        self.household = Household(settings, store, self.journal, clock)
+        self.admin = Admin(settings, store=store, gate=self.gate, cookies=self.cookies, signin=self.signin,
+                           household=self.household)
         self.basic_auth_hosts = HostList(settings.basic_auth_hosts)
         self.forbidden_log = Throttle()
         self.bad_token_log = Throttle()
@@ -3938,6 +4524,8 @@ class App:
         handler = self.routes.get(("*", path)) or self.routes.get(("GET" if method == "HEAD" else method, path))
         if handler is not None:
             return handler
+        if self.admin.owns(path):  # every address under it: the Admin answers who may first
+            return self.admin.handle
         allowed = sorted({m for m, p in self.routes if p == path})
         if not allowed:
             raise HTTPError(404, b"Not found\n")
@@ -4130,6 +4718,8 @@ class App:
                 log.warning("sign out everywhere failed, this session is ended: %s", error)
         self.gate.refresh(request.now, force=True)
         log.info("logout user=%s everywhere=%s ip=%s", claims["sub"], "yes" if everywhere else "no", request.ip)
+        self.journal.record("sign-out-everywhere" if everywhere else "sign-out", claims["sub"], request.now,
+                            ip=str(request.ip), agent=request.user_agent)
 
     # -- Health, metrics --
 

@@ -2146,7 +2146,7 @@ def test_a_logged_in_visitor_is_not_sent_off_site(app, logged_in, value):
 
 def test_login_refuses_an_off_site_next(app, alice, clock):
     r = login(app, code_at(alice, clock()), next_value="https://evil.com/")
-    assert (r.status, r.header("Location")) == (302, "/")
+    assert (r.status, r.header("Location")) == (302, "/login")  # 4.0: the signed-in page, not the login host's /
 
 
 def test_login_returns_to_a_cookie_domain_host(store, alice, clock):
@@ -2341,7 +2341,7 @@ def test_a_right_first_code_activates_the_seed_and_signs_in_once(app, store, clo
     token, seed = invite(store)
     page, _, browser = press_button(app, token)
     r = post_invite(app, token, page, otp=code_at(seed, clock()), browser=browser)
-    assert (r.status, r.header("Location")) == (302, "/")
+    assert (r.status, r.header("Location")) == (302, "/login")  # 4.0: the signed-in page
     cookie = session_cookie(app, r)
     assert r.cookie_value(app.cookies.device_name)
     assert check(app, cookie).header("Remote-User") == "carol"
@@ -6135,3 +6135,614 @@ def test_rekey_carries_a_damaged_value_over_and_names_its_user(db_path, tmp_path
     assert {u.name: u.seed for u in store.active_users()}["bob"] is None and bob not in out
     assert seed_of(store, "alice")  # everyone else is sealed under the new key
     store.close()
+
+
+# --- 4.0: the household's admin page ----------------------------------------
+# SPEC 4.0 "The household's admin page" and the landing page and CLI lines of "the
+# household's first week". An admin is a user in ADMIN_GROUP (admins).
+
+ADMIN = "/login/admin"
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+SAME_ORIGIN = {**FORM, "Origin": "http://auth.example.com", "Sec-Fetch-Site": "same-origin"}
+
+
+def make_admin(store, name="alice", now=NOW - 3600):
+    seed = add_user(store, name, now)
+    store.set_identity(name, groups=("family", "admins"))
+    return seed
+
+
+def signed_in_as(app, seed, clock, next_value=""):
+    """Cookie header (session and device) of a fresh sign-in with `seed`'s code now."""
+    app.refresh(clock(), force=True)
+    response = login(app, code_at(seed, clock()), next_value)
+    assert response.status == 302, response.text
+    return f"{session_cookie(app, response)}; {device_of(app, response)}"
+
+
+def admin_get(app, cookie, path=ADMIN, query="", headers=None):
+    return call(app, "GET", path, query=query, headers={"Cookie": cookie, **(headers or {})})
+
+
+def admin_post(app, cookie, fields, path=ADMIN, query="", csrf=None, headers=None):
+    """POST a change as the admin page's own form does (its CSRF token, same origin)."""
+    if csrf is None:
+        csrf = csrf_token_of(admin_get(app, cookie).text)
+    body = urllib.parse.urlencode({"csrf": csrf, **fields}).encode()
+    return call(app, "POST", path, query=query, headers={**SAME_ORIGIN, "Cookie": cookie, **(headers or {})},
+                body=body)
+
+
+@pytest.fixture
+def admin(store, app, clock):
+    """(seed, cookie) of alice, an admin, signed in a moment ago."""
+    seed = make_admin(store)
+    return seed, signed_in_as(app, seed, clock)
+
+
+def test_an_admin_signed_in_a_moment_ago_sees_the_household(app, store, admin):
+    add_user(store, "bob")
+    page = admin_get(app, admin[1])
+    assert page.status == 200 and "Manage the household" in page.text and "bob" in page.text
+    assert page.header("Content-Security-Policy") == fa.PAGE_CSP and page.header("Cache-Control") == "no-store"
+    assert page.header("X-Frame-Options") == "DENY" and "<script" not in page.text
+
+
+def test_a_visitor_without_a_session_goes_to_sign_in_and_comes_back(app):
+    for path, query in ((ADMIN, ""), (ADMIN + "/user", "name=bob"), (ADMIN + "/history", "")):
+        answer = call(app, "GET", path, query=query)
+        assert answer.status == 302
+        target = urllib.parse.parse_qs(urllib.parse.urlsplit(answer.header("Location")).query)["next"][0]
+        assert target == path + ("?" + query if query else "")
+
+
+def test_a_user_who_is_not_an_admin_gets_403_at_every_admin_address(app, store, clock):
+    make_admin(store, "alice")
+    bob = add_user(store, "bob")
+    cookie = signed_in_as(app, bob, clock)
+    paths = (ADMIN, ADMIN + "/", ADMIN + "/user", ADMIN + "/history", ADMIN + "/shown", ADMIN + "/nothing",
+             ADMIN + "//user", ADMIN + "/user/", ADMIN + "/../admin")
+    for path in paths:
+        for method in ("GET", "POST", "HEAD", "DELETE"):
+            body = urllib.parse.urlencode({"action": "delete", "confirm": "alice", "csrf": "x"}).encode()
+            answer = call(app, method, path, query="name=alice", headers={**SAME_ORIGIN, "Cookie": cookie},
+                          body=body if method == "POST" else b"")
+            assert answer.status == 403, (method, path, answer.status)
+    assert store.user("alice") is not None
+
+
+def test_an_empty_admin_group_means_no_admin_page(store, clock):
+    app = fa.make_app(settings(admin_group=""), store=store, clock=clock)
+    seed = make_admin(store)
+    assert admin_get(app, signed_in_as(app, seed, clock)).status == 403
+
+
+def test_the_admin_page_is_routed_under_the_login_path_and_leaves_an_apps_admin_alone(store, clock):
+    app = fa.make_app(settings(login_url="/sso/login"), store=store, clock=clock)
+    seed = make_admin(store)
+    cookie = signed_in_as(app, seed, clock)
+    assert admin_get(app, cookie, "/sso/login/admin").status == 200
+    assert admin_get(app, cookie, "/admin").status == 404  # an app's own /admin is the app's
+    page = admin_get(app, cookie, "/sso/login/admin")
+    assert 'href="/sso/login/admin/history"' in page.text
+
+
+def test_a_stale_session_is_asked_for_a_fresh_code_and_changes_nothing(app, store, admin, clock):
+    add_user(store, "bob")
+    csrf = csrf_token_of(admin_get(app, admin[1]).text)
+    clock.advance(601)
+    page = admin_get(app, admin[1])
+    assert page.status == 200 and "fresh code" in page.text and "bob" not in page.text
+    answer = admin_post(app, admin[1], {"action": "delete", "confirm": "bob"}, ADMIN + "/user", "name=bob", csrf)
+    assert answer.status == 403 and store.user("bob") is not None and "Not done" in answer.text
+
+
+def test_the_code_just_used_to_sign_in_is_refused_as_the_fresh_code(app, store, admin, clock):
+    """The admin's older session (stale) on the laptop; the code that signed the phone in a moment
+    ago is typed again into the laptop's fresh-code form: the replay rule refuses it, and says why."""
+    seed, laptop = admin
+    clock.advance(700)
+    code = code_at(seed, clock())
+    assert login(app, code).status == 302  # the phone
+    answer = admin_post(app, laptop, {"action": "fresh", "otp": code})
+    assert answer.status == 401 and "That code was just used. Wait for the next one." in answer.text
+    assert "Invite someone" not in admin_get(app, laptop).text
+    assert [e.event for e in store.history("alice")][0] == "fresh-code-replayed"
+    clock.advance(30)
+    assert admin_post(app, laptop, {"action": "fresh", "otp": code_at(seed, clock())}).status == 303
+
+
+def test_a_fresh_code_opens_the_admin_page_again(app, store, admin, clock):
+    seed, cookie = admin
+    clock.advance(700)
+    answer = admin_post(app, cookie, {"action": "fresh", "otp": code_at(seed, clock())})
+    assert answer.status == 303 and answer.header("Location") == ADMIN
+    assert "Manage the household" in admin_get(app, cookie).text
+    clock.advance(599)
+    assert "Invite someone" in admin_get(app, cookie).text
+    clock.advance(2)
+    assert "Invite someone" not in admin_get(app, cookie).text
+
+
+def test_fresh_codes_count_toward_the_devices_limit_of_the_login_form(app, store, admin, clock):
+    seed, cookie = admin
+    clock.advance(700)
+    wrong = wrong_code_for(seed, now=clock())
+    for _ in range(5):
+        assert admin_post(app, cookie, {"action": "fresh", "otp": wrong}).status == 401
+    limited = admin_post(app, cookie, {"action": "fresh", "otp": code_at(seed, clock())})
+    assert limited.status == 429 and limited.header("Retry-After")
+    # ... and the login form on this device is locked with it: one budget.
+    device = cookie.split("; ")[1]
+    page = call(app, "GET", "/login", headers={"Cookie": device})
+    csrf_cookie, token = csrf_for(app, page)
+    body = urllib.parse.urlencode({"otp": code_at(seed, clock()), "csrf": token}).encode()
+    assert call(app, "POST", "/login", headers={**FORM, "Cookie": f"{csrf_cookie}; {device}"}, body=body).status == 429
+
+
+def test_fresh_codes_without_a_device_count_toward_the_ip_and_the_global_ceiling(app, store, admin, clock):
+    seed, cookie = admin
+    session_only = cookie.split("; ")[0]
+    clock.advance(700)
+    wrong = wrong_code_for(seed, now=clock())
+    for _ in range(5):
+        admin_post(app, session_only, {"action": "fresh", "otp": wrong})
+    assert admin_post(app, session_only, {"action": "fresh", "otp": code_at(seed, clock())}).status == 429
+    assert login(app, code_at(seed, clock())).status == 429  # the same IP's budget
+
+
+def test_fresh_codes_are_tried_against_the_admins_own_seed_only(app, store, admin, clock):
+    seed, cookie = admin
+    bob = add_user(store, "bob")
+    clock.advance(700)
+    answer = admin_post(app, cookie, {"action": "fresh", "otp": code_at(bob, clock())})
+    assert answer.status == 401
+    assert "Invite someone" not in admin_get(app, cookie).text
+
+
+def test_parallel_fresh_code_forms_get_no_more_guesses_than_the_limit(app, store, admin, clock):
+    seed, cookie = admin
+    clock.advance(700)
+    csrf = csrf_token_of(admin_get(app, cookie).text)
+    wrong = wrong_code_for(seed, now=clock())
+    statuses = parallel(lambda _: admin_post(app, cookie, {"action": "fresh", "otp": wrong}, csrf=csrf).status,
+                        range(40))
+    assert statuses.count(401) <= 5 and statuses.count(429) >= 35
+
+
+def test_a_change_needs_the_sessions_csrf_token(app, store, admin):
+    add_user(store, "bob")
+    for csrf in ("", "x" * 43, csrf_token_of(call(app, "GET", "/login").text)):
+        answer = admin_post(app, admin[1], {"action": "delete", "confirm": "bob"}, ADMIN + "/user", "name=bob", csrf)
+        assert answer.status == 403
+    assert store.user("bob") is not None
+
+
+def test_a_cross_site_or_cross_origin_change_is_refused(app, store, admin):
+    add_user(store, "bob")
+    csrf = csrf_token_of(admin_get(app, admin[1]).text)
+    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": "https://evil.example.net", "Sec-Fetch-Site": ""},
+                    {"Origin": "http://app1.example.com"}, {"Origin": "null"}, {"Origin": "https://auth.example.com"}):
+        answer = admin_post(app, admin[1], {"action": "delete", "confirm": "bob"}, ADMIN + "/user", "name=bob", csrf,
+                            headers=headers)
+        assert answer.status == 403, headers
+    assert store.user("bob") is not None
+
+
+def test_a_form_naming_one_user_in_the_address_and_another_in_the_body_is_refused(app, store, admin):
+    add_user(store, "bob")
+    add_user(store, "carol")
+    answer = admin_post(app, admin[1], {"action": "delete", "confirm": "bob", "user": "carol"},
+                        ADMIN + "/user", "name=bob")
+    assert answer.status == 400 and store.user("bob") and store.user("carol")
+    answer = admin_post(app, admin[1], {"action": "delete", "confirm": "carol"}, ADMIN + "/user", "name=bob")
+    assert answer.status == 400 and store.user("bob") and store.user("carol")
+
+
+def test_deleting_asks_for_the_name_typed(app, store, admin):
+    add_user(store, "bob")
+    answer = admin_post(app, admin[1], {"action": "delete", "confirm": "bo"}, ADMIN + "/user", "name=bob")
+    assert answer.status == 400 and "type bob exactly" in answer.text and store.user("bob")
+    answer = admin_post(app, admin[1], {"action": "delete", "confirm": "bob"}, ADMIN + "/user", "name=bob")
+    assert answer.status == 303 and store.user("bob") is None
+
+
+def test_the_last_admin_can_neither_leave_the_group_nor_be_deleted(app, store, admin, clock):
+    answer = admin_post(app, admin[1], {"action": "identity", "groups": "family"}, ADMIN + "/user", "name=alice")
+    assert answer.status == 409 and "last admin" in answer.text and "admins" in store.user("alice").groups
+    answer = admin_post(app, admin[1], {"action": "delete", "confirm": "alice"}, ADMIN + "/user", "name=alice")
+    assert answer.status == 409 and store.user("alice") is not None
+    # With a second admin (enrolled), alice may leave the group.
+    make_admin(store, "bob")
+    app.refresh(clock(), force=True)
+    answer = admin_post(app, admin[1], {"action": "identity", "groups": "family"}, ADMIN + "/user", "name=alice")
+    assert answer.status == 303 and "admins" not in store.user("alice").groups
+
+
+def test_an_admin_invites_a_person_and_sees_the_link_once(app, store, admin, clock):
+    answer = admin_post(app, admin[1], {"action": "invite", "user": "oma", "full_name": "Oma Gertrud Müller",
+                                        "groups": "family", "hosts": "photos.example.com, *.media.example.com"})
+    assert answer.status == 303 and answer.header("Location").startswith(ADMIN + "/shown?id=")
+    shown = urllib.parse.urlsplit(answer.header("Location"))
+    page = admin_get(app, admin[1], shown.path, shown.query)
+    assert page.status == 200 and "<svg" in page.text
+    link = re.search(r'value="(http://auth\.example\.com/login\?invite=[^"]+)"', page.text).group(1)
+    assert "Secret" not in page.text and "otpauth" not in page.text
+    again = admin_get(app, admin[1], shown.path, shown.query)
+    assert again.status == 410 and "invite=" not in again.text
+    oma = store.user("oma")
+    assert (oma.seed, oma.full_name, oma.groups, oma.hosts) == ("", "Oma Gertrud Müller", "family",
+                                                                 "photos.example.com *.media.example.com")
+    # The link enrols her in another browser, and her first screen names her.
+    token = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["invite"][0]
+    start = call(app, "GET", "/login", query="invite=" + token)
+    assert start.status == 200
+    assert "invite=" not in "".join(e.detail for e in store.history())
+
+
+def test_an_admin_resets_a_lost_phone(app, store, admin, clock):
+    bob = add_user(store, "bob")
+    bob_cookie = signed_in_as(app, bob, clock).split("; ")[0]
+    new_app_token(store, "bob", "calendar")
+    answer = admin_post(app, admin[1], {"action": "reset"}, ADMIN + "/user", "name=bob")
+    assert answer.status == 303 and "/shown?id=" in answer.header("Location")
+    app.refresh(clock(), force=True)
+    assert check(app, bob_cookie).status == 401 and store.app_tokens("bob") == []
+    assert store.user("bob").seed == ""
+
+
+def test_an_admin_cannot_reset_or_delete_themselves_here(app, store, admin):
+    for fields in ({"action": "reset"}, {"action": "delete", "confirm": "alice"}):
+        answer = admin_post(app, admin[1], fields, ADMIN + "/user", "name=alice")
+        assert answer.status == 409 and "yourself" in answer.text
+    assert store.user("alice").seed
+
+
+def test_an_admin_sets_hosts_and_identity(app, store, admin, clock):
+    bob = add_user(store, "bob")
+    bob_cookie = signed_in_as(app, bob, clock).split("; ")[0]
+    answer = admin_post(app, admin[1], {"action": "hosts", "hosts": "wiki.example.com"}, ADMIN + "/user", "name=bob")
+    assert answer.status == 303 and answer.header("Location") == ADMIN + "/user?name=bob&done=hosts"
+    assert check(app, bob_cookie, "https://wiki.example.com/").status == 200
+    assert check(app, bob_cookie, "https://photos.example.com/").status == 403
+    answer = admin_post(app, admin[1], {"action": "hosts", "hosts": "bad pattern!"}, ADMIN + "/user", "name=bob")
+    assert answer.status == 400 and store.user("bob").hosts == "wiki.example.com"
+    answer = admin_post(app, admin[1], {"action": "identity", "full_name": "Bob B", "email": "bob@example.com",
+                                        "groups": "family"}, ADMIN + "/user", "name=bob")
+    assert answer.status == 303
+    allowed = check(app, bob_cookie, "https://wiki.example.com/")
+    assert (allowed.header("Remote-Name"), allowed.header("Remote-Email")) == ("Bob B", "bob@example.com")
+
+
+def test_an_admin_ends_one_session_or_all(app, store, admin, clock):
+    bob = add_user(store, "bob")
+    first = signed_in_as(app, bob, clock).split("; ")[0]
+    clock.advance(30)
+    second = signed_in_as(app, bob, clock).split("; ")[0]
+    page = admin_get(app, admin[1], ADMIN + "/user", "name=bob")
+    ids = re.findall(r'name="session" value="([0-9a-f]{8})"', page.text)
+    assert len(ids) == 2
+    answer = admin_post(app, admin[1], {"action": "end-session", "session": ids[1]}, ADMIN + "/user", "name=bob")
+    assert answer.status == 303
+    assert check(app, first).status == 401 and check(app, second).status == 200
+    answer = admin_post(app, admin[1], {"action": "end-sessions"}, ADMIN + "/user", "name=bob")
+    assert answer.status == 303 and check(app, second).status == 401
+
+
+def test_an_app_token_is_shown_once_and_revoked(app, store, admin, clock):
+    add_user(store, "bob")
+    answer = admin_post(app, admin[1], {"action": "token", "label": "calendar", "days": "30"}, ADMIN + "/user",
+                        "name=bob")
+    shown = urllib.parse.urlsplit(answer.header("Location"))
+    page = admin_get(app, admin[1], shown.path, shown.query)
+    token = re.search(r"fat_[A-Za-z0-9_-]{43}", page.text).group(0)
+    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 200
+    assert admin_get(app, admin[1], shown.path, shown.query).status == 410
+    assert token not in admin_get(app, admin[1], ADMIN + "/user", "name=bob").text
+    answer = admin_post(app, admin[1], {"action": "revoke-token", "label": "calendar"}, ADMIN + "/user", "name=bob")
+    assert answer.status == 303
+    assert check(app, headers={"Authorization": f"Bearer {token}"}).status == 401
+    assert token not in "".join(e.detail for e in store.history())
+
+
+def test_a_shown_once_page_belongs_to_the_session_that_made_it(app, store, admin, clock):
+    answer = admin_post(app, admin[1], {"action": "invite", "user": "oma"})
+    shown = urllib.parse.urlsplit(answer.header("Location"))
+    other_admin = make_admin(store, "carol")
+    cookie = signed_in_as(app, other_admin, clock)
+    assert admin_get(app, cookie, shown.path, shown.query).status == 410
+    assert admin_get(app, admin[1], shown.path, shown.query).status == 200
+
+
+def test_the_history_page_lists_sign_ins_and_admin_actions(app, store, admin):
+    add_user(store, "bob")
+    admin_post(app, admin[1], {"action": "hosts", "hosts": "wiki.example.com"}, ADMIN + "/user", "name=bob")
+    page = admin_get(app, admin[1], ADMIN + "/history")
+    assert page.status == 200 and "hosts changed" in page.text and "by alice" in page.text
+    assert "signed in" in page.text and "new device" in page.text
+
+
+# --- 4.0: history -----------------------------------------------------------
+
+
+def test_every_attempt_renewal_sign_out_and_invitation_is_in_the_history(app, store, clock):
+    seed = add_user(store, "alice")
+    app.refresh(clock(), force=True)
+    wrong = wrong_code_for(seed, now=clock())
+    assert login(app, wrong).status == 401
+    ok = login(app, code_at(seed, clock()), headers={"User-Agent": "Firefox/140"})
+    cookie = session_cookie(app, ok)
+    clock.advance(50_000)
+    renewed = call(app, "GET", "/login", query="renew=1&next=%2F", headers={"Cookie": cookie})
+    assert renewed.status == 302
+    cookie = session_cookie(app, renewed)
+    csrf_cookie, token = csrf_for(app, call(app, "GET", "/login", headers={"Cookie": cookie}))
+    call(app, "POST", "/logout", headers={**FORM, "Cookie": f"{cookie}; {csrf_cookie}"},
+         body=urllib.parse.urlencode({"csrf": token, "all": "1"}).encode())
+    events = [(e.event, e.user) for e in reversed(store.history())]
+    assert events == [("sign-in-failed", None), ("sign-in", "alice"), ("renewal", "alice"),
+                      ("sign-out-everywhere", "alice")]
+    signin = store.history("alice")[-1]
+    assert (signin.ip, signin.agent, signin.device, signin.detail) == ("127.0.0.1", "Firefox/140", "new",
+                                                                       "after 1 failed attempt")
+
+
+def test_the_history_never_holds_a_code_seed_token_or_link(app, store, admin, clock, db_path):
+    seed, cookie = admin
+    code = code_at(seed, clock())
+    answer = admin_post(app, cookie, {"action": "invite", "user": "oma"})
+    shown = urllib.parse.urlsplit(answer.header("Location"))
+    link = re.search(r'value="([^"]+invite=[^"]+)"', admin_get(app, cookie, shown.path, shown.query).text).group(1)
+    token = link.rsplit("=", 1)[1]
+    rows = store._query("SELECT * FROM history")
+    text = repr(rows)
+    for secret in (code, seed, token, link):
+        assert secret not in text
+
+
+def test_the_history_is_pruned_after_history_days(store, clock):
+    app = fa.make_app(settings(history_days=1), store=store, clock=clock)
+    seed = add_user(store, "alice")
+    login(app, code_at(seed, clock()))
+    assert store.history("alice")
+    clock.advance(86400 + 10)
+    app.gate.purge_expired(clock())
+    assert store.history("alice") == []
+
+
+def test_history_prints_newest_first_with_control_characters_escaped(tmp_path, capsys):
+    db = str(tmp_path / "auth.db")
+    run_main(["-generate", "alice"], db, capsys)
+    s = fa.Store(db)
+    s.record(fa.HistoryEntry(time.time() - 10, "sign-in", "alice", None, "1.2.3.4", "UA\x1b[2J\tx", "new", ""))
+    s.record(fa.HistoryEntry(time.time() - 5, "sign-out", "alice", None, "1.2.3.4", "UA", "", ""))
+    s.record(fa.HistoryEntry(time.time() - 86400 * 3, "sign-in", "alice", None, "1.2.3.4", "old", "known", ""))
+    s.close()
+    code, out, _ = run_main(["-history", "alice", "--days", "2"], db, capsys)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("time\tevent") and len(lines) == 3
+    assert "\tsign-out\t" in lines[1] and "\tsign-in\t" in lines[2] and "\x1b" not in out and "UA\\x1b" in out
+    assert run_main(["-history", "--days", "x"], db, capsys)[0] == 2
+
+
+# --- 4.0: notices -----------------------------------------------------------
+
+
+class Receiver:
+    """An ntfy-like receiver on loopback: keeps every POST (title, body); `delay` makes it slow."""
+
+    def __init__(self, delay=0.0, status=200):
+        import http.server
+
+        received, outer = [], self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(length).decode()
+                time.sleep(outer.delay)  # the receiver is slow: what a login must never wait for
+                received.append((self.headers.get("Title"), body))
+                self.send_response(outer.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.delay, self.status, self.received = delay, status, received
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/household"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count, deadline=10.0):
+        end = time.monotonic() + deadline
+        while len(self.received) < count and time.monotonic() < end:
+            time.sleep(0.02)
+        return self.received
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.stop()
+
+
+def test_a_sign_in_from_a_new_device_is_notified_and_a_known_device_is_not(store, clock, receiver):
+    app = fa.make_app(settings(notify_url=receiver.url), store=store, clock=clock)
+    seed = add_user(store, "oma")
+    app.refresh(clock(), force=True)
+    first = login(app, code_at(seed, clock()), headers={"User-Agent": "Firefox/140"})
+    (title, body), = receiver.wait_for(1)
+    assert title == "Forward Auth: oma signed in from a new device"
+    assert "oma" in body and "127.0.0.1" in body and "Firefox/140" in body and len(body.splitlines()) == 2
+    assert code_at(seed, clock()) not in body + title
+    clock.advance(120)
+    again = login(app, code_at(seed, clock()), extra_cookie=device_of(app, first))
+    assert again.status == 302
+    assert app.notifier.drain(5) and len(receiver.received) == 1
+
+
+def test_a_sign_in_after_failures_is_notified(store, clock, receiver):
+    app = fa.make_app(settings(notify_url=receiver.url), store=store, clock=clock)
+    seed = add_user(store, "oma")
+    app.refresh(clock(), force=True)
+    first = login(app, code_at(seed, clock()))
+    receiver.wait_for(1)
+    clock.advance(120)
+    device = device_of(app, first)
+    login(app, wrong_code_for(seed, now=clock()), extra_cookie=device)
+    assert login(app, code_at(seed, clock()), extra_cookie=device).status == 302
+    received = receiver.wait_for(2)
+    assert received[1][0] == "Forward Auth: oma signed in" and "after 1 failed attempt" in received[1][1]
+
+
+def test_admin_actions_are_notified_once_per_user_and_event_a_minute(store, clock, receiver):
+    app = fa.make_app(settings(notify_url=receiver.url), store=store, clock=clock)
+    seed = make_admin(store)
+    cookie = signed_in_as(app, seed, clock)
+    add_user(store, "bob")
+    receiver.wait_for(1)
+    for hosts in ("a.example.com", "b.example.com"):
+        admin_post(app, cookie, {"action": "hosts", "hosts": hosts}, ADMIN + "/user", "name=bob")
+    received = receiver.wait_for(2)
+    app.notifier.drain(5)
+    assert len(receiver.received) == 2
+    assert received[1][0] == "Forward Auth: bob hosts changed" and "by alice" in received[1][1]
+
+
+def test_a_slow_or_down_receiver_never_slows_a_sign_in(store, clock, caplog):
+    slow = Receiver(delay=3)
+    try:
+        app = fa.make_app(settings(notify_url=slow.url), store=store, clock=clock)
+        seed = add_user(store, "oma")
+        app.refresh(clock(), force=True)
+        started = time.monotonic()
+        assert login(app, code_at(seed, clock())).status == 302
+        assert time.monotonic() - started < 1.5
+    finally:
+        slow.stop()
+    down = fa.make_app(settings(notify_url="http://127.0.0.1:9/x"), store=store, clock=clock)
+    bob = add_user(store, "bob")
+    down.refresh(clock(), force=True)
+    started = time.monotonic()
+    assert login(down, code_at(bob, clock())).status == 302
+    assert time.monotonic() - started < 1.5
+    assert down.notifier.drain(10)
+    assert any("notice could not be sent" in r.getMessage() and "127.0.0.1:9" not in r.getMessage()
+               for r in caplog.records)
+
+
+def test_the_cli_notifies_a_reset(tmp_path, capsys, receiver):
+    db = str(tmp_path / "auth.db")
+    run_main(["-generate", "oma"], db, capsys)
+    code = fa.main(["-invite", "oma"], environ={"DB_PATH": db, "NOTIFY_URL": receiver.url})
+    out = capsys.readouterr().out
+    assert code == 0
+    (title, body), = receiver.received
+    assert title == "Forward Auth: oma reset for a lost phone (a new invitation)" and "command line" in body
+    token = re.search(r"invite=(\S+)", out).group(1)
+    assert token not in body + title
+
+
+def test_a_notify_url_must_be_http_or_an_apprise_url(monkeypatch):
+    assert fa.as_notify_url("https://ntfy.sh/x") == "https://ntfy.sh/x"
+    for bad in ("ftp:/x", "not a url", "https://", "http://host/a b"):
+        with pytest.raises(ValueError):
+            fa.as_notify_url(bad)
+    with pytest.raises(fa.ConfigError) as error:
+        fa.Settings.from_env({"NOTIFY_URL": "https://"})
+    assert "NOTIFY_URL" in str(error.value)
+    assert "<secret>" in repr(fa.Settings(notify_url="https://ntfy.sh/token123")) and "token123" not in repr(
+        fa.Settings(notify_url="https://ntfy.sh/token123"))
+
+
+# --- 4.0: the first week's landing page and household commands --------------
+
+
+def test_a_sign_in_with_no_usable_next_lands_on_the_signed_in_page(app, store, clock):
+    seed = make_admin(store, "oma")
+    store.set_identity("oma", full_name="Oma Gertrud Müller")
+    app.refresh(clock(), force=True)
+    for next_value in ("", "//evil.example.net/", "https://evil.example.net/"):
+        answer = login(app, code_at(seed, clock()), next_value)
+        assert answer.status == 302 and answer.header("Location") == "/login", next_value
+        clock.advance(30)
+    page = call(app, "GET", "/login", headers={"Cookie": session_cookie(app, answer)})
+    assert "Signed in as Oma Gertrud Müller" in page.text and 'href="/login/admin"' in page.text
+    assert login(app, code_at(seed, clock()), "/").header("Location") == "/"
+
+
+def test_the_signed_in_page_links_the_admin_page_for_admins_only(app, store, clock):
+    bob = add_user(store, "bob")
+    cookie = signed_in_as(app, bob, clock)
+    assert "/login/admin" not in call(app, "GET", "/login", headers={"Cookie": cookie}).text
+
+
+def test_an_invitation_finished_lands_on_the_signed_in_page(store, clock):
+    app = fa.make_app(settings(login_url="https://auth.example.com/login", cookie_domain=".example.com"),
+                      store=store, clock=clock)
+    household = app.household
+    invitation = household.invite("oma", fa.COMMAND_LINE, full_name="Oma")
+    token = invitation.token
+    page = call(app, "GET", "/login", query="invite=" + token)
+    cookie, csrf = csrf_for(app, page)
+    opened = call(app, "POST", "/login", headers={**FORM, "Cookie": cookie},
+                  body=urllib.parse.urlencode({"invite": token, "csrf": csrf}).encode())
+    bound = opened.cookie_value(app.enrolment.cookie_name)
+    seed = re.search(r"secret=([A-Z2-7]+)", opened.text).group(1)
+    done = call(app, "POST", "/login", headers={**FORM, "Cookie": f"{cookie}; {app.enrolment.cookie_name}={bound}"},
+                body=urllib.parse.urlencode({"invite": token, "csrf": csrf, "otp": code_at(seed, clock())}).encode())
+    assert done.status == 302 and done.header("Location") == "https://auth.example.com/login"
+    assert [e.event for e in store.history("oma")][:2] == ["invitation-used", "invitation-opened"]
+
+
+def test_invite_takes_hosts_name_email_and_groups_in_one_command(tmp_path, capsys):
+    db = str(tmp_path / "auth.db")
+    code, out, _ = run_main(["-invite", "oma", "--hosts", "photos.example.com,*.media.example.com", "--name",
+                             "Oma Gertrud", "--email", "oma@example.com", "--groups", "family"], db, capsys)
+    assert code == 0
+    s = fa.Store(db)
+    user = s.user("oma")
+    s.close()
+    assert (user.hosts, user.full_name, user.email, user.groups) == (
+        "photos.example.com *.media.example.com", "Oma Gertrud", "oma@example.com", "family")
+    for bad in (["--hosts", "bad pattern!"], ["--email", "nope"], ["--groups", "a b"]):
+        code, _, err = run_main(["-invite", "opa", *bad], db, capsys)
+        assert code == 2 and err.count("\n") == 1
+    s = fa.Store(db)
+    assert s.user("opa") is None
+    s.close()
+
+
+def test_logout_session_ends_one_session(tmp_path, capsys):
+    db = str(tmp_path / "auth.db")
+    run_main(["-generate", "alice"], db, capsys)
+    s = fa.Store(db)
+    now = int(time.time())
+    for jti in ("one", "two"):
+        s.accept_login("alice", 10**9 + len(jti) + (jti == "two"),
+                       fa.SessionRecord(jti, "alice", now, now + 999, "1.2.3.4", "UA", jti))
+    s.close()
+    _, out, _ = run_main(["-sessions", "alice"], db, capsys)
+    ids = [line.split("\t")[0] for line in out.splitlines()[1:]]
+    assert len(ids) == 2 and all(re.fullmatch(r"[0-9a-f]{8}", i) for i in ids)
+    code, out, _ = run_main(["-logout", "alice", "--session", ids[0]], db, capsys)
+    assert code == 0 and ids[0] in out
+    _, out, _ = run_main(["-sessions", "alice"], db, capsys)
+    assert [line.split("\t")[0] for line in out.splitlines()[1:]] == ids[1:]
+    assert run_main(["-logout", "alice", "--session", "deadbeef"], db, capsys)[0] == 1
+
+
+def test_sessions_show_when_they_were_last_seen(app, store, clock, alice):
+    cookie = signed_in_as(app, alice, clock).split("; ")[0]
+    clock.advance(3600)
+    assert check(app, cookie).status == 200
+    app.gate.flush_last_used()
+    (session,) = store.live_sessions("alice", clock())
+    assert session.seen == int(clock()) and session.created == int(clock() - 3600)
