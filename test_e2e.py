@@ -348,7 +348,7 @@ class TraefikProxy:
 {middleware}
   routers:
     app-login:
-      rule: "Host(`{APP}`) && (Path(`/login`) || Path(`/logout`))"
+      rule: "Host(`{APP}`) && (Path(`/login`) || PathPrefix(`/login/`) || Path(`/logout`))"
       service: forward-auth
       priority: 100
     app:
@@ -849,7 +849,9 @@ def test_a_new_person_enrols_by_link_and_a_reset_ends_the_old_phone(proxy, brows
     context = browser.new_context()
     page = context.new_page()
     secret = enrol_in_browser(page, service, link)
-    page.wait_for_url(proxy.url(APP, "/"))
+    page.wait_for_url(proxy.url(APP, "/login"))  # 4.0: the signed-in page, which names the person
+    assert "Signed in as carol" in page.text_content(".sub")
+    page.goto(proxy.url(APP, "/"))
     assert json.loads(page.text_content("#seen"))["remote_user"] == ["carol"]
     page.goto(link)  # the same link a second time
     assert "This link no longer works" in page.text_content("h1")
@@ -873,7 +875,8 @@ def test_enrolment_by_link_through_nginx(proxy, browser):
     context = browser.new_context()
     page = context.new_page()
     enrol_in_browser(page, service, invite_url(proxy, service, "dave"))
-    page.wait_for_url(proxy.url(APP, "/"))
+    page.wait_for_url(proxy.url(APP, "/login"))
+    page.goto(proxy.url(APP, "/"))
     assert json.loads(page.text_content("#seen"))["remote_user"] == ["dave"]
     context.close()
 
@@ -948,7 +951,7 @@ def test_enrolment_screenshots(proxy, browser, scheme):
     page = context.new_page()
     os.makedirs(SCREENSHOTS, exist_ok=True)
     enrol_in_browser(page, service, invite_url(proxy, service, f"erin-{scheme}"), shots=f"invite-390x844-{scheme}")
-    page.wait_for_url(proxy.url(APP, "/"))
+    page.wait_for_url(proxy.url(APP, "/login"))
     context.close()
 
 
@@ -2225,3 +2228,189 @@ def test_no_odd_request_reaches_the_app_unchecked(guarded, hyper, attempt):
         assert not hyper.unchecked(since, paths=paths, trusted=promised(proxy)), (proxy.kind, label, attempt,
                                                                                   hyper.seen[since:])
         assert all(seen["http_version"] != "2" for seen in hyper.seen[since:]), (proxy.kind, label, attempt)
+
+
+# --- 4.0: the household runs it from a phone: the admin page in Chromium ----------
+# Through real Caddy (and nginx, for the same-host login) on the shipped configs, and
+# through the shared-login variant: every household task on the admin page, as an admin
+# in one browser while the family's browsers feel each change.
+
+
+def make_admin_of(service, name="alice"):
+    service.store.set_identity(name, groups=("family", "admins"))
+    service.app.refresh(service.clock(), force=True)
+
+
+def form_of(page, action):
+    """The admin page's form that does `action` (each has its hidden action field)."""
+    return page.locator(f"form:has(input[name=action][value='{action}'])")
+
+
+def admin_screenshots(browser, url, sign_in, name):
+    """The admin page on a phone and a desktop, light and dark, into SCREENSHOTS (docs/ keeps a copy)."""
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    for width, height in ((390, 844), (1280, 800)):
+        for scheme in ("light", "dark"):
+            context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=scheme)
+            page = context.new_page()
+            sign_in(page)
+            page.goto(url)
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), (width, scheme)
+            page.screenshot(path=os.path.join(SCREENSHOTS, f"{name}-{width}x{height}-{scheme}.png"), full_page=True,
+                            animations="disabled")
+            context.close()
+
+
+def household_on_the_admin_page(proxy, browser, service, login_host, app_host, shots=None):
+    """The whole household flow; `login_host` serves /login (and its admin page), `app_host` an app."""
+    make_admin_of(service)
+    admin_url = proxy.url(login_host, "/login/admin")
+    problems = []
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    # (410 and 400 answers are the flow's own: a page shown once, a name typed wrong.)
+    page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") and not m.text.startswith(
+        "Failed to load resource: the server responded with a status of 4") else None)
+    # No session: the login page, and back to the admin page, which the sign-in just made fresh.
+    page.goto(admin_url)
+    assert urllib.parse.urlsplit(page.url).path == "/login" and "next=" in page.url
+    page.fill("#otp", service.code())
+    page.click("button[type=submit]")
+    page.wait_for_url(admin_url)
+    assert page.text_content("h1") == "Manage the household" and page.locator("text=bob").count() >= 1
+    # Invite oma with her name and one app; the link and its QR code are shown once.
+    page.fill("#user", "oma")
+    page.click("summary")
+    page.fill("#full_name", "Oma Gertrud Müller")
+    page.fill("#hosts", f"{app_host}")
+    page.click("text=Create an invitation link")
+    assert page.text_content("h1") == "Invitation for oma" and page.locator(".qr svg").count() == 1
+    link = page.input_value("input.link")
+    shown_at = page.url
+    assert link.startswith(f"http://{login_host}:{proxy.port}/login?invite=") and "Secret" not in page.content()
+    if shots:
+        page.screenshot(path=os.path.join(SCREENSHOTS, f"{shots}-invitation-390x844-light.png"), full_page=True,
+                        animations="disabled")
+    page.goto(shown_at)
+    assert page.text_content("h1") == "Already shown" and link not in page.content()
+    # The link, in a second browser: oma enrols, lands on her signed-in page, opens the app.
+    oma_context = browser.new_context()
+    oma = oma_context.new_page()
+    enrol_in_browser(oma, service, link)
+    oma.wait_for_url(proxy.url(login_host, "/login"))
+    assert "Signed in as Oma Gertrud Müller" in oma.text_content(".sub")
+    assert oma.locator("text=Manage the household").count() == 0  # not an admin
+    oma.goto(proxy.url(app_host, "/photos"))
+    assert json.loads(oma.text_content("#seen"))["remote_name"] == ["Oma Gertrud Müller"]
+    oma.goto(admin_url)
+    assert oma.text_content("h1") == "Not an admin"
+    # Identity and hosts of bob, from the list.
+    page.goto(admin_url)
+    page.click("a.row:has-text('bob')")
+    form_of(page, "identity").locator("#email").fill("bob@example.test")
+    form_of(page, "identity").locator("button").click()
+    assert "Saved" in page.text_content(".done") and page.input_value("#email") == "bob@example.test"
+    form_of(page, "hosts").locator("#hosts").fill("nothing.example.test")
+    form_of(page, "hosts").locator("button").click()
+    assert page.input_value("#hosts") == "nothing.example.test"
+    # oma's page: her session is listed; ending it signs her browser out.
+    page.goto(admin_url + "/user?name=oma")
+    assert page.locator("form:has(input[value='end-session'])").count() == 1
+    page.click("text=End this session")
+    assert "That session ended" in page.text_content(".done")
+    oma.goto(proxy.url(app_host, "/after-end"))
+    assert urllib.parse.urlsplit(oma.url).path == "/login"
+    # An app token for oma's calendar: shown once, and it opens the app.
+    page.click("text=New app token")
+    form_of(page, "token").locator("#label").fill("calendar")
+    form_of(page, "token").locator("button").click()
+    token = page.text_content(".secret").strip()
+    assert re.fullmatch(r"fat_[A-Za-z0-9_-]{43}", token)
+    assert proxy.request("GET", app_host, "/cal", headers={"Authorization": f"Bearer {token}"}).status == 200
+    page.reload()
+    assert page.text_content("h1") == "Already shown"
+    # Lost phone: a reset gives a new link, and the token went with the phone.
+    page.goto(admin_url + "/user?name=oma")
+    page.click("text=Reset oma")
+    assert page.text_content("h1") == "Invitation for oma" and page.input_value("input.link") != link
+    assert _eventually(lambda: proxy.request("GET", app_host, "/cal", headers={
+        "Authorization": f"Bearer {token}"}).status == 401)
+    # Delete bob: the name must be typed.
+    page.goto(admin_url + "/user?name=bob")
+    form_of(page, "delete").locator("#confirm").fill("bo")
+    form_of(page, "delete").locator("button").click()
+    assert "type bob exactly" in page.text_content("[role=alert]")
+    form_of(page, "delete").locator("#confirm").fill("bob")
+    form_of(page, "delete").locator("button").click()
+    assert "Deleted" in page.text_content(".done") and page.locator("a.row:has-text('bob')").count() == 0
+    # The history says who did what.
+    page.goto(admin_url + "/history")
+    history = page.text_content("main")
+    for what in ("deleted", "reset for a lost phone", "app token created", "one session ended",
+                 "set up their authenticator", "invited"):
+        assert what in history, what
+    assert token not in page.content() and link not in page.content()
+    # Ten minutes later the page asks for a fresh code; the one from the sign-in would be refused.
+    service.clock.advance(601)
+    page.goto(admin_url)
+    assert page.locator("#otp").count() == 1 and page.locator("a.row").count() == 0
+    page.fill("#otp", service.code())
+    page.click("button[type=submit]")
+    page.wait_for_url(admin_url)
+    assert page.locator("a.row").count() >= 2
+    assert page.evaluate("document.querySelectorAll('script').length") == 0
+    assert problems == []
+    oma_context.close()
+    context.close()
+    if shots:
+        def sign_in(browser_page):
+            browser_page.goto(admin_url)
+            browser_page.fill("#otp", service.code())
+            browser_page.click("button[type=submit]")
+            browser_page.wait_for_url(admin_url)
+        admin_screenshots(browser, admin_url, sign_in, shots)
+        admin_screenshots(browser, admin_url + "/user?name=oma", sign_in, shots + "-user")
+
+
+def _eventually(predicate, deadline=10.0):
+    """Poll `predicate` until it holds or the deadline passes (a change takes effect within a second)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def fresh_household(tmp, upstream, request):
+    """A proxy with forward-auth services of its own (the flow changes their users): caddy or nginx."""
+    single = ForwardAuth(tmp)
+    try:
+        running = start_proxy(request.param, tmp, single, upstream, name=f"household-{request.param}-{free_port()}")
+    except BaseException:
+        single.stop()
+        raise
+    yield running
+    running.stop()
+    single.stop()
+
+
+@pytest.mark.parametrize("fresh_household", ["caddy", "nginx"], indirect=True)
+def test_the_household_runs_it_from_the_admin_page_in_chromium(fresh_household, browser):
+    proxy = fresh_household
+    shots = "admin" if proxy.kind == "caddy" else None
+    household_on_the_admin_page(proxy, browser, proxy.single, APP, APP, shots)
+
+
+@pytest.mark.parametrize("fresh_household", ["caddy"], indirect=True)
+def test_the_household_runs_it_from_the_shared_login_hosts_admin_page_in_chromium(fresh_household, browser):
+    proxy = fresh_household
+    household_on_the_admin_page(proxy, browser, proxy.shared, AUTH, APP1)
+
+
+@pytest.mark.parametrize("proxy", ["caddy", "nginx"], indirect=True)
+def test_an_apps_own_admin_path_still_reaches_the_app(proxy):
+    login = signed_in_through(proxy, APP, "/admin")
+    reply = proxy.request("GET", APP, "/admin", headers={"Cookie": login.cookie("auth_token")})
+    assert reply.status == 200 and reply.seen["path"] == "/admin"
