@@ -6746,3 +6746,17 @@ def test_sessions_show_when_they_were_last_seen(app, store, clock, alice):
     app.gate.flush_last_used()
     (session,) = store.live_sessions("alice", clock())
     assert session.seen == int(clock()) and session.created == int(clock() - 3600)
+
+
+def test_an_apprise_url_is_sent_through_apprise(store, clock, receiver):
+    """NOTIFY_URL=json://… (apprise, in the test dependencies): the same notice, as apprise's JSON."""
+    pytest.importorskip("apprise")
+    url = receiver.url.replace("http://", "json://")
+    app = fa.make_app(fa.Settings(secure_cookies=False, db_path=":unused:", notify_url=fa.as_notify_url(url)),
+                      store=store, clock=clock)
+    seed = add_user(store, "oma")
+    app.refresh(clock(), force=True)
+    assert login(app, code_at(seed, clock())).status == 302
+    (_, body), = receiver.wait_for(1)
+    sent = json.loads(body)
+    assert sent["title"] == "Forward Auth: oma signed in from a new device" and "127.0.0.1" in sent["message"]
