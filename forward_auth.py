@@ -2277,15 +2277,21 @@ class Household:
     def admins(self):
         return [user for user in self.store.users() if self.is_admin(user)]
 
-    def invite(self, name, actor, *, hosts=None, full_name=None, email=None, groups=None, keep_tokens=False):
+    def invite(self, name, actor, *, hosts=None, full_name=None, email=None, groups=None, keep_tokens=False,
+               new_only=False, reset_only=False):
         """A link for a new person (created pending) or a reset of a lost phone (their seed, sessions
-        and, unless keep_tokens, app tokens end now); hosts and identity set with it."""
+        and, unless keep_tokens, app tokens end now); hosts and identity set with it. The page asks for
+        one or the other (`new_only`, `reset_only`): inviting a name that exists must not reset them."""
         _checked_name(name)
         patterns = None if hosts is None else _pattern_list(hosts)
         if patterns == ():
             raise UsageError("--hosts: give at least one pattern (* for every host)")
         identity = _checked_identity(full_name, email, groups)
         existing = self.store.user(name)
+        if existing is not None and new_only:
+            raise CommandError(f"{name} is already here: to give them a new link, reset them on their page")
+        if existing is None and reset_only:
+            raise CommandError(f"no user named {name!r}")
         if existing is not None and actor.name:
             self._refuse_on_self(existing, actor, "reset")
             self._keep_an_admin(existing, identity["groups"])
@@ -4305,7 +4311,8 @@ class Admin:
             raise HTTPError(400, b"Unknown action\n")
         return self._invite(request, claims, actor, form.get("user", "").strip(), self.home, {
             "hosts": form.get("hosts", "").strip() or None, "full_name": form.get("full_name", "").strip() or None,
-            "email": form.get("email", "").strip() or None, "groups": form.get("groups", "").strip() or None})
+            "email": form.get("email", "").strip() or None, "groups": form.get("groups", "").strip() or None,
+            "new_only": True})
 
     def _invite(self, request, claims, actor, name, page, fields):
         try:
@@ -4329,7 +4336,7 @@ class Admin:
         try:
             if action == "reset":
                 return self._invite(request, claims, actor, name, self._user_page_again(name),
-                                    {"keep_tokens": form.get("keep_tokens") == "1"})
+                                    {"keep_tokens": form.get("keep_tokens") == "1", "reset_only": True})
             if action == "token":
                 return self._token(request, claims, actor, name, form)
             done = self._apply(action, name, actor, form)

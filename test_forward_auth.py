@@ -6760,3 +6760,13 @@ def test_an_apprise_url_is_sent_through_apprise(store, clock, receiver):
     (_, body), = receiver.wait_for(1)
     sent = json.loads(body)
     assert sent["title"] == "Forward Auth: oma signed in from a new device" and "127.0.0.1" in sent["message"]
+
+
+def test_inviting_a_name_that_exists_never_resets_them_unnoticed(app, store, admin, clock):
+    bob = add_user(store, "bob")
+    cookie = signed_in_as(app, bob, clock).split("; ")[0]
+    answer = admin_post(app, admin[1], {"action": "invite", "user": "bob"})
+    assert answer.status == 409 and "already here" in answer.text
+    assert store.user("bob").seed and check(app, cookie).status == 200
+    answer = admin_post(app, admin[1], {"action": "reset"}, ADMIN + "/user", "name=nobody")
+    assert answer.status == 409 and store.user("nobody") is None
