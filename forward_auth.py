@@ -2560,24 +2560,34 @@ def url_host(url):
 
 def safe_next(value, login_host, settings):
     """`value` re-serialised if it is a safe place to return to after login, else "/"."""
-    if not value or _has_unsafe_characters(value):
-        return "/"
+    return judge_next(value, login_host, settings)[0]
+
+
+def judge_next(value, login_host, settings):
+    """(safe_next's answer, why `value` was refused or None): the reason goes to the log, never the value."""
+    if not value:
+        return "/", None
+    if _has_unsafe_characters(value):
+        return "/", "a backslash, whitespace or control character"
     if value.startswith("/"):
         if value[1:2] in ("/", "\\"):
-            return "/"
+            return "/", "a path that starts with // or /\\ (another host)"
         parts = urllib.parse.urlsplit(value)
-        return urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment)) or "/"
+        return urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment)) or "/", None
     try:
         parts = urllib.parse.urlsplit(value)
     except ValueError:
-        return "/"
+        return "/", "not a URL"
     allowed_schemes = ("https",) if settings.secure_cookies else ("https", "http")
-    if parts.scheme not in allowed_schemes or not parts.netloc or "@" in parts.netloc:
-        return "/"
+    if parts.scheme not in allowed_schemes:
+        return "/", f"not {' or '.join(allowed_schemes)} (SECURE_COOKIES=true allows https only)"
+    if not parts.netloc or "@" in parts.netloc:
+        return "/", "no host, or user info before it"
     host = normalise_host(parts.netloc, parts.scheme)
     if host is None or not redirect_allowed(parts.scheme, host, login_host, settings):
-        return "/"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path or "/", parts.query, parts.fragment))
+        return "/", (f"the host {host or '?'} is neither the login host, inside COOKIE_DOMAIN, nor in "
+                     "ALLOWED_REDIRECT_HOSTS")
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path or "/", parts.query, parts.fragment)), None
 
 
 def wants_html(method, accept, requested_with):
@@ -3565,6 +3575,7 @@ class SignIn:
         self.metrics = metrics
         self.journal = journal
         self._limited_lines = Throttle()  # refused attempts: one history line per client a minute
+        self._refused_next_lines = Throttle()
         self._warned_plain_http = False
         self._unusable_seeds = set()  # users already logged as having a seed pyotp cannot use
 
@@ -3634,8 +3645,10 @@ class SignIn:
 
     def landing(self, request, next_value):
         """`next` if it is usable, else the signed-in page: the login host's own / is a 404 behind a
-        shared login host (SPEC, the first week)."""
-        target = self.safe_next(request, next_value)
+        shared login host (SPEC, the first week). A refused `next` is logged with why, once a minute."""
+        target, refused = judge_next(next_value, self._login_host(request), self.settings)
+        if refused and self._refused_next_lines.due(refused, request.now):
+            log.warning("a sign-in's next was refused (%s): it lands on the signed-in page", refused)
         if target == "/" and next_value != "/":
             return self.settings.login.url
         return target
@@ -4297,7 +4310,7 @@ class Admin:
 
     @staticmethod
     def _details(user):
-        parts = [f"groups {user.groups}" if user.groups else "", f"may open {user.hosts}"]
+        parts = [user.email, f"groups {user.groups}" if user.groups else "", f"may open {user.hosts}"]
         return " · ".join(part for part in parts if part)
 
     def _user_url(self, name, done=None):

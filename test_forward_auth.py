@@ -6770,3 +6770,14 @@ def test_inviting_a_name_that_exists_never_resets_them_unnoticed(app, store, adm
     assert store.user("bob").seed and check(app, cookie).status == 200
     answer = admin_post(app, admin[1], {"action": "reset"}, ADMIN + "/user", "name=nobody")
     assert answer.status == 409 and store.user("nobody") is None
+
+
+def test_a_refused_next_is_logged_once_a_minute_with_the_reason(app, store, clock, caplog):
+    seed = add_user(store, "oma")
+    app.refresh(clock(), force=True)
+    for _ in range(3):
+        assert login(app, code_at(seed, clock()), "https://evil.example.net/x").header("Location") == "/login"
+        clock.advance(30)
+    lines = [r.getMessage() for r in caplog.records if "next was refused" in r.getMessage()]
+    assert len(lines) == 2 and "evil.example.net" in lines[0] and "/x" not in lines[0]  # at 0 s and 60 s
+    assert "COOKIE_DOMAIN" in lines[0]
