@@ -181,6 +181,10 @@ class CommandError(Exception):
     """A task could not be done (no such user, a file exists, the last admin): one line, exit 1 or a page."""
 
 
+class LastAdmin(RuntimeError):
+    """A change from the admin page would leave ADMIN_GROUP without an enrolled member: not made."""
+
+
 class DatabaseInUse(RuntimeError):
     """A command that must run alone (-rekey, -restore) while a server holds the database."""
 
@@ -946,10 +950,8 @@ MIGRATIONS = {
             device TEXT NOT NULL,
             detail TEXT NOT NULL)""",
         "CREATE INDEX history_at ON history (at)",
-        # When the session was last used (written in batches, at most once a minute), and when
-        # a code was last typed in it (a sign-in, or the admin page's fresh code).
+        # When the session was last used (written in batches, at most once a minute).
         "ALTER TABLE sessions ADD COLUMN seen INTEGER",
-        "ALTER TABLE sessions ADD COLUMN fresh INTEGER",
     ),
 }
 
@@ -1243,15 +1245,25 @@ class Store:
         """Whether this database ever held a user (a first user is created only in one that never did)."""
         return bool(self._query("SELECT 1 FROM meta WHERE key = 'had_user'"))
 
-    def delete_user(self, name, now):
-        """True if the user existed; their sessions issued until `now`, tokens and invitation go too."""
+    def delete_user(self, name, now, keep_admin=None):
+        """True if the user existed; their sessions issued until `now`, tokens and invitation go too.
+        `keep_admin`: a group that must keep an enrolled member (else LastAdmin, nothing changed)."""
         with self._transaction() as conn:
             gone = conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 1
             if gone:
                 conn.execute("INSERT OR REPLACE INTO deleted VALUES (?, ?)", (name, int(now)))
                 for table in ("app_tokens", "invites", "sessions"):
                     conn.execute(f"DELETE FROM {table} WHERE user = ?", (name,))  # the table names are fixed
+            self._still_an_admin(conn, keep_admin)
             return gone
+
+    @staticmethod
+    def _still_an_admin(conn, group):
+        """In the transaction of the change, so that two admins removing each other at once cannot
+        both pass: the second one's transaction sees the first one's change."""
+        if group and conn.execute("SELECT 1 FROM users WHERE seed != '' AND instr(',' || groups_list || ',', "
+                                  "',' || ? || ',') > 0", (group,)).fetchone() is None:
+            raise LastAdmin(group)
 
     def users(self):
         """Every user, each `seed` as stored: sealed ('' for a pending user)."""
@@ -1277,10 +1289,12 @@ class Store:
         """Replace NAME's host patterns; False if there is no such user."""
         return self._write("UPDATE users SET hosts = ? WHERE name = ?", (_hosts_text(patterns), name)) == 1
 
-    def set_identity(self, name, *, full_name=None, email=None, groups=None):
+    def set_identity(self, name, *, full_name=None, email=None, groups=None, keep_admin=None):
         """Replace the given fields of NAME's identity (None: keep); False if there is no such user."""
         with self._transaction() as conn:
-            return self._set_identity(conn, name, full_name, email, groups)
+            changed = self._set_identity(conn, name, full_name, email, groups)
+            self._still_an_admin(conn, keep_admin)
+            return changed
 
     def _set_identity(self, conn, name, full_name=None, email=None, groups=None):
         changes = {"full_name": full_name, "email": email, "groups_list": None if groups is None else ",".join(groups)}
@@ -1410,25 +1424,11 @@ class Store:
             conn.executemany("UPDATE sessions SET seen = max(coalesce(seen, 0), ?) WHERE jti = ?",
                              [(int(when), jti) for jti, when in seen.items()])
 
-    def accept_fresh_code(self, name, step, session, now):
+    def accept_fresh_code(self, name, step):
         """A code typed for the admin page: refused (False) if that step or a later one was used
-        (RFC 6238 §5.2, as a sign-in), else stored as the session's last typed code."""
-        with self._transaction() as conn:
-            changed = conn.execute(
-                "UPDATE users SET last_step = ? WHERE name = ? AND last_step < ? AND seed != ''", (step, name, step)
-            ).rowcount
-            if changed == 1:
-                if not conn.execute("UPDATE sessions SET fresh = ? WHERE sid = ? OR (sid IS NULL AND jti = ?)",
-                                    (int(now), session.sid, session.sid)).rowcount:
-                    self._record_session(conn, session)  # a session without a record (pruned): it gets one
-                    conn.execute("UPDATE sessions SET fresh = ? WHERE jti = ?", (int(now), session.jti))
-            return changed == 1
-
-    def last_code_time(self, sid):
-        """When a code was last typed in the session `sid` (its sign-in or a fresh code), or 0."""
-        rows = self._query("SELECT max(created, coalesce(fresh, 0)) FROM sessions WHERE sid = ? OR "
-                           "(sid IS NULL AND jti = ?)", (sid, sid))
-        return max((row[0] for row in rows if type(row[0]) is int), default=0)
+        (RFC 6238 §5.2, as a sign-in: the code just used to sign in, too)."""
+        return self._write("UPDATE users SET last_step = ? WHERE name = ? AND last_step < ? AND seed != ''",
+                           (step, name, step)) == 1
 
     # -- History --
 
@@ -1476,7 +1476,8 @@ class Store:
 
     # -- Invitations --
 
-    def create_invite(self, name, digest, seed, now, expires, keep_tokens=False, hosts=None, identity=None):
+    def create_invite(self, name, digest, seed, now, expires, keep_tokens=False, hosts=None, identity=None,
+                      keep_admin=None):
         """A pending seed for NAME; a new NAME is created pending, an existing one is reset. `hosts`
         (patterns) and `identity` (set_identity's fields) are set in the same transaction.
 
@@ -1503,6 +1504,7 @@ class Store:
                 "INSERT OR REPLACE INTO invites (user, hash, seed, expires) VALUES (?, ?, ?, ?)",
                 (name, digest, self.key.seal(seed, f"invites:seed:{name}"), int(expires)),
             )
+            self._still_an_admin(conn, keep_admin)
             return new
 
     def invite(self, digest, now):
@@ -2042,6 +2044,14 @@ EVENTS = {
 }
 OUTCOME_EVENTS = {Outcome.SUCCESS: "", Outcome.FAILURE: "-failed", Outcome.REPLAY: "-replayed",
                   Outcome.LIMITED: "-limited"}
+
+
+def attempt_event(event, outcome):
+    """The history's name of an attempt at `event` ("sign-in", "fresh-code", an invitation's first
+    code "invitation-used", which failing is a failed sign-in) that ended in `outcome`."""
+    if event == "invitation-used":
+        return event if outcome is Outcome.SUCCESS else "sign-in" + OUTCOME_EVENTS[outcome]
+    return event + OUTCOME_EVENTS[outcome]
 # Who did something: an admin on the page (their name), the command line (''), or the
 # person themselves (None, on their own sign-in page).
 Actor = collections.namedtuple("Actor", "name ip agent")
@@ -2274,9 +2284,6 @@ class Household:
     def is_admin(self, user):
         return is_admin_rule(self.settings, user)
 
-    def admins(self):
-        return [user for user in self.store.users() if self.is_admin(user)]
-
     def invite(self, name, actor, *, hosts=None, full_name=None, email=None, groups=None, keep_tokens=False,
                new_only=False, reset_only=False):
         """A link for a new person (created pending) or a reset of a lost phone (their seed, sessions
@@ -2294,14 +2301,19 @@ class Household:
             raise CommandError(f"no user named {name!r}")
         if existing is not None and actor.name:
             self._refuse_on_self(existing, actor, "reset")
-            self._keep_an_admin(existing, identity["groups"])
         token = secrets.token_urlsafe(32)
         now = self.clock()
         expires = int(now) + self.settings.invite_ttl
-        new = self.store.create_invite(name, digest(token), new_seed(), now, expires, keep_tokens=bool(keep_tokens),
-                                       hosts=patterns, identity=identity)
-        detail = "app tokens kept" if keep_tokens and not new else ""
-        self._record("invited" if new else "reset", name, actor, now, detail)
+        with self._keeping_an_admin(actor) as keep_admin:
+            new = self.store.create_invite(name, digest(token), new_seed(), now, expires,
+                                           keep_tokens=bool(keep_tokens), hosts=patterns, identity=identity,
+                                           keep_admin=keep_admin)
+        self._record("invited" if new else "reset", name, actor, now, "app tokens kept" if keep_tokens and not new
+                     else "")
+        if patterns is not None:
+            self._record("hosts", name, actor, now, _hosts_text(patterns))
+        if any(value is not None for value in identity.values()):
+            self._record("identity", name, actor, now, self._identity_detail(existing, identity))
         return Invitation(name, token, expires, new)
 
     def set_hosts(self, name, hosts, actor):
@@ -2319,14 +2331,23 @@ class Household:
         if all(value is None for value in changes.values()):
             raise UsageError("give at least one of --name, --email, --groups")
         user = self.require_user(name)
-        if actor.name:
-            self._keep_an_admin(user, changes["groups"])
-        if not self.store.set_identity(name, **changes):
-            raise CommandError(f"no user named {name!r}")
-        fields = ", ".join(label for label, value in zip(("name", "email", "groups"), changes.values())
-                           if value is not None)
-        self._record("identity", name, actor, self.clock(), fields)
+        with self._keeping_an_admin(actor) as keep_admin:
+            if not self.store.set_identity(name, **changes, keep_admin=keep_admin):
+                raise CommandError(f"no user named {name!r}")
+        self._record("identity", name, actor, self.clock(), self._identity_detail(user, changes))
         return self.store.user(name)
+
+    def _identity_detail(self, before, changes):
+        """What an identity change did, for the history and the notice: the fields, the new groups,
+        and whether it made or unmade an admin (a promotion must not read like a typo fixed)."""
+        parts = [label for label, field in (("name", "full_name"), ("email", "email")) if changes[field] is not None]
+        if changes["groups"] is not None:
+            parts.append(f"groups {','.join(changes['groups']) or '-'}")
+            group = self.settings.admin_group
+            was = before is not None and self.is_admin(before)
+            if group and (group in changes["groups"]) != was:
+                parts.append("now an admin" if not was else "no longer an admin")
+        return ", ".join(parts)
 
     def end_sessions(self, name, actor):
         _checked_name(name)
@@ -2350,10 +2371,10 @@ class Household:
         user = self.require_user(name)
         if actor.name:
             self._refuse_on_self(user, actor, "delete")
-            self._keep_an_admin(user, ())
         now = self.clock()
-        if not self.store.delete_user(name, now):
-            raise CommandError(f"no user named {name!r}")
+        with self._keeping_an_admin(actor) as keep_admin:
+            if not self.store.delete_user(name, now, keep_admin=keep_admin):
+                raise CommandError(f"no user named {name!r}")
         self._record("deleted", name, actor, now)
 
     def create_token(self, name, label, actor, hosts=None, days=None):
@@ -2394,14 +2415,16 @@ class Household:
         if user.name == actor.name:
             raise CommandError(f"You cannot {what} yourself here: ask another admin, or use the command line")
 
-    def _keep_an_admin(self, user, new_groups):
-        """The page never takes the last admin out of ADMIN_GROUP (new_groups without it, or () for a
-        deletion; None: unchanged): nobody could come back to the page."""
-        if new_groups is None or not self.is_admin(user) or self.settings.admin_group in new_groups:
-            return
-        if not [admin for admin in self.admins() if admin.seed and admin.name != user.name]:
-            raise CommandError(f"{user.name} is the last admin ({self.settings.admin_group}): make someone else an "
-                               "admin first")
+    @contextlib.contextmanager
+    def _keeping_an_admin(self, actor):
+        """The page never leaves ADMIN_GROUP without an enrolled member (the last admin taken out of
+        it, or deleted): nobody could come back to the page. The store checks it in the change's own
+        transaction. The command line is the repair kit and may."""
+        try:
+            yield self.settings.admin_group if actor.name else None
+        except LastAdmin:
+            raise CommandError(f"that would leave no admin ({self.settings.admin_group}): make someone else an "
+                               "admin first (this is the last admin)") from None
 
     def _record(self, event, name, actor, now, detail=""):
         self.journal.record(event, name, now, actor=actor.name, ip=actor.ip, agent=actor.agent, detail=detail)
@@ -2621,7 +2644,7 @@ def is_same_origin(sec_fetch_site, origin, own_origin):
     exactly this scheme and host (`null` included: refused). A client that sends neither is no
     browser another site can drive; the session-bound CSRF token decides."""
     site = (sec_fetch_site or "").lower()
-    if site and site != "same-origin":
+    if own_origin is None or (site and site != "same-origin"):
         return False
     if origin is None:
         return True
@@ -3497,9 +3520,12 @@ class Cookies:
         self.session_key = key
         self.device_key = derive_key(key, "device")  # a device cookie never passes as a session
         self.csrf_key = derive_key(key, "csrf")
+        self.admin_key = derive_key(key, "admin")
         self.session_name = settings.cookie_name
         self.device_name = settings.cookie_name + "_device"
         self.csrf_name = settings.cookie_name + "_csrf"
+        self.admin_name = settings.cookie_name + "_admin"
+        self.admin_path = settings.login.path + ADMIN_SUFFIX
 
     def login(self, claims):
         """Set-Cookie headers for a login: a fresh session, and the device cookie re-issued."""
@@ -3513,6 +3539,29 @@ class Cookies:
 
     def expired_session(self):
         return ("Set-Cookie", self.header(self.session_name, "", 0, self.settings.same_site))
+
+    def fresh(self, claims, now):
+        """The admin page's cookie: a code was typed in this session at `now`. Path-scoped to the admin
+        page and host-only, as Vaultwarden scopes its admin cookie: no app behind ever receives it (a
+        proxy that passes forward-auth's cookies on, Traefik's, passes the session cookie, not this),
+        and SameSite=Strict: a link from another site opens the page without it."""
+        lifetime = self.settings.admin_fresh
+        token = sign_token({"sub": claims["sub"], "iat": int(now), "exp": int(now) + lifetime,
+                            "jti": secrets.token_urlsafe(16), "sid": session_id(claims)}, self.admin_key)
+        return ("Set-Cookie", self.header(self.admin_name, token, lifetime, "Strict", domain=False,
+                                          path=self.admin_path))
+
+    def expired_fresh(self):
+        return ("Set-Cookie", self.header(self.admin_name, "", 0, "Strict", domain=False, path=self.admin_path))
+
+    def fresh_for(self, request, claims):
+        """Whether a valid admin cookie says a code was typed in this very session lately."""
+        for token in request.cookie_values(self.admin_name):
+            fresh, _ = verify_token(token, self.admin_key, request.now)
+            if (fresh is not None and fresh["sub"] == claims["sub"] and fresh.get("sid") == session_id(claims)
+                    and 0 <= request.now - fresh["iat"] <= self.settings.admin_fresh):
+                return True
+        return False
 
     def expired_device(self):
         return ("Set-Cookie", self.header(self.device_name, "", 0, "Strict"))
@@ -3574,7 +3623,10 @@ class SignIn:
         self.limiter = limiter
         self.metrics = metrics
         self.journal = journal
-        self._limited_lines = Throttle()  # refused attempts: one history line per client a minute
+        # Attempts the limits refused: one history line a minute for all of them together, with their
+        # count (a line per client would let a flood from many addresses fill the file).
+        self._limited_lines = Throttle()
+        self._limited_since = collections.Counter()
         self._refused_next_lines = Throttle()
         self._warned_plain_http = False
         self._unusable_seeds = set()  # users already logged as having a seed pyotp cannot use
@@ -3678,8 +3730,7 @@ class SignIn:
         wait = self.limiter.acquire(key, owner=device and device["sub"], **limits)
         if wait:
             self.count(Outcome.LIMITED, None, request)
-            if self._limited_lines.due(key, request.now):
-                self.remember(event, Outcome.LIMITED, user, request, device)
+            self._remember_refused(event, user, request, device)
             message = f"Too many attempts. Try again in {plural_minutes(wait)}."
             raise _Refused(429, message, [("Retry-After", str(wait))], disabled=True)
         failed_before = self.limiter.failures(key, request.now)
@@ -3699,13 +3750,22 @@ class SignIn:
             raise _Refused(401, "Wrong code. Try again.")
         return claims
 
+    def _remember_refused(self, event, user, request, device):
+        """The history line of refused attempts: the first in a minute, with how many were refused since."""
+        with self.metrics._lock:
+            self._limited_since[event] += 1
+            if not self._limited_lines.due(event, request.now):
+                return
+            count, self._limited_since[event] = self._limited_since[event], 0
+        detail = f"{count} refused since the last such line" if count > 1 else ""
+        self.journal.record(attempt_event(event, Outcome.LIMITED), user, request.now, ip=str(request.ip),
+                            agent=request.user_agent, device="known" if device else "new", detail=detail)
+
     def remember(self, event, outcome, user, request, device, failed_before=0):
         """The history line of an attempt; a sign-in from a new device (no valid device cookie of that
         user) or after failed attempts in this window is notified, as an invitation used always is."""
         success = outcome is Outcome.SUCCESS
-        if event == "invitation-used" and not success:
-            event = "sign-in"
-        name = event + OUTCOME_EVENTS[outcome] if not (success and event == "invitation-used") else event
+        name = attempt_event(event, outcome)
         known = device is not None and device["sub"] == user
         detail = f"after {failed_before} failed attempt{'s' if failed_before != 1 else ''}" if success and failed_before \
             else ""
@@ -3770,7 +3830,10 @@ class SignIn:
     def signed_in(self, request, claims, location):
         if claims["sub"] not in self.gate.view.rules:
             self.gate.refresh(request.now, due=True)  # new to this process (made a moment ago by the CLI)
-        return 302, [*self.cookies.login(claims), ("Location", location)], b""
+        rule = self.gate.view.rules.get(claims["sub"])
+        # The sign-in's code counts as the admin page's fresh code.
+        fresh = [self.cookies.fresh(claims, request.now)] if rule and is_admin_rule(self.settings, rule) else []
+        return 302, [*self.cookies.login(claims), *fresh, ("Location", location)], b""
 
     def _forget_device(self, request, next_value):
         """"Not NAME?": drop the device cookie; from then on the anonymous limits apply."""
@@ -4117,6 +4180,11 @@ class Admin:
         prefix = next(p for p in self.prefixes if request.path == p or request.path.startswith(p + "/"))
         page = request.path[len(prefix):].rstrip("/")
         method = "GET" if request.method == "HEAD" else request.method
+        login_host = self.settings.login.host
+        if login_host is not None and (request.origin is None or request.origin[1] != login_host):
+            # A shared login host: on an app's host the page would share that app's origin, and a
+            # script the app serves could drive it. It lives on the login host only.
+            raise HTTPError(404, b"Not found\n")
         claims = self.gate.session(request)
         if claims is None:
             return self._to_login(request, method)
@@ -4170,8 +4238,7 @@ class Admin:
         return _b64encode(hmac.new(self._csrf_key, session_id(claims).encode(), hashlib.sha256).digest())
 
     def _fresh(self, request, claims):
-        last = max(login_time(claims), self.store.last_code_time(session_id(claims)))
-        return 0 <= request.now - last <= self.settings.admin_fresh
+        return self.cookies.fresh_for(request, claims)
 
     def _code_form(self, request, claims, refusal=None):
         message, disabled = (refusal.message, refusal.disabled) if refusal else ("", False)
@@ -4196,7 +4263,7 @@ class Admin:
             found = match_code(code, self.signin._usable(users), request.now)
             if found is None:
                 return Outcome.FAILURE, None
-            if not self.store.accept_fresh_code(name, found[1], session_record(claims, request), request.now):
+            if not self.store.accept_fresh_code(name, found[1]):
                 return Outcome.REPLAY, None  # RFC 6238 §5.2: the code just used to sign in, too
             return Outcome.SUCCESS, claims
 
@@ -4205,7 +4272,7 @@ class Admin:
         except _Refused as refusal:
             return self._code_form(request, claims, refusal)
         target = self._public_path(request.path) + ("?" + request.query_string if request.query_string else "")
-        return 303, [("Location", (self.settings.login.base or "") + target)], b""
+        return 303, [self.cookies.fresh(claims, request.now), ("Location", (self.settings.login.base or "") + target)], b""
 
     def _public_path(self, path):
         """An admin path as the browser addresses it (LOGIN_URL's path, whatever prefix a proxy stripped)."""
@@ -4328,12 +4395,13 @@ class Admin:
             "new_only": True})
 
     def _invite(self, request, claims, actor, name, page, fields):
+        # The link's base before any change: a reset whose link cannot be shown must not happen.
+        base = self.settings.login.base or "{}://{}".format(*request.origin)
         try:
             invitation = self.household.invite(name, actor, **fields)
         except (UsageError, CommandError) as error:
             return page(request, claims, error=error, status=400 if isinstance(error, UsageError) else 409)
         self.gate.refresh(request.now, force=True)
-        base = self.settings.login.base or "{}://{}".format(*request.origin)
         link = f"{base}{self.settings.login.path}?invite={invitation.token}"
         return self._keep_to_show(
             claims, request.now, f"Invitation for {name}", ADMIN_INVITATION, name=name, link=link,
@@ -4723,7 +4791,8 @@ class App:
         except HTTPError:  # no usable host to judge `next` by: the cookie is expired all the same
             target = "/"
         query = "?" + urllib.parse.urlencode({"next": target}, quote_via=urllib.parse.quote) if target != "/" else ""
-        return 302, [self.cookies.expired_session(), ("Location", self.settings.login.url + query)], b""
+        return 302, [self.cookies.expired_session(), self.cookies.expired_fresh(),
+                     ("Location", self.settings.login.url + query)], b""
 
     def _end_session(self, request, claims, everywhere):
         self.gate.revoke(claims["jti"], claims["exp"])
