@@ -2118,7 +2118,7 @@ class Notifier:
         request = urllib.request.Request(self.url, data=body.encode("utf-8"), method="POST", headers={
             "Title": _header_text(title), "Content-Type": "text/plain; charset=utf-8",
         })
-        with urllib.request.urlopen(request, timeout=self.timeout) as answer:  # noqa: S310 - http(s) only, checked
+        with urllib.request.urlopen(request, timeout=self.timeout) as answer:  # http(s) only: as_notify_url checked it
             answer.read(1024)
 
     def _apprise(self, title, body):

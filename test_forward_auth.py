@@ -6253,7 +6253,7 @@ def test_the_code_just_used_to_sign_in_is_refused_as_the_fresh_code(app, store, 
     answer = admin_post(app, laptop, {"action": "fresh", "otp": code})
     assert answer.status == 401 and "That code was just used. Wait for the next one." in answer.text
     assert "Invite someone" not in admin_get(app, laptop).text
-    assert [e.event for e in store.history("alice")][0] == "fresh-code-replayed"
+    assert store.history("alice")[0].event == "fresh-code-replayed"
     clock.advance(30)
     assert admin_post(app, laptop, {"action": "fresh", "otp": code_at(seed, clock())}).status == 303
 
@@ -6300,7 +6300,7 @@ def test_fresh_codes_without_a_device_count_toward_the_ip_and_the_global_ceiling
 
 
 def test_fresh_codes_are_tried_against_the_admins_own_seed_only(app, store, admin, clock):
-    seed, cookie = admin
+    _, cookie = admin
     bob = add_user(store, "bob")
     clock.advance(700)
     answer = admin_post(app, cookie, {"action": "fresh", "otp": code_at(bob, clock())})
@@ -6712,7 +6712,7 @@ def test_an_invitation_finished_lands_on_the_signed_in_page(store, clock):
 
 def test_invite_takes_hosts_name_email_and_groups_in_one_command(tmp_path, capsys):
     db = str(tmp_path / "auth.db")
-    code, out, _ = run_main(["-invite", "oma", "--hosts", "photos.example.com,*.media.example.com", "--name",
+    code, _, _ = run_main(["-invite", "oma", "--hosts", "photos.example.com,*.media.example.com", "--name",
                              "Oma Gertrud", "--email", "oma@example.com", "--groups", "family"], db, capsys)
     assert code == 0
     s = fa.Store(db)
@@ -6993,7 +6993,7 @@ def test_an_app_token_opens_no_admin_page(app, store, clock):
 
 def test_renewal_does_not_make_a_stolen_session_fresh(app, store, admin, clock):
     """HELD. /login?renew=1 issues a new token with the first login's auth_time: still stale."""
-    seed, cookie = admin
+    _, cookie = admin
     session_only = cookie.split("; ")[0]
     clock.advance(50_000)
     renewed = call(app, "GET", "/login", query="renew=1&next=%2F", headers={"Cookie": session_only})
