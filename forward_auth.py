@@ -4549,17 +4549,7 @@ class App:
         self.gate = Gate(store, key, settings.cookie_name, settings.session_ttl, settings.session_max,
                          settings.history_days)
         self.gate.refresh(clock(), force=True)
-        self.cookies = Cookies(settings, key)
-        self.notifier = Notifier(settings.notify_url)
-        self.journal = Journal(store, self.notifier, settings.app_name)
-        self.signin = SignIn(
-            settings, store=store, gate=self.gate, cookies=self.cookies, limiter=self.limiter, metrics=self.metrics,
-            journal=self.journal,
-        )
-        self.enrolment = Enrolment(settings, store=store, cookies=self.cookies, signin=self.signin)
-        self.household = Household(settings, store, self.journal, clock)
-        self.admin = Admin(settings, store=store, gate=self.gate, cookies=self.cookies, signin=self.signin,
-                           household=self.household)
+        self._people_side(key)
         self.basic_auth_hosts = HostList(settings.basic_auth_hosts)
         self.forbidden_log = Throttle()
         self.bad_token_log = Throttle()
@@ -4579,6 +4569,21 @@ class App:
             ("GET", login.logout_path): self.logout,
             ("POST", login.logout_path): self.logout,
         }
+
+    def _people_side(self, key):
+        """What people see and do: cookies, sign-in, invitations, the history and notices, the admin page."""
+        settings, store = self.settings, self.store
+        self.cookies = Cookies(settings, key)
+        self.notifier = Notifier(settings.notify_url)
+        self.journal = Journal(store, self.notifier, settings.app_name)
+        self.signin = SignIn(
+            settings, store=store, gate=self.gate, cookies=self.cookies, limiter=self.limiter, metrics=self.metrics,
+            journal=self.journal,
+        )
+        self.enrolment = Enrolment(settings, store=store, cookies=self.cookies, signin=self.signin)
+        self.household = Household(settings, store, self.journal, self.clock)
+        self.admin = Admin(settings, store=store, gate=self.gate, cookies=self.cookies, signin=self.signin,
+                           household=self.household)
 
     def refresh(self, now, force=False):
         self.gate.refresh(now, force)
@@ -4889,25 +4894,6 @@ def next_free_name(store):
     if "user" not in taken:
         return "user"
     return next(f"user{n}" for n in range(2, len(taken) + 3) if f"user{n}" not in taken)
-
-
-def _checked_name(name, what="name"):
-    if not USER_NAME.fullmatch(name):
-        raise UsageError(f"invalid {what} {name!r}: use 1-64 of A-Z a-z 0-9 . _ @ -")
-    return name
-
-
-def _patterns(raw):
-    """Validated, de-duplicated host patterns; `*` anywhere means every host."""
-    patterns = []
-    for text in raw:
-        try:
-            pattern = as_host_pattern(text)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        if pattern not in patterns:
-            patterns.append(pattern)
-    return (EVERY_HOST,) if EVERY_HOST in patterns else tuple(patterns)
 
 
 class CLI:
