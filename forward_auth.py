@@ -4144,6 +4144,17 @@ ADMIN_DONE = {
 }
 
 
+def no_route(routes, path):
+    """The HTTPError for a path a route table {(method, path): handler} has no handler for: 404, or
+    405 with the methods it has (HEAD wherever GET is)."""
+    allowed = sorted({m for m, p in routes if p == path})
+    if not allowed:
+        return HTTPError(404, b"Not found\n")
+    if "GET" in allowed:
+        allowed.append("HEAD")
+    return HTTPError(405, b"Method not allowed\n", [("Allow", ", ".join(sorted(allowed)))])
+
+
 class Admin:
     """GET and POST under LOGIN_URL + /admin (and /login/admin where a proxy strips a prefix): who may
     (an admin, else 403; no session: the login page and back), how fresh (a code typed at most
@@ -4193,10 +4204,7 @@ class Admin:
             return self._not_admin(claims)
         handler = self.pages.get((method, page))
         if handler is None:
-            allowed = sorted(m for m, p in self.pages if p == page)
-            if not allowed:
-                raise HTTPError(404, b"Not found\n")
-            raise HTTPError(405, b"Method not allowed\n", [("Allow", ", ".join(allowed + ["HEAD"] * ("GET" in allowed)))])
+            raise no_route(self.pages, page)
         form = {}
         if method == "POST":
             form = self._checked_form(request, claims)
@@ -4619,12 +4627,7 @@ class App:
             return handler
         if self.admin.owns(path):  # every address under it: the Admin answers who may first
             return self.admin.handle
-        allowed = sorted({m for m, p in self.routes if p == path})
-        if not allowed:
-            raise HTTPError(404, b"Not found\n")
-        if "GET" in allowed:
-            allowed.append("HEAD")
-        raise HTTPError(405, b"Method not allowed\n", [("Allow", ", ".join(sorted(allowed)))])
+        raise no_route(self.routes, path)
 
     @staticmethod
     def _respond(start_response, status, headers, body, head):
