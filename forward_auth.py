@@ -19,11 +19,16 @@ Usage::
     python forward_auth.py -tokens              # app tokens (never the token itself)
     python forward_auth.py -revoke-token alice backup
     python forward_auth.py -list                # users, their hosts, last login
-    python forward_auth.py -sessions            # live sessions
-    python forward_auth.py -logout alice        # end alice's sessions
+    python forward_auth.py -sessions            # live sessions (with their short ids)
+    python forward_auth.py -logout alice        # end alice's sessions (--session ID: one of them)
+    python forward_auth.py -history alice       # who signed in, and what admins did
     python forward_auth.py -revoke alice        # delete a user, end their sessions
     python forward_auth.py -backup FILE         # consistent online copy of the database
     python forward_auth.py -version
+
+The household manages itself from a browser on the admin page, ``/login/admin``
+(users in ``ADMIN_GROUP``, behind a fresh code); ``NOTIFY_URL`` hears of new
+devices and admin actions.
 
 Configuration is read from environment variables (see ``SETTINGS``), each with
 a ``*_FILE`` variant for Docker/systemd secrets.
@@ -5493,6 +5498,7 @@ def serve(settings, store, environ=None):
     finally:
         server.close()
         app.gate.write_before_stopping()  # logouts held in memory, app tokens' last-used times
+        app.notifier.drain(NOTIFY_TIMEOUT_SECONDS)  # a notice of the last moments still goes out
         store.close()
         log.info("stopped")
     return 0
