@@ -7337,3 +7337,30 @@ def test_signing_out_expires_the_admin_cookie(app, store, admin):
     answer = call(app, "GET", "/logout", headers={"Cookie": admin[1]})
     expired = answer.cookies()[app.cookies.admin_name]
     assert "Max-Age=0" in expired and "Path=/login/admin" in expired
+
+
+def test_sign_out_everywhere_and_an_invitation_used_are_notified(store, clock):
+    sent = []
+    app = fa.make_app(settings(notify_url="https://ntfy.example.test/household"), store=store, clock=clock)
+    app.notifier._send = lambda title, body: sent.append((title, body))
+    invitation = app.household.invite("oma", fa.COMMAND_LINE)
+    token = invitation.token
+    page = call(app, "GET", "/login", query="invite=" + token)
+    cookie, csrf = csrf_for(app, page)
+    opened = call(app, "POST", "/login", headers={**FORM, "Cookie": cookie},
+                  body=urllib.parse.urlencode({"invite": token, "csrf": csrf}).encode())
+    bound = f"{app.enrolment.cookie_name}={opened.cookie_value(app.enrolment.cookie_name)}"
+    seed = re.search(r"secret=([A-Z2-7]+)", opened.text).group(1)
+    done = call(app, "POST", "/login", headers={**FORM, "Cookie": f"{cookie}; {bound}"},
+                body=urllib.parse.urlencode({"invite": token, "csrf": csrf, "otp": code_at(seed, clock())}).encode())
+    session = session_cookie(app, done)
+    call(app, "POST", "/logout", headers={**FORM, "Cookie": f"{session}; {cookie}"},
+         body=urllib.parse.urlencode({"csrf": csrf, "all": "1"}).encode())
+    assert app.notifier.drain(5)
+    titles = [title for title, _ in sent]
+    assert titles == ["Forward Auth: oma invited (a new person)",
+                      "Forward Auth: oma set up their authenticator from an invitation",
+                      "Forward Auth: oma signed out everywhere"]
+    assert all(token not in body and seed not in body for _, body in sent)
+    assert [e.event for e in reversed(store.history("oma"))] == [
+        "invited", "invitation-opened", "invitation-used", "sign-out-everywhere"]
