@@ -254,6 +254,7 @@ def test_defaults_match_the_contract():
     assert (s.max_login_attempts, s.rate_limit_window, s.global_max_failures) == (5, 900, 30)
     assert (s.app_name, s.log_format, s.threads) == ("Forward Auth", "text", 8)
     assert s.trust_proxy == ("127.0.0.0/8", "::1/128")
+    assert (s.admin_group, s.admin_fresh, s.history_days, s.notify_url) == ("admins", 600, 90, "")
 
 
 def test_settings_defaults_are_the_tables_and_settings_are_frozen():
@@ -295,6 +296,11 @@ def test_settings_defaults_are_the_tables_and_settings_are_frozen():
         ("APP_NAME", ""),
         ("LOG_FORMAT", "xml"),
         ("THREADS", "0"),
+        ("ADMIN_GROUP", "two words"),
+        ("ADMIN_FRESH_SECONDS", "0"),
+        ("HISTORY_DAYS", "0"),
+        ("HISTORY_DAYS", "9999"),
+        ("NOTIFY_URL", "ntfy.sh/topic"),
     ],
 )
 def test_an_invalid_value_names_its_variable(name, value):
@@ -362,6 +368,9 @@ def test_trust_proxy_values(value, expected):
     ("SECURE_COOKIES", "false", "secure_cookies", False),
     ("APP_NAME", "Home Lab", "app_name", "Home Lab"),
     ("INVITE_TTL_SECONDS", "3600", "invite_ttl", 3600),
+    ("NOTIFY_URL", "https://ntfy.example.com/household?auth=secret", "notify_url",
+     "https://ntfy.example.com/household?auth=secret"),
+    ("ADMIN_GROUP", "parents", "admin_group", "parents"),
 ])
 def test_every_variable_has_a_file_variant(tmp_path, variable, value, field, expected):
     path = tmp_path / variable
