@@ -116,6 +116,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 NOTIFY_TIMEOUT_SECONDS = 5  # a receiver that is slower is given up on (and logged once a minute)
 NOTIFY_EVERY_SECONDS = 60  # at most one notice per user and event this often
+MAX_HELD_NOTICES = 20  # more within a minute are in the history only
 SHOWN_ONCE_SECONDS = 600  # a new link or token waits this long to be shown, once
 HISTORY_PAGE_ROWS = 200  # the admin page's history shows the newest this many
 
@@ -1356,8 +1357,9 @@ class Store:
     def end_session(self, sid):
         """Revoke the current token of the session `sid` (a renewal may have replaced the one presented)."""
         with self._transaction() as conn:
+            # coalesce: a session a 2.0 server issued has no sid, its id is its jti.
             conn.execute("INSERT OR REPLACE INTO revoked (jti, expires) SELECT jti, expires FROM sessions "
-                         "WHERE sid = ? AND jti IS NOT NULL", (sid,))
+                         "WHERE coalesce(sid, jti) = ? AND jti IS NOT NULL", (sid,))
 
     def end_sessions(self, name, now):
         """End every session of NAME issued until now; False if there is no such user."""
@@ -2032,7 +2034,7 @@ EVENTS = {
     "sign-out": ("signed out", False),
     "sign-out-everywhere": ("signed out everywhere", True),
     "fresh-code": ("typed a fresh code for the admin page", False),
-    "fresh-code-failed": ("wrong code on the admin page", False),
+    "fresh-code-failed": ("wrong code on the admin page", True),  # someone holds an admin's session
     "fresh-code-replayed": ("code used twice on the admin page, refused", False),
     "fresh-code-limited": ("too many attempts on the admin page, refused", False),
     "invitation-opened": ("opened their invitation", False),
@@ -2066,45 +2068,81 @@ COMMAND_LINE = Actor("", "command line", "")
 class Notifier:
     """Sends notices to NOTIFY_URL from one background thread: a plain-text POST with a `Title`
     header (ntfy, Gotify-style receivers show both as they are), or through apprise for its URLs.
-    At most one notice per user and event a minute; a receiver that is down or slow is logged
+    At most one notice per user and event a minute: a second one within the minute is held and
+    folded into one notice when the minute is over, never dropped (a harmless change followed by a
+    promotion must not hide the promotion). A receiver that is down, slow or redirecting is logged
     once a minute and never delays or fails a sign-in (`notify` only appends to a queue)."""
 
-    def __init__(self, url, *, timeout=NOTIFY_TIMEOUT_SECONDS, send=None):
+    def __init__(self, url, *, timeout=NOTIFY_TIMEOUT_SECONDS, send=None, clock=time.time):
         self.url = url
         self.timeout = timeout
+        self.clock = clock
         self._send = send or self._post
         self._queue = collections.deque(maxlen=1000)  # a flood of events drops the oldest notices
+        self._held = {}  # (user, event) -> [when it may go, [(title, body), ...]]
+        self._last = {}  # (user, event) -> when its last notice went
         self._wake = threading.Condition()
         self._busy = False
         self._thread = None
-        self._repeats = Throttle(NOTIFY_EVERY_SECONDS)
         self._failures = Throttle()
 
     def notify(self, user, event, title, body, now):
-        if not self.url or not self._repeats.due((user, event), now):
+        if not self.url:
             return
+        key = (user, event)
         with self._wake:
-            self._queue.append((title, body))
+            last = self._last.get(key)
+            if key in self._held or (last is not None and 0 <= now - last < NOTIFY_EVERY_SECONDS):
+                held = self._held.setdefault(key, [last + NOTIFY_EVERY_SECONDS if last is not None else now, []])
+                if len(held[1]) < MAX_HELD_NOTICES:
+                    held[1].append((title, body))
+            else:
+                self._remember_sent(key, now)
+                self._queue.append((title, body))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="notices", daemon=True)
                 self._thread.start()
             self._wake.notify()
 
+    def _remember_sent(self, key, now):
+        if len(self._last) >= 10_000:
+            self._last.clear()  # a stranger's many keys: at worst a notice goes out early
+        self._last[key] = now
+
+    def _release_held(self, now):
+        """Queue every held notice whose minute is over, folded into one per user and event."""
+        for key in [key for key, (due, _) in self._held.items() if due <= now]:
+            _, notices = self._held.pop(key)
+            self._remember_sent(key, now)
+            title, body = notices[-1]
+            if len(notices) > 1:
+                title = f"{title} ({len(notices)} times)"
+                body = "\n".join(first for first, _, _ in (b.partition("\n") for _, b in notices)) + "\n" + \
+                    body.partition("\n")[2]
+            self._queue.append((title, body))
+
     def drain(self, timeout):
-        """Wait up to `timeout` seconds for the queue to empty (the CLI before it exits, tests)."""
+        """Wait up to `timeout` seconds for every notice that may go now to be sent (the CLI before it
+        exits, a server stopping, tests)."""
         deadline = time.monotonic() + timeout
         with self._wake:
-            while (self._queue or self._busy) and time.monotonic() < deadline:
+            self._wake.notify()
+            while (self._queue or self._busy or any(due <= self.clock() for due, _ in self._held.values())) \
+                    and time.monotonic() < deadline:
                 self._wake.wait(0.05)
         return not self._queue
 
     def _run(self):
         while True:
             with self._wake:
-                while not self._queue:
+                while True:
+                    self._release_held(self.clock())
+                    if self._queue:
+                        break
                     self._busy = False
                     self._wake.notify_all()
-                    self._wake.wait()
+                    # Held notices are looked at again each second (the clock may be a test's).
+                    self._wake.wait(1.0 if self._held else None)
                 title, body = self._queue.popleft()
                 self._busy = True
             try:
@@ -2120,23 +2158,64 @@ class Notifier:
             return self._apprise(title, body)
         import urllib.request  # here: the serving process carries it only once it has a notice to send
 
-        request = urllib.request.Request(self.url, data=body.encode("utf-8"), method="POST", headers={
-            "Title": _header_text(title), "Content-Type": "text/plain; charset=utf-8",
-        })
-        with urllib.request.urlopen(request, timeout=self.timeout) as answer:  # http(s) only: as_notify_url checked it
+        url, credentials = _without_credentials(self.url)
+        headers = {"Title": _header_text(title), "Content-Type": "text/plain; charset=utf-8"}
+        if credentials:
+            headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode("utf-8")).decode()
+        request = urllib.request.Request(url, data=body.encode("utf-8"), method="POST", headers=headers)
+        # No redirect followed: urllib would follow a 301 to the POST with a GET without the notice,
+        # and count its 200 as sent. A 3xx is an error here, and logged.
+        opener = urllib.request.build_opener(_NoRedirect)
+        with opener.open(request, timeout=self.timeout) as answer:
             answer.read(1024)
+            if not 200 <= answer.status < 300:
+                raise RuntimeError(f"the receiver answered {answer.status}")
 
     def _apprise(self, title, body):
         import apprise  # optional: NOTIFY_URL accepted a non-http URL only with it installed
 
         sender = apprise.Apprise()
         sender.add(self.url)
-        if not sender.notify(title=title, body=body):
+        # TEXT: mail (HTML) and chat (Markdown) receivers escape it, so a user agent chosen by whoever
+        # signs in never arrives as a link in the admins' inbox.
+        if not sender.notify(title=title, body=body, body_format=apprise.NotifyFormat.TEXT):
             raise RuntimeError("apprise could not deliver it")
+
+
+def _without_credentials(url):
+    """(the URL without user:password@, "user:password" or ''): urllib does not send userinfo, and
+    would hand it to the resolver as part of the host name."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, ""
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), urllib.parse.unquote(userinfo)
+
+
+class _NoRedirect:
+    """A urllib handler that turns every redirect into an error (see Notifier._post)."""
+
+    handler_order = 100  # before urllib's own redirect handler (500)
+
+    def __lt__(self, other):
+        return self.handler_order < getattr(other, "handler_order", 500)
+
+    def add_parent(self, parent):
+        self.parent = parent
+
+    def close(self):
+        pass
+
+    def http_error_302(self, request, response, code, message, headers):
+        raise RuntimeError(f"the receiver redirects ({code}): give NOTIFY_URL the address it redirects to")
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 def _reason(error):
     """What went wrong sending a notice, without the URL (urllib puts it in some messages)."""
+    if type(error) is RuntimeError:
+        return str(error)  # ours: never the URL
     reason = getattr(error, "reason", None) or getattr(error, "code", None) or error.__class__.__name__
     return f"{error.__class__.__name__} ({reason})" if not isinstance(reason, str) or "://" not in reason else \
         error.__class__.__name__
@@ -3774,7 +3853,8 @@ class SignIn:
         known = device is not None and device["sub"] == user
         detail = f"after {failed_before} failed attempt{'s' if failed_before != 1 else ''}" if success and failed_before \
             else ""
-        notify = success and (event == "invitation-used" or (event == "sign-in" and (not known or failed_before)))
+        notify = (success and (event == "invitation-used" or (event == "sign-in" and not known) or failed_before)
+                  or (name == "fresh-code-failed"))
         self.journal.record(name, user, request.now, ip=str(request.ip), agent=request.user_agent,
                             device=("known" if known else "new") if event != "fresh-code" or success else "",
                             detail=detail, notify=notify)
@@ -4587,7 +4667,7 @@ class App:
         """What people see and do: cookies, sign-in, invitations, the history and notices, the admin page."""
         settings, store = self.settings, self.store
         self.cookies = Cookies(settings, key)
-        self.notifier = Notifier(settings.notify_url)
+        self.notifier = Notifier(settings.notify_url, clock=self.clock)
         self.journal = Journal(store, self.notifier, settings.app_name)
         self.signin = SignIn(
             settings, store=store, gate=self.gate, cookies=self.cookies, limiter=self.limiter, metrics=self.metrics,
@@ -4930,7 +5010,7 @@ class CLI:
 
     @functools.cached_property
     def notifier(self):
-        return Notifier(self.settings.notify_url)
+        return Notifier(self.settings.notify_url, clock=self.clock)
 
     @property
     def household(self):

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import http.client
+import http.server
 import io
 import json
 import logging
@@ -7373,3 +7374,498 @@ def test_sign_out_everywhere_and_an_invitation_used_are_notified(store, clock):
     assert all(token not in body and seed not in body for _, body in sent)
     assert [e.event for e in reversed(store.history("oma"))] == [
         "invited", "invitation-opened", "invitation-used", "sign-out-everywhere"]
+
+
+# --- 4.0 red team, round 2: the admin cookie, notices, single sessions ------
+# A second subagent attacked the fixes of the first round. Six holes, fixed: apprise
+# receivers took a user agent as HTML or Markdown; a second notice within a minute (a
+# promotion after a harmless change) was dropped; ending one session a 2.0 server
+# issued ended nothing; a redirecting receiver swallowed notices in silence; a
+# user:password in NOTIFY_URL reached the resolver; guesses at an admin's fresh code
+# were never notified.
+
+def app_with_notices(store, clock, **overrides):
+    """An app whose notices land in a list (title, body) instead of going out."""
+    sent = []
+    app = fa.make_app(settings(notify_url="http://127.0.0.1:9/unused", **overrides), store=store, clock=clock)
+    app.notifier._send = lambda title, body: sent.append((title, body))
+    return app, sent
+
+
+def parts_of(cookie):
+    """{name: 'name=value'} of a Cookie header the helpers built."""
+    return {part.split("=", 1)[0]: part for part in cookie.split("; ")}
+
+
+
+_APPRISE_BODIES = []
+
+
+def _register_markup_receivers():
+    apprise = pytest.importorskip("apprise")
+    from apprise.decorators import notify
+
+    if getattr(_register_markup_receivers, "done", False):
+        return apprise
+
+    @notify(on="rtwohtml", name="red team HTML receiver (as mailto:// and tgram:// are by default)")
+    def _html(body, title, notify_type, *args, **kwargs):
+        _APPRISE_BODIES.append(("html", title, body))
+
+    @notify(on="rtwomd", name="red team Markdown receiver (as slack:// is by default)")
+    def _markdown(body, title, notify_type, *args, **kwargs):
+        _APPRISE_BODIES.append(("markdown", title, body))
+
+    _register_markup_receivers.done = True
+    return apprise
+
+
+def test_apprise_notices_never_hand_a_user_agent_to_an_html_or_markdown_receiver_as_markup(store, clock):
+    """Found by the red team, round 2 (fixed): Notifier._apprise calls `sender.notify(title=..., body=...)` without
+    `body_format`, so apprise does no conversion and every receiver takes the body in its own
+    native format: mailto:// and tgram:// default to HTML, slack:// to Markdown. The body holds the
+    user agent of whoever signed in (60 characters), which anyone with a code (a household member on a
+    new device, an invitee, a thief with one phished code) chooses freely. A UA of
+    `<a href="https://evil.example/">Not you? Confirm</a>` arrives as a live link in the admins' mail
+    or Telegram, under forward-auth's own sender: a phishing page for an admin's next code, and with
+    one code the sign-in itself makes the admin page fresh (takeover). Fix: `body_format=
+    apprise.NotifyFormat.TEXT` (apprise then escapes for HTML and Markdown targets)."""
+    _register_markup_receivers()
+    for url, kind in (("rtwohtml://household?format=html", "html"), ("rtwomd://household?format=markdown", "markdown")):
+        del _APPRISE_BODIES[:]
+        app = fa.make_app(settings(notify_url=fa.as_notify_url(url)), store=store, clock=clock)
+        name = f"mallory{kind}"
+        seed = add_user(store, name)
+        app.refresh(clock(), force=True)
+        agent = '<a href="https://evil.example/">Not you?</a> [Confirm](https://evil.example/)'
+        assert login(app, code_at(seed, clock()), headers={"User-Agent": agent}).status == 302
+        assert app.notifier.drain(10)
+        (got_kind, title, body), = _APPRISE_BODIES
+        assert got_kind == kind and name in title
+        assert '<a href="https://evil.example/">' not in body, f"{kind}: the user agent arrives as an HTML link"
+        assert "[Confirm](https://evil.example/)" not in body, f"{kind}: the user agent arrives as a Markdown link"
+        clock.advance(120)
+
+
+
+
+def test_a_promotion_right_after_a_harmless_identity_change_is_still_notified(store, clock):
+    """Found by the red team, round 2 (fixed): Notifier.notify throttles by (user, event) and drops what the minute already had. Whoever
+    holds a fresh admin page (a stolen one, or an admin going rogue) first fixes bob's full name (the
+    household hears "bob name, email or groups changed (name, email, groups family) by alice") and
+    within the minute puts bob into `admins`: that second "identity" line, the only one that says
+    "now an admin", is never sent. The same hides a hosts change widened to `*` after a narrow one, or
+    a second app token with hosts `*` after a harmless one. The history has it; the notice channel,
+    whose point is to say so at once, does not. Fix: never drop an admin action's notice (they are
+    not floodable by strangers), or coalesce what the minute held into one later notice ("and 1 more:
+    groups family,admins, now an admin") instead of dropping it."""
+    app, sent = app_with_notices(store, clock)
+    seed = make_admin(store)
+    add_user(store, "bob")
+    store.set_identity("bob", groups=("family",))
+    cookie = signed_in_as(app, seed, clock)
+    assert app.notifier.drain(5)
+    del sent[:]
+    fields = {"action": "identity", "full_name": "Bob Builder", "email": "", "groups": "family"}
+    assert admin_post(app, cookie, fields, ADMIN + "/user", "name=bob").status == 303
+    clock.advance(5)
+    assert admin_post(app, cookie, {**fields, "groups": "family,admins"}, ADMIN + "/user", "name=bob").status == 303
+    assert "admins" in store.user("bob").groups
+    assert ("identity", "name, email, groups family,admins, now an admin") in [
+        (e.event, e.detail) for e in store.history("bob")]  # the history has it
+    assert app.notifier.drain(5)
+    assert len(sent) == 1  # at most one notice per user and event a minute: the second is held ...
+    clock.advance(56)
+    assert app.notifier.drain(5)  # ... and folded into one when the minute is over
+    assert len(sent) == 2 and sent[1][0] == "Forward Auth: bob name, email or groups changed"
+    assert any("now an admin" in body for _, body in sent), f"the promotion was never notified: {sent}"
+
+
+
+
+@pytest.fixture
+def database_2_0_with_manifest(tmp_path):
+    path = str(tmp_path / "auth-2.0.db")
+    shutil.copy(os.path.join(HERE, "fixtures", "auth-2.0.db"), path)
+    with open(os.path.join(HERE, "fixtures", "auth-2.0.json")) as file:
+        return path, json.load(file)
+
+
+def test_ending_one_session_a_2_0_server_issued_really_ends_it(database_2_0_with_manifest, capsys):
+    """Found by the red team, round 2 (fixed): Store.live_sessions names a session by `coalesce(sid, jti)`, but Store.end_session revokes
+    `... FROM sessions WHERE sid = ?`. A row a 2.0 server wrote has `sid` NULL (migration 3 adds the
+    column empty), so its id is its jti and the WHERE matches nothing. `-sessions alice` lists the
+    session with a short id, `-logout alice --session ID` prints "ended alice's session ...", the
+    admin page's "End this session" answers "That session ended.", the history records
+    "session-ended" and the household is notified; the session (a stolen laptop's, after an upgrade)
+    keeps opening every app until it expires (up to SESSION_MAX_SECONDS, 30 days). Fix: end by
+    `WHERE coalesce(sid, jti) = ?` (or set sid = jti for NULL rows in a migration), and have
+    Household.end_session revoke the jti it found as well."""
+    path, noted = database_2_0_with_manifest
+    store = fa.Store(path)
+    try:
+        clock = FakeClock(noted["now"] + 40)
+        app = fa.make_app(settings(db_path=path), store=store, clock=clock)
+        assert check(app, noted["alice_cookie"]).status == 200
+        (session,) = store.live_sessions("alice", clock())
+        short = fa.short_id(session.sid)
+        # The command line, exactly as -logout alice --session ID runs it.
+        cli = fa.CLI(settings(db_path=path), clock=clock)
+        try:
+            fa.cmd_logout(cli, "alice", session=short)
+        finally:
+            cli.close()
+        assert "ended alice's session" in capsys.readouterr().out
+        app.refresh(clock(), force=True)
+        assert check(app, noted["alice_cookie"]).status == 401, "-logout --session said ended; the session goes on"
+        # The admin page, the same task: bob (an admin) ends alice's session.
+        store.set_identity("bob", groups=("admins",))
+        cookie = signed_in_as(app, noted["seeds"]["bob"], clock)
+        answer = admin_post(app, cookie, {"action": "end-session", "session": short}, ADMIN + "/user", "name=alice")
+        assert answer.status == 409 and "no live session" in answer.text  # ended above: the page says so
+    finally:
+        store.close()
+
+
+
+
+class RedirectingReceiver:
+    """A receiver behind a proxy that redirects (http -> https, a trailing slash): 301 for a POST
+    to /household, 200 for anything else; every request kept as (method, path, body)."""
+
+    def __init__(self):
+        seen, self.seen = [], None
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length", 0) or 0)
+                seen.append((self.command, self.path, self.rfile.read(length).decode()))
+                if self.path == "/household":
+                    self.send_response(301)
+                    self.send_header("Location", "/household/")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.seen = seen
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/household"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_receiver_that_redirects_never_swallows_notices_in_silence(store, clock, caplog):
+    """Found by the red team, round 2 (fixed): Notifier._post uses urllib.request.urlopen, which follows a 301/302/303 answer to a POST
+    with a GET and no body (the notice's text is gone), and counts the GET's 200 as sent: nothing is
+    logged. ntfy or Gotify behind a proxy that redirects http to https (nginx `return 301`) or adds a
+    trailing slash never shows one notice, and the household believes it is watched. (A 307/308 is
+    at least logged as an HTTPError.) Fix: an opener without redirects (a 3xx is a failure, logged
+    once a minute), and only a 2xx counts as sent."""
+    receiver = RedirectingReceiver()
+    try:
+        app = fa.make_app(settings(notify_url=receiver.url), store=store, clock=clock)
+        seed = add_user(store, "oma")
+        app.refresh(clock(), force=True)
+        with caplog.at_level(logging.WARNING):
+            assert login(app, code_at(seed, clock())).status == 302
+            assert app.notifier.drain(10)
+        delivered = [body for method, _, body in receiver.seen if method == "POST" and "oma signed in" in body]
+        redirected = [path for method, path, _ in receiver.seen if method == "GET"]
+        logged = [r for r in caplog.records if "notice could not be sent" in r.getMessage()]
+        assert not redirected or logged, (
+            f"the notice was turned into a bodiless GET {redirected} and nothing was logged ({receiver.seen})")
+        assert delivered or logged
+    finally:
+        receiver.stop()
+
+
+def test_a_notify_url_with_a_user_and_password_is_refused_or_works_and_never_reaches_the_resolver(
+        store, clock, monkeypatch):
+    """Found by the red team, round 2 (fixed): `NOTIFY_URL=https://phil:mypass@ntfy.example.com/household` (how ntfy's docs and apprise's
+    ntfy:// URLs give credentials) passes as_notify_url at start, but urllib does not take user info
+    from a URL: http.client gets the host "phil:mypass@ntfy.example.com" and hands it, password and
+    all, to getaddrinfo (a DNS query can carry it off the machine), and every notice fails
+    ("Name or service not known", once a minute in the log). Fix: refuse user info in an http(s)
+    NOTIFY_URL at start (one line: use ?auth= or an apprise URL), or send it as an Authorization
+    header and never in the host name."""
+    receiver = Receiver()
+    looked_up = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def spy(host, *args, **kwargs):
+        looked_up.append(str(host))
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", spy)
+    try:
+        url = receiver.url.replace("http://", "http://phil:mypass@")
+        try:
+            accepted = fa.as_notify_url(url)
+        except ValueError as error:
+            assert "mypass" not in str(error)
+            return  # refused at start: secure
+        app = fa.make_app(settings(notify_url=accepted), store=store, clock=clock)
+        seed = add_user(store, "oma")
+        app.refresh(clock(), force=True)
+        assert login(app, code_at(seed, clock())).status == 302
+        assert app.notifier.drain(10)
+        assert not any("mypass" in host for host in looked_up), f"the password went to the resolver: {looked_up}"
+        assert receiver.received, "NOTIFY_URL was accepted at start and no notice ever arrives"
+    finally:
+        receiver.stop()
+
+
+
+
+def test_a_fresh_code_that_follows_failed_guesses_on_the_admins_seed_is_notified(store, clock):
+    """Found by the red team, round 2 (fixed): a stolen session cookie (an app behind Traefik receives it) opens the fresh-code form,
+    where every guess is tried against the admin's own seed: those are failed attempts on that user.
+    A sign-in after failed attempts is notified (SPEC: "a sign-in after failed attempts on that user
+    or IP in the same window"); a fresh code after failed attempts is not, and fresh-code failures
+    never are: SignIn.remember notifies only event == "sign-in" (or an invitation). The thief guesses
+    alice's admin page 5 a window, 35 a day, and the one that lands gives the admin page with no word
+    to anyone; with it the household's list, emails, sessions' addresses and history are read without
+    a single notice (only changes are notified). Fix: notify a fresh code after failed attempts
+    (as a sign-in after failures, with the count), and count the failures per user, not only per key."""
+    app, sent = app_with_notices(store, clock)
+    seed = make_admin(store)
+    cookie = signed_in_as(app, seed, clock)
+    stolen = parts_of(cookie)[app.settings.cookie_name]  # the session cookie alone
+    assert app.notifier.drain(5)
+    del sent[:]
+    clock.advance(700)  # the sign-in's freshness is over
+    thief = {"X-Forwarded-For": "203.0.113.9", "User-Agent": "curl/8"}
+    csrf = csrf_token_of(admin_get(app, stolen).text)
+    for _ in range(4):
+        answer = admin_post(app, stolen, {"action": "fresh", "otp": wrong_code_for(seed, now=clock())}, csrf=csrf,
+                            headers=thief)
+        assert answer.status == 401
+    clock.advance(30)
+    landed = admin_post(app, stolen, {"action": "fresh", "otp": code_at(seed, clock())}, csrf=csrf, headers=thief)
+    assert landed.status == 303  # the guess that landed (the real code stands in for it)
+    fresh = f"{app.cookies.admin_name}={landed.cookie_value(app.cookies.admin_name)}"
+    assert "Invite someone" in admin_get(app, f"{stolen}; {fresh}").text
+    assert [e.event for e in store.history("alice")][:5] == ["fresh-code"] + ["fresh-code-failed"] * 4
+    assert app.notifier.drain(5)
+    assert any("alice" in title for title, _ in sent), "four failed guesses and a fresh code: no notice at all"
+
+
+
+
+def test_an_admin_cookie_made_of_another_cookie_or_tossed_by_a_sibling_counts_for_nothing(store, clock):
+    """HELD. alice's own session and device tokens (other keys), a token signed with the session key
+    in the admin cookie's shape, and junk, each under `auth_token_admin` with Domain=.example.com and
+    Path=/login/admin (what a sibling subdomain can plant beside the host-only one): never fresh."""
+    app = fa.make_app(settings(login_url="https://auth.example.com/login", cookie_domain=".example.com"),
+                      store=store, clock=clock)
+    seed = make_admin(store)
+    cookie = signed_in_as(app, seed, clock)
+    parts = parts_of(cookie)
+    session_value = parts[app.settings.cookie_name].split("=", 1)[1]
+    device_value = parts[app.cookies.device_name].split("=", 1)[1]
+    claims, _ = fa.verify_token(session_value, app.cookies.session_key, clock())
+    forged = fa.sign_token({"sub": "alice", "iat": int(clock()), "exp": int(clock()) + 600, "jti": "x",
+                            "sid": fa.session_id(claims)}, app.cookies.session_key)
+    clock.advance(700)
+    on_login_host = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "auth.example.com"}
+    for value in (session_value, device_value, forged, "", "a.b.c", "x" * 5000):
+        planted = f"{parts[app.settings.cookie_name]}; {app.cookies.admin_name}={value}"
+        page = admin_get(app, planted, headers=on_login_host)
+        assert "Invite someone" not in page.text and "fresh code" in page.text
+
+
+def test_after_logout_reset_delete_or_demotion_the_session_and_admin_cookie_open_nothing(store, clock):
+    """HELD. the pair (session + fresh admin cookie) of alice, after each of: sign-out, -logout,
+    a reset by carol, alice taken out of admins, alice deleted."""
+    for end in ("sign-out", "logout", "reset", "demote", "delete"):
+        app = fa.make_app(settings(), store=store, clock=clock)
+        for name in ("alice", "carol"):
+            if store.user(name):
+                store.delete_user(name, clock())
+        clock.advance(5)
+        seed = make_admin(store, "alice", clock())
+        make_admin(store, "carol", clock())
+        clock.advance(1)
+        cookie = signed_in_as(app, seed, clock)
+        assert "Invite someone" in admin_get(app, cookie).text
+        if end == "sign-out":
+            call(app, "GET", "/logout", headers={"Cookie": cookie})
+        elif end == "logout":
+            app.household.end_sessions("alice", fa.COMMAND_LINE)
+        elif end == "reset":
+            app.household.invite("alice", fa.Actor("carol", "x", ""), reset_only=True)
+        elif end == "demote":
+            app.household.set_identity("alice", fa.Actor("carol", "x", ""), groups="family")
+        else:
+            app.household.delete("alice", fa.Actor("carol", "x", ""))
+        app.refresh(clock(), force=True)
+        page = admin_get(app, cookie)
+        assert "Invite someone" not in page.text and page.status in (302, 403), end
+        clock.advance(60)
+
+
+def test_two_admins_resetting_each_other_at_once_leave_an_enrolled_admin(store, clock):
+    """HELD. alice resets bob and bob (whose request passed the checks a moment before) resets alice:
+    the second is refused in its own transaction (a pending admin is no admin)."""
+    app = fa.make_app(settings(), store=store, clock=clock)
+    make_admin(store, "alice")
+    make_admin(store, "bob")
+    app.household.invite("bob", fa.Actor("alice", "x", ""), reset_only=True)
+    with pytest.raises(fa.CommandError):
+        app.household.invite("alice", fa.Actor("bob", "x", ""), reset_only=True)
+    assert store.user("alice").seed
+
+
+def test_the_fresh_code_form_answers_another_users_code_exactly_as_a_wrong_one(store, clock):
+    """HELD. bob's current code on alice's fresh-code form: the same status and page as a wrong code
+    (tried against alice's seed only: no oracle for other users' codes)."""
+    app = fa.make_app(settings(), store=store, clock=clock)
+    seed = make_admin(store)
+    bob = add_user(store, "bob")
+    cookie = signed_in_as(app, seed, clock)
+    clock.advance(700)
+    csrf = csrf_token_of(admin_get(app, cookie).text)
+    bobs = admin_post(app, cookie, {"action": "fresh", "otp": code_at(bob, clock())}, csrf=csrf)
+    wrong = admin_post(app, cookie, {"action": "fresh", "otp": wrong_code_for(seed, bob, now=clock())}, csrf=csrf)
+    assert (bobs.status, bobs.body) == (wrong.status, wrong.body) == (401, wrong.body)
+    assert login(app, code_at(bob, clock())).status == 302  # bob's code was not consumed
+
+
+def test_the_prefix_route_keeps_the_admin_cookie_and_redirects_on_its_own_path(store, clock):
+    """HELD. LOGIN_URL=/sso/login, a proxy that strips /sso: the page at /login/admin takes the
+    /sso/login/admin cookie, and a fresh code's 303 stays on /sso/login/admin whatever the query."""
+    app = fa.make_app(settings(login_url="/sso/login"), store=store, clock=clock)
+    seed = make_admin(store)
+    app.refresh(clock(), force=True)
+    page = call(app, "GET", "/sso/login")
+    cookie_header, token = csrf_for(app, page)
+    signed = call(app, "POST", "/sso/login", headers={**FORM, "Cookie": cookie_header}, body=urllib.parse.urlencode(
+        {"otp": code_at(seed, clock()), "csrf": token}).encode())
+    assert "Path=/sso/login/admin" in signed.cookies()[app.cookies.admin_name]
+    session = session_cookie(app, signed)
+    clock.advance(700)
+    csrf = csrf_token_of(admin_get(app, session).text)
+    clock.advance(30)
+    for path, query in ((ADMIN, "x=//evil.example"), (ADMIN + "/", "next=https://evil.example"),
+                        (ADMIN, "")):
+        answer = admin_post(app, session, {"action": "fresh", "otp": code_at(seed, clock())}, path, query, csrf)
+        if answer.status == 303:
+            location = answer.header("Location")
+            assert location.startswith("/sso/login/admin") and not location.startswith("//"), location
+        clock.advance(30)
+
+
+def test_cli_logout_session_edge_cases_end_nothing_of_anybody_else(tmp_path, store, clock, capsys):
+    """HELD. -logout alice --session with bob's id, a malformed or empty id, an id's prefix: exit 1
+    (CommandError), every session goes on."""
+    app = fa.make_app(settings(), store=store, clock=clock)
+    alice, bob = add_user(store, "alice"), add_user(store, "bob")
+    a = session_cookie(app, login(app, code_at(alice, clock())))
+    b = session_cookie(app, login(app, code_at(bob, clock())))
+    (bobs,) = store.live_sessions("bob", clock())
+    (alices,) = store.live_sessions("alice", clock())
+    for wrong in (fa.short_id(bobs.sid), bobs.sid, "", "zzzz", fa.short_id(alices.sid)[:4], "%", "' OR 1=1 --"):
+        with pytest.raises(fa.CommandError):
+            app.household.end_session("alice", wrong, fa.COMMAND_LINE)
+    app.refresh(clock(), force=True)
+    assert check(app, a).status == 200 and check(app, b).status == 200
+
+
+def test_a_user_agent_of_utf8_controls_through_waitress_reaches_neither_history_nor_notice_raw(store, clock,
+                                                                                                 capsys):
+    """HELD. U+202E (right-to-left override), U+2028 (line separator) and CR-free tricks sent as raw
+    UTF-8 bytes in User-Agent through real waitress arrive as latin-1 text whose C1 bytes are escaped:
+    no bidi override or line break in the notice or in -history."""
+    app, sent = app_with_notices(store, clock)
+    seed = add_user(store, "oma")
+    app.refresh(clock(), force=True)
+    server = Server(app)
+    try:
+        page = server.request("GET", "/login")
+        nonce = page.cookie_value(app.cookies.csrf_name)
+        body = urllib.parse.urlencode({"otp": code_at(seed, clock()), "csrf": csrf_token_of(page.text)})
+        agent = "Firefox \u202e1.1.1.1 \u2028oma signed out".encode("utf-8").decode("latin-1")
+        answer = server.request("POST", "/login", headers={**FORM, "Cookie": f"{app.cookies.csrf_name}={nonce}",
+                                                            "User-Agent": agent}, body=body)
+        assert answer.status == 302
+    finally:
+        server.stop()
+    assert app.notifier.drain(5)
+    cli = fa.CLI(settings(db_path=store.path), clock=clock)
+    try:
+        fa.cmd_history(cli, "oma")
+    finally:
+        cli.close()
+    printed = capsys.readouterr().out
+    for text in [title + body for title, body in sent] + [printed]:
+        assert "\u202e" not in text and "\u2028" not in text and "\x80" not in text
+
+
+def test_apprise_failures_never_log_the_url_or_its_token(store, clock, caplog):
+    """HELD. apprise URLs with a password or token to a closed loopback port: the failure is logged
+    (forward-auth's line, apprise's own warnings) without the secret."""
+    pytest.importorskip("apprise")
+    for url in ("json://user:s3cretpw@127.0.0.1:9/path", "ntfy://user:s3cretpw@127.0.0.1:9/topic",
+                "gotify://127.0.0.1:9/S3cretT0kenAbCdE"):
+        app = fa.make_app(settings(notify_url=fa.as_notify_url(url)), store=store, clock=clock)
+        with caplog.at_level(logging.INFO):
+            app.journal.record("deleted", "bob", clock(), actor="alice")
+            assert app.notifier.drain(15)
+        clock.advance(120)
+    assert "s3cret" not in caplog.text.lower() and "S3cretT0ken" not in caplog.text
+    assert "notice could not be sent" in caplog.text
+
+
+def test_odd_requests_to_every_admin_route_through_waitress_never_answer_500(store, clock):
+    """HELD. non-UTF-8 path and query bytes, %00, %0d%0a in the path, chunked and non-form bodies,
+    OPTIONS/HEAD/PUT, a bad X-Forwarded-Host, junk admin cookies: 4xx or a page, never 5xx."""
+    app = fa.make_app(settings(), store=store, clock=clock)
+    seed = make_admin(store)
+    add_user(store, "bob")
+    cookie = signed_in_as(app, seed, clock).encode()
+    csrf = csrf_token_of(admin_get(app, cookie.decode()).text).encode()
+    server = Server(app)
+    form = b"csrf=" + csrf + b"&action=hosts&hosts=x.example.com"
+
+    def raw(request):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(request)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return int(data.split(b" ", 2)[1])
+
+    head = b"Host: auth.example.com\r\nCookie: " + cookie + b"\r\nConnection: close\r\n"
+    post = head + b"Content-Type: application/x-www-form-urlencoded\r\n"
+    requests = [
+        b"GET /login/admin/user\xff?name=bob HTTP/1.1\r\n" + head + b"\r\n",
+        b"GET /login/admin/user?name=\xff\xfe HTTP/1.1\r\n" + head + b"\r\n",
+        b"GET /login/admin/%00 HTTP/1.1\r\n" + head + b"\r\n",
+        b"POST /login/admin/user%0d%0aSet-Cookie:x=1?name=bob HTTP/1.1\r\n" + post
+        + b"Content-Length: %d\r\n\r\n" % len(form) + form,
+        b"POST /login/admin/user?name=bob HTTP/1.1\r\n" + post + b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % len(form) + form + b"\r\n0\r\n\r\n",
+        b"POST /login/admin/user?name=bob HTTP/1.1\r\n" + head + b"Content-Type: text/plain\r\nContent-Length: 3\r\n\r\na=1",
+        b"POST /login/admin?\xff HTTP/1.1\r\n" + post + b"Content-Length: 10\r\n\r\naction=fre",
+        b"OPTIONS /login/admin HTTP/1.1\r\n" + head + b"\r\n",
+        b"PUT /login/admin/user?name=bob HTTP/1.1\r\n" + head + b"Content-Length: 0\r\n\r\n",
+        b"HEAD /login/admin/history HTTP/1.1\r\n" + head + b"\r\n",
+        b"POST /login/admin/user?name=bob HTTP/1.1\r\nX-Forwarded-Host: [::1\r\n" + post
+        + b"Content-Length: %d\r\n\r\n" % len(form) + form,
+        b"GET /login/admin HTTP/1.1\r\nHost: auth.example.com\r\nCookie: auth_token_admin=\xff\xfe; "
+        + b"auth_token_admin=" + b"A" * 3000 + b"; " + cookie + b"\r\nConnection: close\r\n\r\n",
+    ]
+    try:
+        statuses = [raw(request) for request in requests]
+    finally:
+        server.stop()
+    assert all(status < 500 for status in statuses), statuses
