@@ -2385,15 +2385,17 @@ def _eventually(predicate, deadline=10.0):
 @pytest.fixture
 def fresh_household(tmp, upstream, request):
     """A proxy with forward-auth services of its own (the flow changes their users): caddy or nginx."""
-    single = ForwardAuth(tmp)
+    single = ForwardAuth(tmp) if request.param != "traefik" else None  # Traefik's proxy makes its own
     try:
         running = start_proxy(request.param, tmp, single, upstream, name=f"household-{request.param}-{free_port()}")
     except BaseException:
-        single.stop()
+        if single is not None:
+            single.stop()
         raise
     yield running
     running.stop()
-    single.stop()
+    if single is not None:
+        single.stop()
 
 
 @pytest.mark.parametrize("fresh_household", ["caddy", "nginx"], indirect=True)
@@ -2401,6 +2403,13 @@ def test_the_household_runs_it_from_the_admin_page_in_chromium(fresh_household, 
     proxy = fresh_household
     shots = "admin" if proxy.kind == "caddy" else None
     household_on_the_admin_page(proxy, browser, proxy.single, APP, APP, shots)
+
+
+@pytest.mark.parametrize("fresh_household", ["traefik"], indirect=True)
+def test_the_household_runs_it_from_the_admin_page_through_traefik_in_chromium(fresh_household, browser):
+    """traefik.example.yml routes /login/… of each app host to forward-auth (its own login page each)."""
+    proxy = fresh_household
+    household_on_the_admin_page(proxy, browser, proxy.single, APP1, APP1)
 
 
 @pytest.mark.parametrize("fresh_household", ["caddy"], indirect=True)
