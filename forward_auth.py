@@ -3639,7 +3639,8 @@ class Cookies:
         proxy that passes forward-auth's cookies on, Traefik's, passes the session cookie, not this),
         and SameSite=Strict: a link from another site opens the page without it."""
         lifetime = self.settings.admin_fresh
-        token = sign_token({"sub": claims["sub"], "iat": int(now), "exp": int(now) + lifetime,
+        # exp one second past: "at most ADMIN_FRESH_SECONDS ago" includes the last second (fresh_for decides).
+        token = sign_token({"sub": claims["sub"], "iat": int(now), "exp": int(now) + lifetime + 1,
                             "jti": secrets.token_urlsafe(16), "sid": session_id(claims)}, self.admin_key)
         return ("Set-Cookie", self.header(self.admin_name, token, lifetime, "Strict", domain=False,
                                           path=self.admin_path))

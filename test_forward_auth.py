@@ -6280,6 +6280,17 @@ def test_a_fresh_code_opens_the_admin_page_again(app, store, admin, clock):
     assert "Invite someone" in admin_get(app, cookie).text
     clock.advance(2)
     assert "Invite someone" not in admin_get(app, cookie).text
+    assert store.history("alice")[0].event == "fresh-code"  # the step-up is in the history
+
+
+def test_admin_fresh_seconds_sets_how_old_a_code_may_be(store, clock):
+    app = fa.make_app(settings(admin_fresh=60), store=store, clock=clock)
+    seed = make_admin(store)
+    cookie = signed_in_as(app, seed, clock)
+    clock.advance(60)
+    assert "Invite someone" in admin_get(app, cookie).text
+    clock.advance(1)
+    assert "Invite someone" not in admin_get(app, cookie).text and "1 minute old" in admin_get(app, cookie).text
 
 
 def test_fresh_codes_count_toward_the_devices_limit_of_the_login_form(app, store, admin, clock):
