@@ -2071,7 +2071,7 @@ def attempt_event(event, outcome):
 # Who did something: an admin on the page (their name), the command line (''), or the
 # person themselves (None, on their own sign-in page).
 Actor = collections.namedtuple("Actor", "name ip agent")
-COMMAND_LINE = Actor("", "command line", "")
+COMMAND_LINE = Actor("", "", "")  # no address, no browser: the history's "by" says it
 
 
 class Notifier:
