@@ -2881,6 +2881,11 @@ class Request:
     def own_host(self):
         return self._header("HTTP_HOST") or self._environ.get("SERVER_NAME", "")
 
+    def target_mentions(self, text):
+        """Whether `text` is in the original URL's raw headers at all: one cheap look before a precise one."""
+        environ = self._environ
+        return text in environ.get("HTTP_X_FORWARDED_URI", "") or text in environ.get("HTTP_X_ORIGINAL_URL", "")
+
     @computed_once
     def _original(self):
         """(base, path, problem) of the original URL: see original_target()."""
@@ -4751,6 +4756,9 @@ class App:
     def _check(self, request, denial):
         """Decide, answer, and time and count the decision: the one place for both endpoints."""
         started = time.perf_counter()
+        if request.target_mentions(ADMIN_SUFFIX) and self._for_the_admin_page(request):
+            self.metrics.observe_verify("forbidden", DENIED, time.perf_counter() - started)
+            return 403, [], b"This address is forward-auth's admin page, not an app's\n"
         decision = self.gate.decide(request)
         verdict = decision.verdict
         result = verdict.value
@@ -4767,6 +4775,20 @@ class App:
             result, answer = denial(request)
         self.metrics.observe_verify(result, decision, time.perf_counter() - started)
         return answer
+
+    def _for_the_admin_page(self, request):
+        """A check for an address of the admin page: its raw path is the admin page's or under it (as a
+        browser matches the admin cookie's Path), on the login host. The proxy routed it to an app: Caddy
+        and nginx match `/login/admin/..%2f..%2fx` as the cleaned `/x`, which the browser sends with
+        the admin cookie. Refused, whoever asks, so no app behind ever gets the cookie's request."""
+        url = request.original_url
+        if url is None:
+            return False
+        parts = urllib.parse.urlsplit(url)
+        if self.settings.login.host is not None and request.original_host[0] != split_host(
+                self.settings.login.host)[0]:
+            return False  # another host's /login/admin is that app's own path
+        return any(parts.path == prefix or parts.path.startswith(prefix + "/") for prefix in self.admin.prefixes)
 
     def _verify_denial(self, request):
         if not request.wants_html:

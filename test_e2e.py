@@ -1338,6 +1338,9 @@ def test_the_app_gets_its_own_cookies_and_none_of_forward_auths(proxy):
         (f"{session}; app_session=1", "app_session=1"),
         (f"auth_token=junk; app_session=1; {session}; lang=en; auth_token_invite=x", "app_session=1; lang=en"),
         (f"{device};{session}", None),
+        # 4.0: the admin page's cookie, and all five of ours at once.
+        (f"auth_token_admin=x; app_session=1; {session}", "app_session=1"),
+        (f"{session}; {device}; auth_token_csrf=a; auth_token_invite=b; auth_token_admin=c; lang=en", "lang=en"),
         # Names that only look like ours are the app's.
         (f"{session}; auth_token_x=1; xauth_token=2; auth_tokens=3", "auth_token_x=1; xauth_token=2; auth_tokens=3"),
     ):

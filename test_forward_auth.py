@@ -7880,3 +7880,27 @@ def test_odd_requests_to_every_admin_route_through_waitress_never_answer_500(sto
     finally:
         server.stop()
     assert all(status < 500 for status in statuses), statuses
+
+
+@pytest.mark.parametrize("path", ["/login/admin", "/login/admin/", "/login/admin/..%2f..%2fsteal",
+                                  "/login/admin/user?name=x"])
+def test_a_check_for_an_admin_address_is_refused_whoever_asks(app, logged_in, path):
+    """Found by the third red team: Caddy and nginx route /login/admin/..%2f..%2fx to the app (they
+    match the cleaned path) while the browser sends it with the admin cookie. A check for such an
+    address can only mean the proxy sent an admin address to an app: refused, session or not."""
+    for headers in ({"X-Original-URL": "https://app1.example.com" + path},
+                    {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "app1.example.com", "X-Forwarded-Uri": path}):
+        for route in ("/verify", "/auth"):
+            answer = check(app, logged_in, url=None, path=route, headers=headers)
+            assert answer.status == 403 and answer.header("Remote-User") is None, (route, headers)
+    assert check(app, logged_in, url="https://app1.example.com/login/administrator").status == 200
+    assert check(app, logged_in, url="https://app1.example.com/admin").status == 200
+
+
+def test_under_a_shared_login_host_an_apps_own_login_admin_path_is_the_apps(store, clock, alice):
+    app = fa.make_app(settings(login_url="https://auth.example.com/login", cookie_domain=".example.com"),
+                      store=store, clock=clock)
+    app.refresh(clock(), force=True)
+    cookie = session_cookie(app, login(app, code_at(alice, clock())))
+    assert check(app, cookie, url="https://app1.example.com/login/admin").status == 200
+    assert check(app, cookie, url="https://auth.example.com/login/admin").status == 403
