@@ -16,11 +16,8 @@ Run: FORWARD_AUTH_REQUIRE_E2E=1 python -m pytest -q test_e2e_admin.py
 import html
 import itertools
 import json
-import os
 import re
-import shutil
 import socket
-import tempfile
 import time
 import urllib.parse
 
@@ -28,7 +25,7 @@ import pytest
 
 import test_e2e as e
 from conftest import csrf_token_of
-from test_e2e import APP, APP1, APP2, AUTH, DOMAIN, browser  # noqa: F401 - browser is a fixture
+from test_e2e import APP, APP1, APP2, AUTH, DOMAIN, browser, tmp, upstream  # noqa: F401 - fixtures
 
 ADMIN = "/login/admin"
 HOUSEHOLD = b"Invite someone"  # only the household's own page (the list) says this
@@ -38,25 +35,10 @@ NAMES = (f"rt3u{i}" for i in itertools.count())
 # --- Rigs: a proxy on its shipped config, with services of its own -------------------------
 
 
-@pytest.fixture(scope="module")
-def rt_tmp():
-    path = tempfile.mkdtemp(prefix="forward-auth-rt3-")
-    os.chmod(path, 0o755)  # nginx workers run as nobody
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def rt_upstream():
-    echo = e.Echo()
-    yield echo
-    echo.stop()
-
-
 class Rig:
     """One running proxy and what an admin reaches through it: (login host, service) pairs."""
 
-    def __init__(self, kind, tmp, upstream):
+    def __init__(self, kind, tmp, upstream):  # noqa: F811 - the fixtures imported above
         self.kind = kind
         self.own = e.ForwardAuth(tmp) if kind != "traefik" else None
         try:
@@ -86,23 +68,23 @@ class Rig:
 
 
 @pytest.fixture(scope="module", params=["caddy", "nginx", "traefik"])
-def rig(request, rt_tmp, rt_upstream):
-    running = Rig(request.param, rt_tmp, rt_upstream)
+def rig(request, tmp, upstream):  # noqa: F811 - the fixtures imported above
+    running = Rig(request.param, tmp, upstream)
     yield running
     running.stop()
 
 
 @pytest.fixture(scope="module", params=["caddy", "nginx"])
-def rig_cn(request, rt_tmp, rt_upstream):
+def rig_cn(request, tmp, upstream):  # noqa: F811 - the fixtures imported above
     """Caddy or nginx: the two with a shared-login-host variant and a cookie filter of their own."""
-    running = Rig(request.param, rt_tmp, rt_upstream)
+    running = Rig(request.param, tmp, upstream)
     yield running
     running.stop()
 
 
 @pytest.fixture(scope="module")
-def rig_traefik(rt_tmp, rt_upstream):
-    running = Rig("traefik", rt_tmp, rt_upstream)
+def rig_traefik(tmp, upstream):  # noqa: F811 - the fixtures imported above
+    running = Rig("traefik", tmp, upstream)
     yield running
     running.stop()
 
