@@ -2012,7 +2012,6 @@ class Throttle:
             return True
 
 
-
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -2068,6 +2067,8 @@ def attempt_event(event, outcome):
     if event == "invitation-used":
         return event if outcome is Outcome.SUCCESS else "sign-in" + OUTCOME_EVENTS[outcome]
     return event + OUTCOME_EVENTS[outcome]
+
+
 # Who did something: an admin on the page (their name), the command line (''), or the
 # person themselves (None, on their own sign-in page).
 Actor = collections.namedtuple("Actor", "name ip agent")
@@ -2172,10 +2173,7 @@ class Notifier:
         if credentials:
             headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode("utf-8")).decode()
         request = urllib.request.Request(url, data=body.encode("utf-8"), method="POST", headers=headers)
-        # No redirect followed: urllib would follow a 301 to the POST with a GET without the notice,
-        # and count its 200 as sent. A 3xx is an error here, and logged.
-        opener = urllib.request.build_opener(_NoRedirect)
-        with opener.open(request, timeout=self.timeout) as answer:
+        with _opener_without_redirects().open(request, timeout=self.timeout) as answer:
             answer.read(1024)
             if not 200 <= answer.status < 300:
                 raise RuntimeError(f"the receiver answered {answer.status}")
@@ -2201,24 +2199,17 @@ def _without_credentials(url):
     return urllib.parse.urlunsplit(parts._replace(netloc=host)), urllib.parse.unquote(userinfo)
 
 
-class _NoRedirect:
-    """A urllib handler that turns every redirect into an error (see Notifier._post)."""
+@functools.cache
+def _opener_without_redirects():
+    """urllib would follow a 301 to the notice's POST with a GET without it, and count its 200 as
+    sent: here a 3xx stays an HTTPError, and is logged."""
+    import urllib.request
 
-    handler_order = 100  # before urllib's own redirect handler (500)
+    class Refuse(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
 
-    def __lt__(self, other):
-        return self.handler_order < getattr(other, "handler_order", 500)
-
-    def add_parent(self, parent):
-        self.parent = parent
-
-    def close(self):
-        pass
-
-    def http_error_302(self, request, response, code, message, headers):
-        raise RuntimeError(f"the receiver redirects ({code}): give NOTIFY_URL the address it redirects to")
-
-    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+    return urllib.request.build_opener(Refuse)
 
 
 def _reason(error):
@@ -2339,10 +2330,6 @@ def _checked_identity(full_name=None, email=None, groups=None):
             "groups": _checked_groups(groups)}
 
 
-def groups_of(user):
-    return [group for group in (user.groups or "").split(",") if group]
-
-
 ADMIN_SUFFIX = "/admin"  # the admin page: LOGIN_URL + this, routed with the login page
 
 
@@ -2373,9 +2360,6 @@ class Household:
         if user is None:
             raise CommandError(f"no user named {name!r}")
         return user
-
-    def is_admin(self, user):
-        return is_admin_rule(self.settings, user)
 
     def invite(self, name, actor, *, hosts=None, full_name=None, email=None, groups=None, keep_tokens=False,
                new_only=False, reset_only=False):
@@ -2437,7 +2421,7 @@ class Household:
         if changes["groups"] is not None:
             parts.append(f"groups {','.join(changes['groups']) or '-'}")
             group = self.settings.admin_group
-            was = before is not None and self.is_admin(before)
+            was = before is not None and is_admin_rule(self.settings, before)
             if group and (group in changes["groups"]) != was:
                 parts.append("now an admin" if not was else "no longer an admin")
         return ", ".join(parts)
@@ -2995,7 +2979,7 @@ word-spacing:.3em;overflow-wrap:anywhere;user-select:all;margin:0 0 1rem}
 main.wide{max-width:46rem;padding:1.5rem 1.25rem}
 nav{display:flex;flex-wrap:wrap;gap:.25rem 1.25rem;justify-content:center;margin:-.5rem 0 1.25rem}
 h2{font-size:1.05rem;margin:1.75rem 0 .6rem;padding-top:1rem;border-top:1px solid var(--line)}
-input.field,textarea{width:100%;padding:.55rem .65rem;margin:0 0 .75rem;font:inherit;border:1px solid var(--line);
+input.field{width:100%;padding:.55rem .65rem;margin:0 0 .75rem;font:inherit;border:1px solid var(--line);
 border-radius:8px;background:transparent;color:inherit}
 label.check{font-weight:400;display:flex;gap:.5rem;align-items:center}
 .row{display:block;border:1px solid var(--line);border-radius:8px;padding:.6rem .8rem;margin:0 0 .5rem;
@@ -3726,6 +3710,7 @@ class SignIn:
         # count (a line per client would let a flood from many addresses fill the file).
         self._limited_lines = Throttle()
         self._limited_since = collections.Counter()
+        self._limited_lock = threading.Lock()
         self._refused_next_lines = Throttle()
         self._warned_plain_http = False
         self._unusable_seeds = set()  # users already logged as having a seed pyotp cannot use
@@ -3851,7 +3836,7 @@ class SignIn:
 
     def _remember_refused(self, event, user, request, device):
         """The history line of refused attempts: the first in a minute, with how many were refused since."""
-        with self.metrics._lock:
+        with self._limited_lock:
             self._limited_since[event] += 1
             if not self._limited_lines.due(event, request.now):
                 return
@@ -4310,7 +4295,7 @@ class Admin:
             form = self._checked_form(request, claims)
             if form.get("action") == "fresh":
                 return self._fresh_code(request, claims, form)
-        if not self._fresh(request, claims):
+        if not self.cookies.fresh_for(request, claims):
             return self._code_form(request, claims, None if method == "GET" else _Refused(
                 403, "Not done: type a fresh code first, then do it again."))
         actor = Actor(claims["sub"], str(request.ip), request.user_agent)
@@ -4344,9 +4329,6 @@ class Admin:
     def _csrf(self, claims):
         """Bound to the session (not to a cookie a sibling subdomain could plant), so it ends with it."""
         return _b64encode(hmac.new(self._csrf_key, session_id(claims).encode(), hashlib.sha256).digest())
-
-    def _fresh(self, request, claims):
-        return self.cookies.fresh_for(request, claims)
 
     def _code_form(self, request, claims, refusal=None):
         message, disabled = (refusal.message, refusal.disabled) if refusal else ("", False)
@@ -4549,7 +4531,7 @@ class Admin:
         household = self.household
         if action == "identity":
             household.set_identity(name, actor, form.get("full_name", "").strip(), form.get("email", "").strip(),
-                                   form.get("groups", "").replace(" ", ""))
+                                   form.get("groups", ""))
         elif action == "hosts":
             household.set_hosts(name, form.get("hosts", ""), actor)
         elif action == "end-sessions":
