@@ -673,6 +673,38 @@ def _read_variable(environ, name, default):
     return value if binary else value.removesuffix("\n")
 
 
+def cookie_domain_warning(settings, patterns):
+    """One line naming the fix when an absolute LOGIN_URL's session cookie cannot reach a host a
+    user may open (knowable from the host patterns `patterns`: `*` says nothing), else None. The
+    login host sets the cookie for itself, or for COOKIE_DOMAIN; a host outside both never gets
+    it, so a correct code there ends on the login page again (or a 404), with nothing in the log."""
+    login_host = settings.login.host and split_host(settings.login.host)[0]
+    if not login_host:
+        return None  # a relative LOGIN_URL: the cookie is set on each app's own host
+    domain = (settings.cookie_domain or "").strip(".")
+    for pattern in patterns:
+        name = split_host(pattern)[0].removeprefix("*.")
+        if pattern == EVERY_HOST or name == login_host or (domain and (name == domain or name.endswith("." + domain))):
+            continue
+        shared = _shared_parent(login_host, name)
+        fix = (f"set COOKIE_DOMAIN=.{shared}" if shared and not domain else
+               f"widen COOKIE_DOMAIN to .{shared}" if shared else "serve the login page under the apps' own domain")
+        reach = f"COOKIE_DOMAIN={settings.cookie_domain} does not cover" if domain else "without COOKIE_DOMAIN it is not"
+        return (f"LOGIN_URL is on {login_host}, and its session cookie cannot reach {name} ({reach} sent there): "
+                f"{fix}, or a sign-in for {name} never sticks")
+    return None
+
+
+def _shared_parent(a, b):
+    """The longest domain two host names share with at least two labels (home.example.com), or None."""
+    common = []
+    for left, right in zip(reversed(a.split(".")), reversed(b.split(".")), strict=False):
+        if left != right:
+            break
+        common.insert(0, left)
+    return ".".join(common) if len(common) >= 2 else None
+
+
 # --- Keys at rest -----------------------------------------------------------
 # With a code-only login the seed is the whole credential, so the database keeps every
 # seed (users' and pending invitations') and the stored cookie key sealed under a storage
@@ -1251,6 +1283,14 @@ class Store:
             return False
         return True
 
+    def record_login_url(self, value):
+        """At start: where this server's login page is, for the links the command line prints."""
+        self._write("INSERT OR REPLACE INTO meta VALUES ('login_url', ?)", (value,))
+
+    def recorded_login_url(self):
+        rows = self._query("SELECT value FROM meta WHERE key = 'login_url'")
+        return rows[0][0] if rows else None
+
     def had_user(self):
         """Whether this database ever held a user (a first user is created only in one that never did)."""
         return bool(self._query("SELECT 1 FROM meta WHERE key = 'had_user'"))
@@ -1400,14 +1440,15 @@ class Store:
             conn.execute("DELETE FROM invites")
             return voided
 
-    def live_sessions(self, name, now):
-        """Sessions not expired and not ended, newest first."""
+    def live_sessions(self, name, now, session_max=2**40):
+        """Sessions not expired (nor past `session_max` from their login: a lower SESSION_MAX_SECONDS
+        ends sessions already issued) and not ended, newest first."""
         sql = """SELECT s.jti, s.user, s.created, s.expires, s.ip, s.agent, coalesce(s.sid, s.jti), s.seen
                  FROM sessions s JOIN users u ON u.name = s.user
-                 WHERE s.expires > ? AND s.created >= u.sessions_after
+                 WHERE s.expires > ? AND s.created + ? > ? AND s.created >= u.sessions_after
                  AND s.jti NOT IN (SELECT jti FROM revoked) AND (? IS NULL OR s.user = ?)
                  ORDER BY s.created DESC, s.rowid DESC"""
-        return [SessionRecord(*row) for row in self._query(sql, (int(now), name, name))]
+        return [SessionRecord(*row) for row in self._query(sql, (int(now), session_max, int(now), name, name))]
 
     def revoke(self, revocations, quick=False):
         """Store {jti: expires}; `quick` waits at most 100 ms for a lock (then sqlite3.Error)."""
@@ -2437,7 +2478,8 @@ class Household:
         """End one live session of NAME, named by its short id (or its whole id)."""
         self.require_user(name)
         now = self.clock()
-        found = [s for s in self.store.live_sessions(name, now) if session in (short_id(s.sid), s.sid)]
+        found = [s for s in self.store.live_sessions(name, now, self.settings.session_max)
+                 if session in (short_id(s.sid), s.sid)]
         if not found:
             raise CommandError(f"{name} has no live session {session!r} (see -sessions {name})")
         self.store.end_session(found[0].sid)
@@ -3455,7 +3497,7 @@ class Gate:
         now, found = request.now, None
         for claims in signed:
             # Checked on every request, cached or not: expiry, revocation, the user.
-            if claims["exp"] > now and claims["jti"] not in view.revoked and self._current(claims, view):
+            if claims["until"] > now and claims["jti"] not in view.revoked and self._current(claims, view):
                 if found is not None and found["sub"] != claims["sub"]:
                     return None
                 found = found or claims
@@ -3469,7 +3511,7 @@ class Gate:
             return None
         view = self.view
         return next((claims for claims in self._signed_sessions(request, None)
-                     if claims["exp"] > request.now and claims["jti"] in view.revoked and self._current(claims, view)),
+                     if claims["until"] > request.now and claims["jti"] in view.revoked and self._current(claims, view)),
                     None)
 
     def _signed_sessions(self, request, memo_key):
@@ -3477,12 +3519,22 @@ class Gate:
         for token in request.cookie_values(self.cookie_name):
             claims, _reason = verify_token(token, self.session_key, request.now)
             if claims is not None:
+                claims["until"] = self._until(claims)
                 signed.append(claims)
         if signed and memo_key:  # only headers with a valid signature: a stranger's junk is never kept
             if len(self._claims) >= TOKEN_CACHE_SIZE:
                 self._claims.clear()
             self._claims[memo_key] = signed
         return signed
+
+    def _until(self, claims):
+        """When a session ends by today's settings: its token's `exp`, or sooner where a lower
+        SESSION_TTL_SECONDS (from `iat`, its last issue) or SESSION_MAX_SECONDS (from its login)
+        says so. A token carries the lifetimes of the day it was issued; lowering them after a
+        restart must shorten the sessions already out there too (SPEC, the first week). `exp`
+        itself stays what was signed: a revocation is kept until then, so raising the lifetimes
+        again cannot bring a revoked session back."""
+        return min(claims["exp"], claims["iat"] + self.session_ttl, login_time(claims) + self.session_max)
 
     @staticmethod
     def _current(claims, view):
@@ -3500,11 +3552,11 @@ class Gate:
     def renewal(self, claims, now):
         """The claims a renewed session gets, or None: only a session past half its idle lifetime
         renews (a fresher one would gain little and cost a revocation), and never past its cap."""
-        if claims["exp"] - now >= self.renew_after:
+        if claims["until"] - now >= self.renew_after:
             return None
         login = login_time(claims)
         expires = min(int(now) + self.session_ttl, login + self.session_max)
-        if expires <= claims["exp"]:
+        if expires <= claims["until"]:
             return None
         renewed = new_claims(claims["sub"], now, 0, login)
         renewed["exp"], renewed["sid"] = expires, session_id(claims)
@@ -3527,7 +3579,7 @@ class Gate:
         hosts = view.rules[name].hosts
         decision = view.allowed[(name, False)] if hosts is None else self._by_host(request, view, name, hosts)
         # One comparison on the hot path: renewal is looked at only past half the idle lifetime.
-        if claims["exp"] - request.now < self.renew_after and decision.verdict is Verdict.ALLOW:
+        if claims["until"] - request.now < self.renew_after and decision.verdict is Verdict.ALLOW:
             return self._renewal_due(request, claims) or decision
         return decision
 
@@ -3774,7 +3826,11 @@ class SignIn:
             if form.get("action") == "forget":
                 return self._forget_device(request, next_value)
             device = self.cookies.device(request, self.gate)
-            claims = self.attempt(request, device, lambda: self._judge_code(request, form.get("otp", ""), device))
+            # A browser bound to one person tries only that person's code, so naming them tells a
+            # stranger nothing, and points whoever it is not at "Not NAME?" before the lockout.
+            wrong = f"Wrong code for {device['sub']}. Not {device['sub']}? Use the button below." if device else None
+            claims = self.attempt(request, device, lambda: self._judge_code(request, form.get("otp", ""), device),
+                                  wrong=wrong)
         except _Refused as refusal:
             return self.form(request, next_value, refusal)
         return self.signed_in(request, claims, self.landing(request, next_value))
@@ -3796,9 +3852,12 @@ class SignIn:
             raise HTTPError(403, b"Cross-site request refused\n")
         if not self.cookies.csrf_valid(request, form.get("csrf", "")):
             self.count(Outcome.CSRF, None, request)
+            if self._cookies_will_be_dropped(request):  # the reason, not what it looks like (SPEC, first week)
+                raise _Refused(403, "This browser could not keep the sign-in: the page came over plain HTTP, and "
+                                    "it needs HTTPS here (see below).")
             raise _Refused(403, "This form expired. Please enter the code again.")
 
-    def attempt(self, request, device, judge, group=None, event="sign-in", user=None):
+    def attempt(self, request, device, judge, group=None, event="sign-in", user=None, wrong=None):
         """Run `judge` within the guessing limits; the new session's claims, or _Refused.
 
         A device is limited per device; anyone else per client IP and by the global ceiling
@@ -3831,7 +3890,7 @@ class SignIn:
         if outcome is Outcome.REPLAY:
             raise _Refused(401, "That code was just used. Wait for the next one.")
         if outcome is not Outcome.SUCCESS:
-            raise _Refused(401, "Wrong code. Try again.")
+            raise _Refused(401, wrong or "Wrong code. Try again.")
         return claims
 
     def _remember_refused(self, event, user, request, device):
@@ -4402,7 +4461,7 @@ class Admin:
         sessions = [fragment(ADMIN_SESSION_ROW, login=format_time(s.created), seen=format_time(s.seen or s.created),
                              this=" · this browser" if s.sid == own else "", ip=s.ip, agent=s.agent or "-",
                              csrf=csrf, session=short_id(s.sid))
-                    for s in self.store.live_sessions(name, request.now)]
+                    for s in self.store.live_sessions(name, request.now, self.settings.session_max)]
         tokens = [fragment(ADMIN_TOKEN_ROW, label=t.label, hosts=t.hosts, created=format_time(t.created),
                            expires=format_time(t.expires) if t.expires else "never", used=format_time(t.last_used),
                            csrf=csrf)
@@ -4643,6 +4702,7 @@ class App:
         self.basic_auth_hosts = HostList(settings.basic_auth_hosts)
         self.forbidden_log = Throttle()
         self.bad_token_log = Throttle()
+        self.cookie_reach_log = Throttle()
         login = settings.login
         self.routes = {
             ("*", "/verify"): self.verify,
@@ -4653,6 +4713,7 @@ class App:
             ("POST", "/logout"): self.logout,
             ("GET", "/health"): self.health,
             ("GET", "/metrics"): self.metrics_page,
+            ("GET", "/"): self.home,
             # LOGIN_URL's own paths (/sso/login, /sso/logout) where the proxy passes them unchanged.
             ("GET", login.path): self.login_page,
             ("POST", login.path): self.login,
@@ -4820,10 +4881,21 @@ class App:
         query = [("renew", "1")] if renew else []
         if request.original_url:
             query.append(("next", request.original_url))
+            if login.base is not None:
+                self._warn_if_the_cookie_cannot_follow(request)
         location = login.url + ("?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="") if query else "")
         if login.base is None and request.original_base:
             return request.original_base + location
         return location
+
+    def _warn_if_the_cookie_cannot_follow(self, request):
+        """Once a minute per host: a browser sent to a login host whose cookie will not reach the
+        host it came from (COOKIE_DOMAIN missing or too narrow) signs in and is sent back to the
+        login page; the log says so and names the fix."""
+        name = request.original_host and request.original_host[0]
+        warning = name and cookie_domain_warning(self.settings, [name])
+        if warning and self.cookie_reach_log.due(name, request.now):
+            log.warning("%s", warning)
 
     def _nginx_login_location(self, request):
         """The login URL for nginx, always absolute: nginx treats a relative Location as an internal redirect."""
@@ -4918,6 +4990,11 @@ class App:
                             ip=str(request.ip), agent=request.user_agent)
 
     # -- Health, metrics --
+
+    def home(self, request):
+        """The login host's own /, which the shipped shared-login configs route here: the login page
+        (the signed-in page for a session), never a 404 as the first screen a new member sees."""
+        return 302, [("Location", self.settings.login.url)], b""
 
     def health(self, request):
         headers = [("Content-Type", "application/json")]
@@ -5054,13 +5131,15 @@ def cmd_generate(cli, name=None):
 
 def cmd_invite(cli, name, url=None, keep_tokens=None, hosts=None, full_name=None, email=None, groups=None):
     _checked_name(name)
-    link_base = _invite_base(cli.settings, url)
+    asked_base = _url_base(url)
     _checked_identity(full_name, email, groups)  # usage errors before the database is opened
     if hosts is not None:
         _pattern_list(hosts)
+    login = _links_login(cli)
+    link_base = _invite_base(login, asked_base, url)
     invitation = cli.household.invite(name, COMMAND_LINE, hosts=hosts, full_name=full_name, email=email,
                                       groups=groups, keep_tokens=keep_tokens)
-    path = cli.settings.login.path
+    path = login.path
     tokens = "app tokens are kept (--keep-tokens)" if keep_tokens else "so did their app tokens (--keep-tokens keeps them)"
     what = "a new user, who can sign in once the link is used" if invitation.new else (
         f"their old authenticator and every session stopped working now, {tokens}; their hosts are kept")
@@ -5076,17 +5155,43 @@ def cmd_invite(cli, name, url=None, keep_tokens=None, hosts=None, full_name=None
           "browser that opens it, and only to that one. -list shows when it was opened.")
 
 
-def _invite_base(settings, base):
-    """scheme://host the link starts with: an absolute LOGIN_URL's, else --url, else '' (relative)."""
-    if settings.login.base:
-        return settings.login.base
-    if base is None:
-        return ""
-    parts = urllib.parse.urlsplit(base.strip())
+def _url_base(url):
+    """scheme://host of --url (None without it); UsageError for anything else."""
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(url.strip())
     host = normalise_host(parts.netloc, parts.scheme) if parts.scheme in DEFAULT_PORTS else None
     if host is None or "@" in parts.netloc or parts.path.strip("/") or parts.query:
-        raise UsageError(f"--url {base!r}: expected https://host (the address of a protected app)")
+        raise UsageError(f"--url {url!r}: expected https://host (the address of a protected app)")
     return f"{parts.scheme}://{host}"
+
+
+def _links_login(cli):
+    """The LoginURL the links this command prints must use: the running server's, as it recorded it
+    at its start (the CLI often runs with DB_PATH alone, where LOGIN_URL is the default /login and a
+    link would lead to an app host that does not route it), else this environment's."""
+    recorded = cli.store.recorded_login_url()
+    if recorded is None or recorded == cli.settings.login_url:
+        return cli.settings.login
+    try:
+        login = login_url_of(as_login_url(recorded))
+    except ValueError:  # not written by a server of ours: this environment's
+        return cli.settings.login
+    if cli.settings.login.base and cli.settings.login.url != login.url:
+        print(f"note: LOGIN_URL here is {cli.settings.login.url}, the server's is {login.url} (recorded at its "
+              "start): the link uses the server's", file=sys.stderr)
+    return login
+
+
+def _invite_base(login, asked_base, url):
+    """scheme://host the link starts with: an absolute LOGIN_URL's, else --url's, else '' (relative).
+    A --url that an absolute LOGIN_URL contradicts is refused, not silently ignored."""
+    if login.base:
+        if asked_base is not None and asked_base != login.base:
+            raise UsageError(f"--url {url!r} is not where the login page is: LOGIN_URL is {login.url}, so links "
+                             f"start with {login.base}; leave --url out")
+        return login.base
+    return asked_base or ""
 
 
 def _duration(seconds):
@@ -5181,7 +5286,7 @@ def cmd_revoke_token(cli, name, label):
 def cmd_sessions(cli, name=None):
     if name is not None:
         cli.require_user(name)
-    sessions = cli.store.live_sessions(name, cli.clock())
+    sessions = cli.store.live_sessions(name, cli.clock(), cli.settings.session_max)
     if not sessions:
         print("no live sessions")
         return
@@ -5514,10 +5619,6 @@ def configure_logging(settings):
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    # waitress warns "Task queue depth is N" whenever requests wait for a free
-    # thread, which under load is most of them: it floods the journal and costs
-    # 10-20 % of throughput. Queueing is normal here; THREADS sizes it.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
 class _JSONFormatter(logging.Formatter):
@@ -5548,6 +5649,11 @@ def create_server(app, settings, **overrides):
     """A waitress server for `app`, listening but not yet running; OSError naming the address."""
     import waitress.server
 
+    # waitress warns "Task queue depth is N" whenever requests wait for a free
+    # thread, which under load is most of them: it floods the journal and costs
+    # 10-20 % of throughput. Queueing is normal here; THREADS sizes it. Set with
+    # the server, so every server made here (the tests' too) is as quiet.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     options = {"host": settings.host, "port": settings.port, "threads": settings.threads, **SERVER_OPTIONS}
     options.update(overrides)
     try:
@@ -5582,6 +5688,7 @@ def serve(settings, store, environ=None):
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # from here on, a stop is a clean exit
     try:
         warn_near_misses(environ or {})
+        _record_login_url(store, settings, app)
         _first_start(store, settings, app)
         _return_freed_memory()
         where = _listen_address(settings.host, server.effective_port)
@@ -5623,6 +5730,18 @@ def _edit_distance(a, b):
             current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
         previous = current
     return previous[-1]
+
+
+def _record_login_url(store, settings, app):
+    """Where the login page is, for the command line's links (and the warning when cookies cannot
+    follow a shared login host there)."""
+    try:
+        store.record_login_url(settings.login_url)
+    except sqlite3.Error as error:  # the links fall back to the command line's own LOGIN_URL
+        log.warning("cannot record LOGIN_URL for the command line's links: %s", error)
+    patterns = {p for user in store.users() for p in (_hosts_rule(user.hosts) or ())}
+    if (warning := cookie_domain_warning(settings, sorted(patterns))) is not None:
+        log.warning("%s", warning)
 
 
 def _first_start(store, settings, app):

@@ -379,6 +379,22 @@ def test_radicale_never_believes_a_clients_own_remote_user(calendar, calendar_se
         drop_token(calendar_service, "alice", label)
 
 
+def test_radicales_web_page_takes_any_password_behind_a_session(calendar, calendar_service):
+    """README: Radicale's own web page (/.web/) asks for a user name and password again, and its
+    script then sends them as Basic credentials with the browser's session cookie. forward-auth
+    judges the cookie (the password is no app token of ours) and Radicale takes the user from
+    Remote-User, so the person's own name and any password open their calendars, and another
+    name opens nobody else's."""
+    key = calendar_service.app.cookies.session_key
+    cookie = "auth_token=" + fa.sign_token(fa.new_claims("alice", calendar_service.clock(), 3600), key)
+    typed = "Basic " + base64.b64encode(b"alice:anything at all").decode()
+    mine = calendar.request("PROPFIND", "/alice/", headers={"Cookie": cookie, "Authorization": typed, "Depth": "0"})
+    assert mine.status == 207, (mine.status, mine.body[:300])
+    other = "Basic " + base64.b64encode(b"bob:whatever").decode()
+    theirs = calendar.request("PROPFIND", "/bob/", headers={"Cookie": cookie, "Authorization": other, "Depth": "0"})
+    assert theirs.status in (403, 404), theirs.status
+
+
 # --- Prometheus -------------------------------------------------------------------------------
 
 

@@ -1572,9 +1572,10 @@ def test_a_deleted_user_loses_every_session_within_a_second(app, logged_in, db_p
 
 
 def test_a_token_issued_before_the_user_was_created_still_counts(app, alice, store, clock):
-    # Only a deletion kills older tokens: a token minted with the key, backdated, is valid until exp.
+    # Only a deletion kills older tokens: a token minted with the key, backdated to before alice was
+    # created (an hour ago) but within today's lifetimes (4.0 judges iat by them), is valid until exp.
     app.refresh(clock(), force=True)
-    token = fa.sign_token({"sub": "alice", "iat": int(clock()) - 86400 * 30, "exp": int(clock()) + 60, "jti": "j"},
+    token = fa.sign_token({"sub": "alice", "iat": int(clock()) - 7200, "exp": int(clock()) + 60, "jti": "j"},
                           app.cookies.session_key)
     r = call(app, "GET", "/verify", headers={"Cookie": f"auth_token={token}"})
     assert (r.status, r.header("Remote-User")) == (200, "alice")
@@ -2876,6 +2877,16 @@ def test_parallel_guesses_from_one_address_stop_at_the_per_ip_limit(store, alice
         server.stop()
 
 
+def revoked_within(server, cookie, deadline):
+    """Whether /verify stops letting `cookie` in before `deadline` real seconds pass (the app's
+    clock does not move: the time allowed is the machine's, for a refresh already under way)."""
+    until = time.monotonic() + deadline
+    while time.monotonic() < until:
+        if server.request("GET", "/verify", headers={"Cookie": cookie}).status in (302, 401):
+            return True
+    return False
+
+
 def test_16_clients_log_in_and_verify_while_the_cli_adds_and_revokes_users(tmp_path, db_path, store, clock):
     seeds = {f"c{i}": add_user(store, f"c{i}") for i in range(16)}
     app = fa.make_app(settings(max_login_attempts=10**6, global_max_failures=10**6), store=store, clock=clock)
@@ -2923,10 +2934,10 @@ def test_16_clients_log_in_and_verify_while_the_cli_adds_and_revokes_users(tmp_p
             assert revoked.returncode == 0, revoked.stderr
             with clock_lock:
                 clock.advance(1)  # a second later, by the app's clock, the revocation holds
-            # A refresh another client started a moment before the CLI's commit may still be
-            # in flight (the check never waits for it): allow a few answers, not a second.
-            statuses = [server.request("GET", "/verify", headers={"Cookie": cookie}).status for _ in range(5)]
-            assert 302 in statuses or 401 in statuses, "a revocation took more than a second"
+            # A refresh another client started a moment before the CLI's commit may still be in
+            # flight (the check never waits for it), and on a loaded machine it may take a while:
+            # poll, with the app's clock held at one second after the revocation.
+            assert revoked_within(server, cookie, deadline=20), "a revocation took more than a second"
     finally:
         stop.set()
         for t in threads:
@@ -3653,10 +3664,10 @@ def test_metrics_parse_with_the_prometheus_parser(app, logged_in):
     assert samples[("forward_auth_logins_total", (("result", "success"),))] == 1
 
 
-def test_the_readme_documents_every_setting():
-    readme = read("README.md")
+def test_the_reference_documents_every_setting():
+    reference = read(os.path.join("docs", "reference.md"))
     for _field, name, _default, _convert in fa.SETTINGS:
-        assert f"`{name}`" in readme, name
+        assert re.search(rf"^\| (`\w+` / )?`{name}`( / `\w+`)? \|", reference, re.MULTILINE), name
 
 
 def test_any_wsgi_server_can_load_forward_auth_app(tmp_path):
@@ -6015,8 +6026,7 @@ def test_restore_ends_the_sessions_of_a_user_row_missing_from_the_index(tmp_path
     its old sessions_after: a cookie alice signed out (-logout) comes back after the restore, and a
     later -logout alice (which updates only the indexed row) does not end it either."""
     db, backup, _ = rt3_installation(tmp_path)
-    cookie = rt3_stolen_cookie(db)
-    time.sleep(1.1)
+    cookie = rt3_stolen_cookie(db)  # issued 5 s ago: before the sign-out below, with no wait
     assert rt3_run_cli(db, "-logout", "alice").returncode == 0  # the owner ends the stolen session
     app = rt3_app_of(db)
     assert rt3_verify(app, cookie) == 401
@@ -6087,8 +6097,7 @@ def test_after_a_restore_a_logout_survives_a_restart(tmp_path):
     conn.close()
     out = rt3_run_cli(db, "-restore", str(crafted))
     assert out.returncode == 0, out.stderr
-    time.sleep(1.1)  # a session that begins after the restore
-    cookie = rt3_stolen_cookie(db, ago=0)
+    cookie = rt3_stolen_cookie(db, ago=0)  # a session that begins after the restore (the same second counts)
     app = rt3_app_of(db)
     assert rt3_verify(app, cookie) == 200
     assert rt3_call(app, "GET", "/logout", {"Cookie": cookie})[0] == 302  # alice signs out
@@ -7904,3 +7913,158 @@ def test_under_a_shared_login_host_an_apps_own_login_admin_path_is_the_apps(stor
     cookie = session_cookie(app, login(app, code_at(alice, clock())))
     assert check(app, cookie, url="https://app1.example.com/login/admin").status == 200
     assert check(app, cookie, url="https://auth.example.com/login/admin").status == 403
+
+
+# --- 4.0: the household's first week (issue 26) -------------------------------------
+
+
+def test_the_login_hosts_own_root_is_the_login_page_not_a_404(store, alice, clock):
+    """The shipped shared-login configs route the login host's / here: the first screen a new
+    member sees (an invitation finished with nowhere to go) is never a 404."""
+    app = fa.make_app(settings(login_url="https://auth.example.com/login", cookie_domain=".example.com"),
+                      store=store, clock=clock)
+    r = call(app, "GET", "/")
+    assert r.status == 302 and r.header("Location") == "https://auth.example.com/login"
+    assert call(app, "HEAD", "/").status == 302
+    cookie = session_cookie(app, login(app, code_at(alice, clock()), "/"))
+    page = call(app, "GET", "/login", headers={"Cookie": cookie})
+    assert page.status == 200 and "Signed in as alice" in page.text
+    relative = fa.make_app(settings(), store=store, clock=clock)
+    assert call(relative, "GET", "/").header("Location") == "/login"
+
+
+@pytest.mark.parametrize("lowered", [{"session_ttl": 60, "session_max": 86400}, {"session_ttl": 60, "session_max": 60}])
+def test_lower_lifetimes_shorten_sessions_already_issued(store, alice, clock, lowered):
+    """A 24 h cookie must not outlive a restart with SESSION_TTL_SECONDS=60: judged from its iat
+    (and its login, for SESSION_MAX_SECONDS) against today's settings, not only its own exp."""
+    before = fa.make_app(settings(), store=store, clock=clock)
+    cookie = session_cookie(before, login(before, code_at(alice, clock())))
+    clock.advance(61)
+    assert check(before, cookie).status == 200
+    after = fa.make_app(settings(**lowered), store=store, clock=clock)  # the restart
+    assert check(after, cookie).status == 401
+    assert after.gate.session(fa.Request(_environ(cookie), after.trust, clock())) is None
+
+
+def test_a_lower_session_max_ends_sessions_from_their_login_and_they_leave_the_lists(store, alice, clock, capsys,
+                                                                                    db_path):
+    day = fa.make_app(settings(), store=store, clock=clock)
+    cookie = session_cookie(day, login(day, code_at(alice, clock())))
+    clock.advance(3600)
+    capped = fa.make_app(settings(session_ttl=600, session_max=1800), store=store, clock=clock)
+    assert check(capped, cookie).status == 401  # an hour after its login, past today's 30 min cap
+    assert store.live_sessions("alice", clock(), 1800) == [] and len(store.live_sessions("alice", clock())) == 1
+
+
+def test_a_revocation_outlives_the_lowered_lifetime_when_it_is_raised_again(store, alice, clock):
+    """The lowered lifetime ends a session early, but a revocation is kept until the token's own
+    exp: raising the lifetime again must not bring a signed-out session back."""
+    day = fa.make_app(settings(), store=store, clock=clock)
+    cookie = session_cookie(day, login(day, code_at(alice, clock())))
+    short = fa.make_app(settings(session_ttl=60, session_max=60), store=store, clock=clock)
+    call(short, "GET", "/logout", headers={"Cookie": cookie})
+    clock.advance(3600)
+    short.gate.purge_expired(clock())
+    again = fa.make_app(settings(), store=store, clock=clock)
+    assert check(again, cookie).status == 401
+
+
+def _environ(cookie):
+    return {"REQUEST_METHOD": "GET", "PATH_INFO": "/verify", "HTTP_COOKIE": cookie, "REMOTE_ADDR": "127.0.0.1",
+            "wsgi.url_scheme": "http", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "3000"}
+
+
+def test_the_server_records_its_login_url_and_the_cli_links_use_it(db_path, capsys, monkeypatch):
+    """`-invite` with DB_PATH alone (the README's systemd line) printed a link on an app host that
+    the shared-login configs do not route: the server's own LOGIN_URL, recorded at its start, wins."""
+    shared = {"LOGIN_URL": "https://auth.example.com/login", "COOKIE_DOMAIN": ".example.com"}
+    started = fa.Store(db_path)
+    settings_ = fa.Settings.from_env({"DB_PATH": db_path, **shared})
+    app = fa.make_app(settings_, store=started)
+    fa._record_login_url(started, settings_, app)
+    started.close()
+    code, out, _ = run_main(["-invite", "teen"], db_path, capsys)
+    assert code == 0 and re.search(r"^Link: https://auth\.example\.com/login\?invite=\S+$", out, re.MULTILINE), out
+    code, out, _ = run_main(["-invite", "oma", "--url", "https://auth.example.com"], db_path, capsys)
+    assert code == 0 and "Link: https://auth.example.com/login?invite=" in out
+    code, out, err = run_main(["-invite", "opa", "--url", "https://wiki.example.com"], db_path, capsys)
+    assert code == 2 and "--url 'https://wiki.example.com' is not where the login page is" in err and out == ""
+    assert len(err.strip().splitlines()) == 1 and fa.Store(db_path).user("opa") is None
+    code, out, err = run_main(["-invite", "opa", "--url", "https://wiki.example.com"], db_path, capsys,
+                              LOGIN_URL="https://auth.example.com/login")
+    assert code == 2 and "not where the login page is" in err
+
+
+def test_a_relative_login_url_keeps_url_and_the_printed_hint(db_path, capsys):
+    code, out, _ = run_main(["-invite", "teen", "--url", "https://wiki.example.com"], db_path, capsys)
+    assert code == 0 and "Link: https://wiki.example.com/login?invite=" in out
+    code, out, _ = run_main(["-invite", "kid"], db_path, capsys)
+    assert code == 0 and re.search(r"^Link: /login\?invite=", out, re.MULTILINE)
+
+
+def test_an_absolute_login_url_whose_cookie_cannot_reach_a_users_host_warns_at_start(store, caplog):
+    store.add_user("teen", fa.new_seed(), NOW)
+    store.set_hosts("teen", ["wiki.home.example"])
+    cases = [
+        ({"login_url": "https://auth.home.example/login"}, "set COOKIE_DOMAIN=.home.example"),
+        ({"login_url": "https://auth.a.home.example/login", "cookie_domain": ".a.home.example"},
+         "widen COOKIE_DOMAIN to .home.example"),
+        ({"login_url": "https://auth.home.example/login", "cookie_domain": ".home.example"}, None),
+        ({}, None),
+    ]
+    for overrides, fix in cases:
+        caplog.clear()
+        s = settings(**overrides)
+        with caplog.at_level(logging.WARNING, logger="forward_auth"):
+            fa._record_login_url(store, s, fa.make_app(s, store=store))
+        lines = [r.getMessage() for r in caplog.records if "LOGIN_URL is on" in r.getMessage()]
+        if fix is None:
+            assert lines == [], (overrides, lines)
+        else:
+            assert len(lines) == 1 and fix in lines[0] and "wiki.home.example" in lines[0], (overrides, lines)
+
+
+def test_a_browser_sent_from_a_host_the_cookie_cannot_reach_is_logged_once_a_minute(store, alice, clock, caplog):
+    app = fa.make_app(settings(login_url="https://auth.example.com/login"), store=store, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="forward_auth"):
+        for _ in range(3):
+            r = check(app, url="https://wiki.example.com/page", headers={"Accept": "text/html"})
+            assert r.status == 302
+        check(app, url="https://auth.example.com/other", headers={"Accept": "text/html"})
+    lines = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
+    assert len(lines) == 1 and "set COOKIE_DOMAIN=.example.com" in lines[0] and "wiki.example.com" in lines[0]
+
+
+def test_plain_http_with_secure_cookies_says_so_instead_of_form_expired(store, alice, clock):
+    app = fa.make_app(settings(secure_cookies=True), store=store, clock=clock)
+    body = urllib.parse.urlencode({"otp": code_at(alice, clock()), "csrf": "x", "next": "/"}).encode()
+    r = call(app, "POST", "/login", body=body, headers={**FORM, "Host": "home.example.net",
+                                                        "X-Forwarded-Proto": "http"})
+    message = re.search(r'<p class="message"[^>]*>(.*?)</p>', r.text, re.DOTALL).group(1)
+    assert r.status == 403 and "plain HTTP" in message and "expired" not in message
+
+
+def test_a_wrong_code_on_a_browser_bound_to_oma_says_so_and_points_at_not_oma(store, clock):
+    oma, stranger = add_user(store, "oma"), add_user(store, "gast")
+    app = fa.make_app(settings(), store=store, clock=clock)
+    device = device_of(app, login(app, code_at(oma, clock())))
+    clock.advance(fa.STEP)
+    r = login(app, code_at(stranger, clock()), extra_cookie=device)  # the guest's right code, on oma's browser
+    assert r.status == 401 and "Wrong code for oma. Not oma?" in r.text and "Not oma?</button>" in r.text
+    clock.advance(fa.STEP)
+    r = login(app, wrong_code_for(oma, stranger, now=clock()), extra_cookie=device)
+    assert "Wrong code for oma. Not oma?" in r.text  # the same words for any wrong code: no oracle
+    r = login(app, wrong_code_for(oma, stranger, now=clock()))  # no device: the plain message
+    assert "Wrong code. Try again." in r.text and "for oma" not in r.text
+
+
+def test_the_servers_made_here_never_log_waitress_queue_depth(store, alice, clock, caplog):
+    """A test server is quiet about queueing as the product is (the flaky test's log had 118)."""
+    app = fa.make_app(settings(), store=store, clock=clock)
+    server = Server(app, threads=1)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            parallel(lambda _i: server.request("GET", "/health").status, range(64))
+    finally:
+        server.stop()
+    assert not [r for r in caplog.records if "queue depth" in r.getMessage()]
