@@ -8068,3 +8068,77 @@ def test_the_servers_made_here_never_log_waitress_queue_depth(store, alice, cloc
     finally:
         server.stop()
     assert not [r for r in caplog.records if "queue depth" in r.getMessage()]
+
+
+HOUSEHOLD_PATH = ["Two commands", "Quick start: protect one app", "A household's first hour", "Run it as a service",
+                  "Protect your apps", "The household: run it from a phone", "Add a person", "Who may open what",
+                  "Sessions", "Backup and restore"]
+
+
+def test_the_readme_leads_with_the_household_and_keeps_the_reference_in_docs():
+    """Issue 26: the README was 1,573 lines with the household path spread between security
+    arithmetic and benchmark tables. Now the household path comes first, in this order, and the
+    reference (settings, commands, endpoints, security model, benchmark) lives in docs/."""
+    readme = read("README.md")
+    headings = re.findall(r"^## (.+)$", re.sub(r"```.*?```", "", readme, flags=re.DOTALL), re.MULTILINE)
+    assert headings[:len(HOUSEHOLD_PATH)] == HOUSEHOLD_PATH, headings
+    for moved, where in (("Configuration", "reference.md"), ("Command line", "reference.md"),
+                         ("HTTP endpoints", "reference.md"), ("Security model", "security.md"),
+                         ("Performance", "performance.md"), ("Proxy configuration", "proxies.md")):
+        assert moved not in headings and f"## {moved}" in read(os.path.join("docs", where)), moved
+        assert f"](docs/{where})" in readme, where
+    assert len(readme.splitlines()) < 1100
+    for point in ("set it before the first\n   person enrols", "`-generate YOURNAME` before the first start",
+                  "Radicale's own web page asks for a user name and password again", "decodes them that way",
+                  "A `502` from Caddy"):
+        assert point in readme, point
+
+
+def household_commands(readme):
+    """The forward-auth commands of the README's household path, in order, as written: every
+    `python forward_auth.py …` line of its sh blocks, and the first user of the service recipes."""
+    part = readme[readme.index("## A household's first hour"):readme.index("## Behind forward-auth")]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", part, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line.startswith("python forward_auth.py"):
+                commands.append(line)
+            elif "forward-auth -generate" in line and not commands:
+                commands.append("python forward_auth.py -generate " + line.split("forward-auth -generate", 1)[1].split()[0])
+    return commands
+
+
+def test_every_command_of_the_readmes_household_path_runs_as_written(tmp_path):
+    """Each command in order in a copy of the checkout (the README's /backups/ made relative, its
+    NAME and session id filled in with a live session's): exit 0, nothing on stderr."""
+    commands = household_commands(read("README.md"))
+    assert commands[0] == "python forward_auth.py -generate alice" and len(commands) >= 12, commands
+    shutil.copy(os.path.join(HERE, "forward_auth.py"), tmp_path)
+    (tmp_path / "backups").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_PATH", "LOGIN_URL", "STORAGE_KEY"))}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    seed = None
+    for command in commands:
+        command = command.replace("/backups/", "backups/").replace("[NAME]", "alice")
+        command = re.sub(r"\bNAME\b", "alice", command)
+        if "--session" in command:
+            command = command.replace("1f3a9c2e", _a_live_session_of_alice(tmp_path, seed))
+        if command.startswith("python forward_auth.py -restore"):
+            (newest,) = [p for p in (tmp_path / "backups").iterdir()]
+            shutil.copy(newest, tmp_path / command.split()[-1])
+        done = subprocess.run(["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert (done.returncode, done.stderr) == (0, ""), (command, done.stdout[-500:])
+        seed = seed or secret_of(done.stdout)
+
+
+def _a_live_session_of_alice(folder, seed):
+    """Sign alice in on the database in `folder`; her session's short id, as -sessions shows it."""
+    store = fa.Store(str(folder / "auth.db"))
+    try:
+        app = fa.make_app(settings(db_path=str(folder / "auth.db")), store=store)
+        assert login(app, code_at(seed, time.time())).status == 302
+        return fa.short_id(store.live_sessions("alice", time.time())[0].sid)
+    finally:
+        store.close()
