@@ -93,7 +93,7 @@ TOKEN_CHECK_SECONDS = 0.1  # an unknown app token looks in the database at most 
 LOG_EVERY_SECONDS = 60  # a repeated refusal (forbidden host, bad app token) is logged once a minute
 TOKEN_CACHE_SIZE = 1024  # signed Cookie headers whose claims are kept (by digest)
 USER_AGENT_CHARS = 120
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SEALED_SINCE = 5  # the schema from which every database holds a storage key check value
 STORAGE_KEY_BYTES = 32  # AES-256's key length: the least a storage key may hold
 SECRET_SETTINGS = ("jwt_secret", "storage_key", "notify_url")  # never shown by repr() (a URL may hold a token)
@@ -440,6 +440,8 @@ def as_login_url(value):
             raise ValueError("expected /path or an absolute http(s) URL")
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or fragment")
+        if not re.fullmatch(r"(/[A-Za-z0-9._~/-]*)?", parts.path, re.ASCII):
+            raise ValueError("its path must be plain, such as /login")  # it is printed in links and logs
     login_url_of(value)  # ValueError for a path that would take another route's place
     return value
 
@@ -689,10 +691,26 @@ def cookie_domain_warning(settings, patterns):
         shared = _shared_parent(login_host, name)
         fix = (f"set COOKIE_DOMAIN=.{shared}" if shared and not domain else
                f"widen COOKIE_DOMAIN to .{shared}" if shared else "serve the login page under the apps' own domain")
-        reach = f"COOKIE_DOMAIN={settings.cookie_domain} does not cover" if domain else "without COOKIE_DOMAIN it is not"
-        return (f"LOGIN_URL is on {login_host}, and its session cookie cannot reach {name} ({reach} sent there): "
+        reach = f"COOKIE_DOMAIN={settings.cookie_domain} does not cover it" if domain else "COOKIE_DOMAIN is unset"
+        return (f"LOGIN_URL is on {login_host}, and its session cookie cannot reach {name} ({reach}): "
                 f"{fix}, or a sign-in for {name} never sticks")
     return None
+
+
+def cookie_reach_warning(settings, host):
+    """The line for a browser sent to an absolute LOGIN_URL from `host` (normalised, no port),
+    which that login host's cookie cannot reach, else None. `host` is the request's word, so the
+    line names it cut short and takes no advice from it: the fix it names comes from the login
+    host alone (a stranger's `evil.example.net` must not say "widen COOKIE_DOMAIN to .example.net")."""
+    login_host = settings.login.host and split_host(settings.login.host)[0]
+    domain = (settings.cookie_domain or "").strip(".")
+    if not login_host or host == login_host or (domain and (host == domain or host.endswith("." + domain))):
+        return None
+    parent = login_host.partition(".")[2]
+    fix = (f"if it is one of your apps, set COOKIE_DOMAIN to the domain they share with {login_host} (such as "
+           f".{parent})" if not domain else f"if it is one of your apps, serve it under {settings.cookie_domain}")
+    return (f"a browser was sent to the login page on {login_host} from {host[:80]}, which its session cookie "
+            f"cannot reach (COOKIE_DOMAIN {'is unset' if not domain else 'does not cover it'}): {fix}")
 
 
 def _shared_parent(a, b):
@@ -884,14 +902,15 @@ def invite_readable(invite):
             and (opened is None or type(opened) is int))
 
 
-class SessionRecord(collections.namedtuple("SessionRecord", "jti user created expires ip agent sid seen",
-                                           defaults=(None, None))):
+class SessionRecord(collections.namedtuple("SessionRecord", "jti user created expires ip agent sid seen issued",
+                                           defaults=(None, None, None))):
     """A login as the sessions table keeps it (`created`: the login time, `sid`: the session's id,
-    both kept across renewals; `seen`: when it was last used, as -sessions shows it)."""
+    both kept across renewals; `seen`: when it was last used, as -sessions shows it; `issued`: the
+    current token's issue time)."""
 
     def row(self):
         return (self.jti, self.user, int(self.created), int(self.expires), self.ip, self.agent[:USER_AGENT_CHARS],
-                self.sid or self.jti)
+                self.sid or self.jti, self.issued)
 
 
 # What the check path holds of a user: its host patterns (None: every host), when
@@ -991,9 +1010,16 @@ MIGRATIONS = {
         # When the session was last used (written in batches, at most once a minute).
         "ALTER TABLE sessions ADD COLUMN seen INTEGER",
     ),
+    7: (
+        # When the session's current token was issued (its `iat`): a lowered SESSION_TTL_SECONDS
+        # ends a session that long after it, and -sessions must not list it past then (NULL:
+        # a record from before 4.0, judged by its expiry alone).
+        "ALTER TABLE sessions ADD COLUMN issued INTEGER",
+    ),
 }
 
 
+NO_CAP = 2**40  # seconds: a lifetime no session reaches
 USER_COLUMNS = "name, seed, created, last_login, last_step, hosts, full_name, email, groups_list"
 
 
@@ -1283,13 +1309,28 @@ class Store:
             return False
         return True
 
-    def record_login_url(self, value):
-        """At start: where this server's login page is, for the links the command line prints."""
-        self._write("INSERT OR REPLACE INTO meta VALUES ('login_url', ?)", (value,))
+    def record_server(self, settings):
+        """At start: the settings the command line must judge by as this server does (where its
+        login page is, for the links it prints; the lifetimes, for the sessions it lists),
+        whatever environment a command runs in."""
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
+                ("login_url", settings.login_url), ("session_ttl", str(settings.session_ttl)),
+                ("session_max", str(settings.session_max))])
 
-    def recorded_login_url(self):
-        rows = self._query("SELECT value FROM meta WHERE key = 'login_url'")
-        return rows[0][0] if rows else None
+    def recorded(self, key):
+        """A value record_server wrote, or None (also for one that is not text: nothing read from
+        the database may become a traceback)."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows and isinstance(rows[0][0], str) else None
+
+    def recorded_lifetimes(self):
+        """(SESSION_TTL_SECONDS, SESSION_MAX_SECONDS) the running server recorded; a missing or
+        unusable one: no cap (the token's own expiry decides)."""
+        def seconds(key):
+            value = self.recorded(key)
+            return int(value) if value and value.isdecimal() and len(value) < 12 else NO_CAP
+        return seconds("session_ttl"), seconds("session_max")
 
     def had_user(self):
         """Whether this database ever held a user (a first user is created only in one that never did)."""
@@ -1373,8 +1414,8 @@ class Store:
     @staticmethod
     def _record_session(conn, session):
         conn.execute("DELETE FROM sessions WHERE expires <= ?", (session.created,))
-        conn.execute("INSERT OR REPLACE INTO sessions (jti, user, created, expires, ip, agent, sid) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?)", session.row())
+        conn.execute("INSERT OR REPLACE INTO sessions (jti, user, created, expires, ip, agent, sid, issued) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", session.row())
 
     def renew_session(self, old_jti, old_expires, session):
         """Replace a session's token: the old `jti` revoked, the record carried on under the new one.
@@ -1392,8 +1433,8 @@ class Store:
 
     def _carry_session(self, conn, old_jti, session):
         carried = conn.execute(
-            "UPDATE sessions SET jti = ?, expires = ?, sid = coalesce(sid, ?) WHERE jti = ?",
-            (session.jti, int(session.expires), session.sid, old_jti),
+            "UPDATE sessions SET jti = ?, expires = ?, sid = coalesce(sid, ?), issued = ? WHERE jti = ?",
+            (session.jti, int(session.expires), session.sid, session.issued, old_jti),
         ).rowcount
         if not carried:  # a session without a record (issued by 1.0, or pruned): it gets one now
             self._record_session(conn, session)
@@ -1438,17 +1479,27 @@ class Store:
                          "WHERE name = 'revoked'")
             voided = [name for (name,) in conn.execute("SELECT user FROM invites ORDER BY user")]
             conn.execute("DELETE FROM invites")
+            # The settings a server recorded when the backup was made may be those of another day (an
+            # old login host): the next start records its own, and until then commands use theirs.
+            conn.execute("DELETE FROM meta WHERE key IN ('login_url', 'session_ttl', 'session_max')")
             return voided
 
-    def live_sessions(self, name, now, session_max=2**40):
-        """Sessions not expired (nor past `session_max` from their login: a lower SESSION_MAX_SECONDS
-        ends sessions already issued) and not ended, newest first."""
-        sql = """SELECT s.jti, s.user, s.created, s.expires, s.ip, s.agent, coalesce(s.sid, s.jti), s.seen
-                 FROM sessions s JOIN users u ON u.name = s.user
-                 WHERE s.expires > ? AND s.created + ? > ? AND s.created >= u.sessions_after
-                 AND s.jti NOT IN (SELECT jti FROM revoked) AND (? IS NULL OR s.user = ?)
-                 ORDER BY s.created DESC, s.rowid DESC"""
-        return [SessionRecord(*row) for row in self._query(sql, (int(now), session_max, int(now), name, name))]
+    def live_sessions(self, name, now, lifetimes=None):
+        """Sessions not expired and not ended, newest first, each expiring when the Gate says: at
+        the token's own expiry, or sooner by the (SESSION_TTL_SECONDS, SESSION_MAX_SECONDS) of
+        `lifetimes` (None: the running server's, as it recorded them at its start), which a
+        lower setting applies to sessions already issued."""
+        ttl, longest = lifetimes or self.recorded_lifetimes()
+        sql = """SELECT * FROM (
+                     SELECT s.jti, s.user, s.created,
+                            min(s.expires, coalesce(s.issued + ?, s.expires), s.created + ?) AS ends,
+                            s.ip, s.agent, coalesce(s.sid, s.jti), s.seen, s.issued, s.rowid AS r
+                     FROM sessions s JOIN users u ON u.name = s.user
+                     WHERE s.created >= u.sessions_after AND s.jti NOT IN (SELECT jti FROM revoked)
+                     AND (? IS NULL OR s.user = ?))
+                 WHERE ends > ? ORDER BY created DESC, r DESC"""
+        rows = self._query(sql, (ttl, longest, name, name, int(now)))
+        return [SessionRecord(*row[:9]) for row in rows]
 
     def revoke(self, revocations, quick=False):
         """Store {jti: expires}; `quick` waits at most 100 ms for a lock (then sqlite3.Error)."""
@@ -2478,8 +2529,7 @@ class Household:
         """End one live session of NAME, named by its short id (or its whole id)."""
         self.require_user(name)
         now = self.clock()
-        found = [s for s in self.store.live_sessions(name, now, self.settings.session_max)
-                 if session in (short_id(s.sid), s.sid)]
+        found = [s for s in self.store.live_sessions(name, now) if session in (short_id(s.sid), s.sid)]
         if not found:
             raise CommandError(f"{name} has no live session {session!r} (see -sessions {name})")
         self.store.end_session(found[0].sid)
@@ -2943,9 +2993,11 @@ class Request:
 
     @computed_once
     def original_host(self):
-        """(host name, port) of the original URL, or None when it is unknown."""
-        url = self.original_url
-        return host_and_port(url) if url else None
+        """(host name, port) of the original URL, or None when it is unknown (or its path unusable).
+        Read from the base alone: a restricted user's every check asks, and the whole URL is not
+        needed for it (both kinds of target give a path that starts with /)."""
+        base, path, _ = self._original
+        return host_and_port(base) if base and path else None
 
     @computed_once
     def query(self):
@@ -3503,16 +3555,18 @@ class Gate:
                 found = found or claims
         return found
 
-    def revoked_session(self, request):
-        """The claims of a session cookie that is signed, unexpired and of a current user but revoked
-        (a renewal replaced it, perhaps a thief's), or None: signing out with it still ends its session."""
+    def ended_session(self, request):
+        """The claims of a session cookie that is signed, unexpired by its own `exp` and of a current
+        user, but not live: revoked (a renewal replaced it, perhaps a thief's), or past a lifetime
+        lowered since it was issued (which raising it again would bring back). Or None. Signing out
+        with it still ends its session, for good."""
         header = request.cookie_header
         if not header:
             return None
         view = self.view
         return next((claims for claims in self._signed_sessions(request, None)
-                     if claims["until"] > request.now and claims["jti"] in view.revoked and self._current(claims, view)),
-                    None)
+                     if claims["exp"] > request.now and self._current(claims, view)
+                     and (claims["jti"] in view.revoked or claims["until"] <= request.now)), None)
 
     def _signed_sessions(self, request, memo_key):
         signed = []
@@ -4012,7 +4066,7 @@ def session_record(claims, request):
     """The sessions-table row of a login: when, who, from where, with what."""
     return SessionRecord(
         claims["jti"], claims["sub"], login_time(claims), claims["exp"], str(request.ip), request.user_agent,
-        session_id(claims),
+        session_id(claims), issued=claims["iat"],
     )
 
 
@@ -4461,7 +4515,7 @@ class Admin:
         sessions = [fragment(ADMIN_SESSION_ROW, login=format_time(s.created), seen=format_time(s.seen or s.created),
                              this=" · this browser" if s.sid == own else "", ip=s.ip, agent=s.agent or "-",
                              csrf=csrf, session=short_id(s.sid))
-                    for s in self.store.live_sessions(name, request.now, self.settings.session_max)]
+                    for s in self.store.live_sessions(name, request.now, (self.settings.session_ttl, self.settings.session_max))]
         tokens = [fragment(ADMIN_TOKEN_ROW, label=t.label, hosts=t.hosts, created=format_time(t.created),
                            expires=format_time(t.expires) if t.expires else "never", used=format_time(t.last_used),
                            csrf=csrf)
@@ -4889,12 +4943,13 @@ class App:
         return location
 
     def _warn_if_the_cookie_cannot_follow(self, request):
-        """Once a minute per host: a browser sent to a login host whose cookie will not reach the
+        """Once a minute in all: a browser sent to a login host whose cookie will not reach the
         host it came from (COOKIE_DOMAIN missing or too narrow) signs in and is sent back to the
         login page; the log says so and names the fix."""
         name = request.original_host and request.original_host[0]
-        warning = name and cookie_domain_warning(self.settings, [name])
-        if warning and self.cookie_reach_log.due(name, request.now):
+        warning = name and cookie_reach_warning(self.settings, name)
+        # One key for them all: a stranger naming a new host each time must not flood the log.
+        if warning and self.cookie_reach_log.due("cookie-reach", request.now):
             log.warning("%s", warning)
 
     def _nginx_login_location(self, request):
@@ -4955,9 +5010,11 @@ class App:
         claims = self.gate.session(request)
         if claims is not None:
             self._end_session(request, claims, everywhere)
-        elif (replaced := self.gate.revoked_session(request)) is not None:
+        elif (replaced := self.gate.ended_session(request)) is not None:
             # A cookie a renewal replaced (another tab, or a thief who renewed a copy): the session
-            # id outlives its tokens, so this sign-out ends the renewed session too.
+            # id outlives its tokens, so this sign-out ends the renewed session too. One past a
+            # lowered lifetime is revoked itself, until its own expiry.
+            self.gate.revoke(replaced["jti"], replaced["exp"])
             try:
                 self.store.end_session(session_id(replaced))
             except sqlite3.Error as error:  # the cookie is expired all the same
@@ -5170,16 +5227,17 @@ def _links_login(cli):
     """The LoginURL the links this command prints must use: the running server's, as it recorded it
     at its start (the CLI often runs with DB_PATH alone, where LOGIN_URL is the default /login and a
     link would lead to an app host that does not route it), else this environment's."""
-    recorded = cli.store.recorded_login_url()
-    if recorded is None or recorded == cli.settings.login_url:
-        return cli.settings.login
+    recorded = cli.store.recorded("login_url")
     try:
-        login = login_url_of(as_login_url(recorded))
+        login = login_url_of(as_login_url(recorded)) if recorded is not None else None
     except ValueError:  # not written by a server of ours: this environment's
+        login = None
+    if login is None or login.url == cli.settings.login.url:
         return cli.settings.login
-    if cli.settings.login.base and cli.settings.login.url != login.url:
-        print(f"note: LOGIN_URL here is {cli.settings.login.url}, the server's is {login.url} (recorded at its "
-              "start): the link uses the server's", file=sys.stderr)
+    if cli.settings.login.base:  # two absolute LOGIN_URLs: which one the proxy routes is not ours to guess
+        raise UsageError(f"LOGIN_URL here is {cli.settings.login.url}, the running server's is "
+                         f"{shown(login.url)} (recorded at its start): run this with the server's settings, or "
+                         "restart the server with the new LOGIN_URL first")
     return login
 
 
@@ -5286,7 +5344,7 @@ def cmd_revoke_token(cli, name, label):
 def cmd_sessions(cli, name=None):
     if name is not None:
         cli.require_user(name)
-    sessions = cli.store.live_sessions(name, cli.clock(), cli.settings.session_max)
+    sessions = cli.store.live_sessions(name, cli.clock())
     if not sessions:
         print("no live sessions")
         return
@@ -5688,7 +5746,7 @@ def serve(settings, store, environ=None):
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # from here on, a stop is a clean exit
     try:
         warn_near_misses(environ or {})
-        _record_login_url(store, settings, app)
+        _record_server_settings(store, settings)
         _first_start(store, settings, app)
         _return_freed_memory()
         where = _listen_address(settings.host, server.effective_port)
@@ -5732,13 +5790,13 @@ def _edit_distance(a, b):
     return previous[-1]
 
 
-def _record_login_url(store, settings, app):
-    """Where the login page is, for the command line's links (and the warning when cookies cannot
-    follow a shared login host there)."""
+def _record_server_settings(store, settings):
+    """Record what the command line must judge by as this server does (Store.record_server), and
+    warn when the session cookie cannot follow a shared login host to the users' hosts."""
     try:
-        store.record_login_url(settings.login_url)
-    except sqlite3.Error as error:  # the links fall back to the command line's own LOGIN_URL
-        log.warning("cannot record LOGIN_URL for the command line's links: %s", error)
+        store.record_server(settings)
+    except sqlite3.Error as error:  # the command line falls back to its own environment
+        log.warning("cannot record LOGIN_URL and the session lifetimes for the command line: %s", error)
     patterns = {p for user in store.users() for p in (_hosts_rule(user.hosts) or ())}
     if (warning := cookie_domain_warning(settings, sorted(patterns))) is not None:
         log.warning("%s", warning)

@@ -45,6 +45,8 @@ from test_e2e import (
     free_port,
     need,
     nginx_binary,
+    nginx_files,
+    nginx_http,
     nginx_listen,
     run_cli,
     sections,
@@ -130,25 +132,14 @@ def caddy_sites(port, sites):
 
 
 def nginx_site(folder, port, service_port, host, app_port):
-    """nginx.conf.example's common part (upstream, maps, default server) and its single-host server
-    block, for `host` in front of the app on app_port."""
+    """nginx.conf.example's common part (the include of forward-auth.conf, the default server) and its
+    single-host server block, for `host` in front of the app on app_port; nginx/ copied beside it."""
     common, single, _ = sections(example("nginx.conf.example", True))
-    text = (common + single).replace("127.0.0.1:3000", f"127.0.0.1:{service_port}")
-    text = text.replace("127.0.0.1:8096", f"127.0.0.1:{app_port}")
+    nginx_files(folder, service_port)
+    text = (common + single).replace("127.0.0.1:8096", f"127.0.0.1:{app_port}")
     assert text.count("server_name app.example.com;") == 1
     text = nginx_listen(text.replace("server_name app.example.com;", f"server_name {host};"), port)
-    temp = "\n".join(f"    {kind}_temp_path {folder}/{kind};"
-                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return f"""worker_processes 1;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log {folder}/access.log;
-{temp}
-{text}
-}}
-"""
+    return nginx_http(folder, text, connections=64)
 
 
 class CalendarProxy:
@@ -577,7 +568,7 @@ def grafana_nginx(folder, port, service_port, app_port):
     mapping = snippet[:snippet.index("proxy_set_header")]
     setting = snippet[snippet.index("proxy_set_header"):].strip()
     text = nginx_site(folder, port, service_port, GRAFANA, app_port)
-    anchor = "        proxy_set_header Remote-Groups $forward_auth_groups;\n"
+    anchor = "        include forward-auth/forward-auth-app.conf;\n"  # the app's location /, beside the include
     assert text.count(anchor) == 1 and text.count("\nhttp {\n") == 1
     text = text.replace(anchor, anchor + f"        {setting}\n")
     return text.replace("\nhttp {\n", "\nhttp {\n" + mapping)
