@@ -4989,6 +4989,12 @@ class App:
     # -- Login and logout --
 
     def login_page(self, request):
+        login = self.settings.login
+        if login.base and request.origin is not None and request.origin[1] != login.host:
+            # An app host's own /login (an old relative link, a bookmark; every shipped config routes
+            # it): the login page, its cookies and the admin page live on the login host alone.
+            query = urllib.parse.urlencode(request.query, quote_via=urllib.parse.quote, safe="")
+            return 302, [("Location", login.url + ("?" + query if query else ""))], b""
         if "invite" in request.query:
             return self.enrolment.page(request, request.query["invite"])
         return self.signin.page(request)

@@ -1539,20 +1539,18 @@ def test_an_invitation_and_a_login_with_no_next_end_on_a_page_not_a_404(proxy, b
     context.close()
 
 
-@pytest.mark.parametrize("proxy", ["nginx", "traefik-shared"], indirect=True)
+@pytest.mark.parametrize("proxy", ["caddy", "nginx", "traefik-shared"], indirect=True)
 def test_an_app_hosts_own_login_address_still_works_behind_the_shared_login_host(proxy):
-    """nginx's and Traefik's shared-login configs route /login on the app hosts too, so an old
-    link to app1's /login reaches forward-auth (not the app, nor a 404), and a login from it holds
-    for every app."""
-    page = proxy.request("GET", APP1, "/login", headers={"Accept": "text/html"})
-    assert b"upstream" not in page.body and page.status in (200, 302), page.status
-    if page.status == 302:  # forward-auth's own redirect to the login host, not a check's (next=app1/login)
-        location = urllib.parse.urlsplit(urllib.parse.urljoin(proxy.url(APP1, "/login"), page.header("Location")))
-        assert location.netloc == f"{AUTH}:{proxy.port}", location
-        assert proxy.url(APP1, "/login") not in urllib.parse.parse_qs(location.query).get("next", []), location
-        login = login_through(proxy, AUTH, login_path_of(location), proxy.shared.code())
-    else:
-        login = login_through(proxy, APP1, "/login", proxy.shared.code())
+    """Every shared-login config routes /login on the app hosts too, so an old link to app1's
+    /login?invite=… reaches forward-auth (not the app, nor a 404), which sends it on to the login
+    host with its query; a login there holds for every app."""
+    page = proxy.request("GET", APP1, "/login?invite=abc&next=%2Fwiki", headers={"Accept": "text/html"})
+    assert b"upstream" not in page.body and page.status == 302, page.status
+    location = urllib.parse.urlsplit(urllib.parse.urljoin(proxy.url(APP1, "/login"), page.header("Location")))
+    assert location.netloc == f"{AUTH}:{proxy.port}", location
+    assert urllib.parse.parse_qs(location.query) == {"invite": ["abc"], "next": ["/wiki"]}, location
+    assert proxy.request("GET", AUTH, login_path_of(location), headers={"Accept": "text/html"}).status == 410  # abc
+    login = login_through(proxy, AUTH, "/login?next=%2Fwiki", proxy.shared.code())
     assert login.status == 302 and login.cookie("auth_token")
     cookie = login.cookie("auth_token")
     for host in (APP1, APP2):

@@ -12,7 +12,6 @@ Loopback only; time from FakeClock; no sleeps."""
 import contextlib
 import io
 import logging
-import os
 import re
 import urllib.parse
 import wsgiref.util
@@ -22,7 +21,17 @@ import pytest
 import forward_auth as fa
 from conftest import NOW, FakeClock, Server, code_at, wrong_code_for
 from test_forward_auth import (
-    ADMIN, FORM, add_user, call, check, device_of, login, make_admin, session_cookie, settings, signed_in_as,
+    ADMIN,
+    FORM,
+    add_user,
+    call,
+    check,
+    device_of,
+    login,
+    make_admin,
+    session_cookie,
+    settings,
+    signed_in_as,
 )
 
 SHARED = "https://auth.home.example.net/login"

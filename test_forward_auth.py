@@ -8008,7 +8008,6 @@ def test_the_server_records_its_login_url_and_the_cli_links_use_it(db_path, caps
     shared = {"LOGIN_URL": "https://auth.example.com/login", "COOKIE_DOMAIN": ".example.com"}
     started = fa.Store(db_path)
     settings_ = fa.Settings.from_env({"DB_PATH": db_path, **shared})
-    app = fa.make_app(settings_, store=started)
     fa._record_server_settings(started, settings_)
     started.close()
     code, out, _ = run_main(["-invite", "teen"], db_path, capsys)
@@ -8171,3 +8170,15 @@ def _a_live_session_of_alice(folder, seed):
         return fa.short_id(store.live_sessions("alice", time.time())[0].sid)
     finally:
         store.close()
+
+
+def test_an_app_hosts_own_login_page_sends_the_browser_to_the_login_host_with_its_query(store, clock):
+    """Every shipped config routes /login on the app hosts too (an old relative link, a bookmark):
+    with an absolute LOGIN_URL forward-auth sends it on, the query re-encoded (never echoed raw)."""
+    app = fa.make_app(settings(login_url="https://auth.example.com/login", cookie_domain=".example.com"),
+                      store=store, clock=clock)
+    r = call(app, "GET", "/login", query="invite=abc%0d%0aX&next=%2Fwiki", headers={"Host": "wiki.example.com"})
+    assert r.status == 302 and r.header("Location") == "https://auth.example.com/login?invite=abc%0D%0AX&next=%2Fwiki"
+    assert call(app, "GET", "/login", headers={"Host": "wiki.example.com"}).header("Location") == (
+        "https://auth.example.com/login")
+    assert call(app, "GET", "/login", headers={"Host": "auth.example.com"}).status == 200
