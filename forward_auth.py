@@ -5456,6 +5456,12 @@ def cmd_restore(cli, source, unsealed=None):
     if not os.path.isfile(source):
         raise CommandError(f"no backup at {source}")
     created = not os.path.exists(path)
+    key = KeySource.of(cli.settings)
+    if created and key.key_file and not os.path.exists(key.key_file) and _sealed_backup(source):
+        # Most often DB_PATH was left out (auth.db here): say that, not "the key file is missing".
+        raise CommandError(f"no database at {os.path.abspath(path)} and no key file beside it: set DB_PATH to the "
+                           f"service's database, or, restoring onto a new machine, put the backup's storage key at "
+                           f"{os.path.abspath(key.key_file)} (or name it with STORAGE_KEY_FILE)")
     _create_private_file(path)
     held = hold_database(path, "exclusive")
     staging = path + ".restoring"
@@ -5481,6 +5487,19 @@ def cmd_restore(cli, source, unsealed=None):
         print(f"app token {shown(token.user)} {shown(token.label)} is back: -revoke-token it if you did not make it")
     print("Undo again what was done since the backup: users deleted or reset and app tokens revoked since then are "
           "back (-revoke, -invite, -revoke-token)")
+
+
+def _sealed_backup(source):
+    """Whether the backup at `source` holds values sealed under a storage key (read-only; an
+    unreadable file: False, and the copy's own checks say what is wrong with it)."""
+    try:
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(source))}?mode=ro&immutable=1", uri=True)
+        try:
+            return conn.execute("SELECT 1 FROM meta WHERE key = 'storage_check'").fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
 
 
 def _prepare_restore(cli, staging, source):

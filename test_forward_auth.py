@@ -8130,7 +8130,7 @@ def household_commands(readme):
     for block in re.findall(r"```sh\n(.*?)```", part, re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
-            if line.startswith("python forward_auth.py"):
+            if re.match(r"([A-Z_]+=\S+ )*python forward_auth.py", line):
                 commands.append(line)
             elif "forward-auth -generate" in line and not commands:
                 commands.append("python forward_auth.py -generate " + line.split("forward-auth -generate", 1)[1].split()[0])
@@ -8148,11 +8148,12 @@ def test_every_command_of_the_readmes_household_path_runs_as_written(tmp_path):
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     seed = None
     for command in commands:
-        command = command.replace("/backups/", "backups/").replace("[NAME]", "alice")
+        command = command.replace("/backups/", "backups/").replace("/var/lib/forward-auth/", "")
+        command = command.replace("[NAME]", "alice")
         command = re.sub(r"\bNAME\b", "alice", command)
         if "--session" in command:
             command = command.replace("1f3a9c2e", _a_live_session_of_alice(tmp_path, seed))
-        if command.startswith("python forward_auth.py -restore"):
+        if " -restore " in command:
             (newest,) = [p for p in (tmp_path / "backups").iterdir()]
             shutil.copy(newest, tmp_path / command.split()[-1])
         done = subprocess.run(["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -8182,3 +8183,17 @@ def test_an_app_hosts_own_login_page_sends_the_browser_to_the_login_host_with_it
     assert call(app, "GET", "/login", headers={"Host": "wiki.example.com"}).header("Location") == (
         "https://auth.example.com/login")
     assert call(app, "GET", "/login", headers={"Host": "auth.example.com"}).status == 200
+
+
+def test_a_restore_without_db_path_says_so_not_that_the_key_is_missing(tmp_path, db_path, capsys, monkeypatch):
+    """The newcomer ran the README's -restore line from the checkout without DB_PATH and was told to
+    put the key file back; the key was fine, the database path was not."""
+    assert run_main(["-generate", "alice"], db_path, capsys)[0] == 0
+    backup = str(tmp_path / "b.db")
+    assert run_main(["-backup", backup], db_path, capsys)[0] == 0
+    elsewhere = tmp_path / "checkout"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _out, err = run_main(["-restore", backup], "auth.db", capsys)
+    assert code == 1 and "no database at" in err and "set DB_PATH" in err and len(err.strip().splitlines()) == 1
+    assert not (elsewhere / "auth.db").exists()
