@@ -38,7 +38,7 @@ no second factor. One factor, the TOTP code, guarded by replay protection and
 guessing limits; the README gives the arithmetic.
 """
 
-__version__ = "3.0.0"
+__version__ = "4.0.0rc1"  # 4.0.0 once its last part (pages in the visitor's language) is in
 
 import sys
 

@@ -99,6 +99,9 @@ def started(build, attempts=3):
 HITS = []  # every request the echo app answered: (host, path)
 
 
+IDENTITY_KEYS = {"HTTP_REMOTE_USER", "HTTP_REMOTE_NAME", "HTTP_REMOTE_EMAIL", "HTTP_REMOTE_GROUPS"}
+
+
 def echo_app(environ, start_response):
     """The protected app: shows the path, the identity headers and the cookies it was given."""
     path = environ["PATH_INFO"] + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
@@ -116,6 +119,9 @@ def echo_app(environ, start_response):
         # Headers the README tells apps to trust (Grafana, Radicale).
         "app_trusted": [v for k, v in environ.items() if k in ("HTTP_X_REMOTE_USER", "HTTP_X_GRAFANA_ROLE")],
     }
+    # Header names a CGI/WSGI/PHP app reads as one of those (Remote.User is HTTP_REMOTE_USER to PHP).
+    seen["aliases"] = sorted(k for k in environ if k.startswith("HTTP_") and k not in IDENTITY_KEYS
+                             and re.sub(r"[^A-Z0-9]", "_", k) in IDENTITY_KEYS)
     HITS.append((seen["host"], path))
     body = f"<!doctype html><title>upstream</title><pre id=seen>{json.dumps(seen)}</pre>".encode()
     start_response("200 OK", [("Content-Type", "text/html"), ("Content-Length", str(len(body)))])
@@ -250,7 +256,7 @@ def traefik_config(port, service_port, upstream_port, name="traefik.example.yml"
     return text.replace(".example.com`", f".{DOMAIN}`")
 
 
-TRAEFIK_REDIRECTION = re.compile(r"^    http:\n      redirections:\n(?:^ {8,}\S.*\n)+", re.MULTILINE)
+TRAEFIK_REDIRECTION = re.compile(r"^      redirections:\n(?:^ {8,}\S.*\n)+", re.MULTILINE)
 
 
 def traefik_static(folder, port, secure_port, redirect=False):
@@ -2662,3 +2668,19 @@ def test_an_apps_own_admin_path_still_reaches_the_app(proxy):
     login = signed_in_through(proxy, APP, "/admin")
     reply = proxy.request("GET", APP, "/admin", headers={"Cookie": login.cookie("auth_token")})
     assert reply.status == 200 and reply.seen["path"] == "/admin"
+
+
+@pytest.mark.parametrize("proxy", ["traefik", "traefik-shared"], indirect=True)
+def test_traefik_drops_a_clients_aliases_of_the_identity_headers(proxy):
+    """Traefik's header-aliases advisory (GHSA-rf44-j88r-hh8c): Go keeps Remote.User apart from
+    Remote-User, which a PHP or CGI app reads as the same variable. The shipped static file sets
+    aliasHeadersStrategy: delete (which also silences Traefik's warning at every start). Traefik
+    3.7.15 already drops these aliases of the forwardAuth response headers on these routes
+    without it (seen: this test passed with the line removed), so this guards the whole chain
+    against a Traefik or a config that does not."""
+    cookie = signed_in_through(proxy, APP1, "/x", name="bob").cookie("auth_token")
+    forged = {"Cookie": cookie, "Remote.User": "alice", "Remote~Groups": "admins", "Remote!Name": "Alice",
+              "Remote+Email": "alice@example.com"}
+    reply = proxy.request("GET", APP1, "/", headers=forged)
+    assert reply.status == 200 and reply.seen["remote_user"] == ["bob"], reply.status
+    assert reply.seen["aliases"] == [], reply.seen["aliases"]
