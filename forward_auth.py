@@ -4992,8 +4992,12 @@ class App:
         login = self.settings.login
         if login.base and request.origin is not None and request.origin[1] != login.host:
             # An app host's own /login (an old relative link, a bookmark; every shipped config routes
-            # it): the login page, its cookies and the admin page live on the login host alone.
-            query = urllib.parse.urlencode(request.query, quote_via=urllib.parse.quote, safe="")
+            # it): the login page, its cookies and the admin page live on the login host alone. A
+            # relative `next` meant this host: say so, or the sign-in lands on the login host's.
+            fields = dict(request.query)
+            if fields.get("next", "").startswith("/") and not fields["next"].startswith("//"):
+                fields["next"] = f"{request.origin[0]}://{request.origin[1]}{fields['next']}"
+            query = urllib.parse.urlencode(fields, quote_via=urllib.parse.quote, safe="")
             return 302, [("Location", login.url + ("?" + query if query else ""))], b""
         if "invite" in request.query:
             return self.enrolment.page(request, request.query["invite"])

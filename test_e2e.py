@@ -1554,7 +1554,7 @@ def test_an_app_hosts_own_login_address_still_works_behind_the_shared_login_host
     assert b"upstream" not in page.body and page.status == 302, page.status
     location = urllib.parse.urlsplit(urllib.parse.urljoin(proxy.url(APP1, "/login"), page.header("Location")))
     assert location.netloc == f"{AUTH}:{proxy.port}", location
-    assert urllib.parse.parse_qs(location.query) == {"invite": ["abc"], "next": ["/wiki"]}, location
+    assert urllib.parse.parse_qs(location.query) == {"invite": ["abc"], "next": [proxy.url(APP1, "/wiki")]}, location
     assert proxy.request("GET", AUTH, login_path_of(location), headers={"Accept": "text/html"}).status == 410  # abc
     login = login_through(proxy, AUTH, "/login?next=%2Fwiki", proxy.shared.code())
     assert login.status == 302 and login.cookie("auth_token")

@@ -8178,8 +8178,12 @@ def test_an_app_hosts_own_login_page_sends_the_browser_to_the_login_host_with_it
     with an absolute LOGIN_URL forward-auth sends it on, the query re-encoded (never echoed raw)."""
     app = fa.make_app(settings(login_url="https://auth.example.com/login", cookie_domain=".example.com"),
                       store=store, clock=clock)
-    r = call(app, "GET", "/login", query="invite=abc%0d%0aX&next=%2Fwiki", headers={"Host": "wiki.example.com"})
-    assert r.status == 302 and r.header("Location") == "https://auth.example.com/login?invite=abc%0D%0AX&next=%2Fwiki"
+    r = call(app, "GET", "/login", query="invite=abc%0d%0aX&next=%2Fpage", headers={"Host": "wiki.example.com"})
+    # A relative next meant the app host: it goes along as an absolute URL there.
+    assert r.status == 302 and r.header("Location") == (
+        "https://auth.example.com/login?invite=abc%0D%0AX&next=http%3A%2F%2Fwiki.example.com%2Fpage")
+    r = call(app, "GET", "/login", query="next=%2F%2Fevil.example.net", headers={"Host": "wiki.example.com"})
+    assert r.header("Location") == "https://auth.example.com/login?next=%2F%2Fevil.example.net"  # judged there
     assert call(app, "GET", "/login", headers={"Host": "wiki.example.com"}).header("Location") == (
         "https://auth.example.com/login")
     assert call(app, "GET", "/login", headers={"Host": "auth.example.com"}).status == 200
