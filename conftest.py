@@ -6,6 +6,7 @@ import re
 import threading
 
 import pyotp
+import pytest
 
 import forward_auth as fa
 
@@ -107,3 +108,23 @@ class Server:
 def wrong_code_for(*seeds, now=NOW):
     codes = {code_at(seed, now, offset) for seed in seeds for offset in (-1, 0, 1)}
     return next(c for c in ("000000", "111111", "222222", "333333") if c not in codes)
+
+
+# Fixtures every test file shares: a database file of the test's own, its Store, and a clock.
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "auth.db")
+
+
+@pytest.fixture
+def store(db_path):
+    s = fa.Store(db_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()

@@ -1398,19 +1398,25 @@ def test_a_clients_forged_identity_and_original_url_headers_change_nothing(proxy
     assert anonymous.status == 302 and reached_app(anonymous) is None
 
 
-@EVERY_PROXY
-def test_the_app_receives_all_four_identity_headers(proxy, alice_on_app1_only):
-    service = proxy.shared
+def assert_all_four_identity_headers(service, fetch):
+    """With alice's full identity set in `service`, the page `fetch()` gets shows all four headers
+    as forward-auth set them (whatever the client forged); her identity is cleared again after."""
     service.store.set_identity("alice", full_name="Zoë Ålund", email="alice@example.test", groups=["family", "admins"])
     service.clock.advance(1)
     try:
-        page = proxy.request("GET", APP1, "/who", headers={**forged_client_headers(proxy), "Cookie": alice_on_app1_only})
+        page = fetch()
         assert page.status == 200
         assert (page.seen["remote_user"], page.seen["remote_name"], page.seen["remote_email"],
                 page.seen["remote_groups"]) == (["alice"], ["Zoë Ålund"], ["alice@example.test"], ["family,admins"])
     finally:
         service.store.set_identity("alice", full_name="", email="", groups=[])
         service.clock.advance(1)
+
+
+@EVERY_PROXY
+def test_the_app_receives_all_four_identity_headers(proxy, alice_on_app1_only):
+    headers = {**forged_client_headers(proxy), "Cookie": alice_on_app1_only}
+    assert_all_four_identity_headers(proxy.shared, lambda: proxy.request("GET", APP1, "/who", headers=headers))
 
 
 def test_the_app_gets_its_own_cookies_and_none_of_forward_auths(proxy):

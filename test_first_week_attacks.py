@@ -19,7 +19,7 @@ import wsgiref.util
 import pytest
 
 import forward_auth as fa
-from conftest import NOW, FakeClock, Server, code_at, wrong_code_for
+from conftest import NOW, Server, code_at, wrong_code_for
 from test_forward_auth import (
     ADMIN,
     FORM,
@@ -35,23 +35,6 @@ from test_forward_auth import (
 )
 
 SHARED = "https://auth.home.example.net/login"
-
-
-@pytest.fixture
-def db_path(tmp_path):
-    return str(tmp_path / "auth.db")
-
-
-@pytest.fixture
-def store(db_path):
-    s = fa.Store(db_path)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
 
 
 def run_main(args, db_path, **env):

@@ -46,21 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # --- Fakes, fixtures and helpers --------------------------------------------
 
 
-@pytest.fixture
-def db_path(tmp_path):
-    return str(tmp_path / "auth.db")
-
-
-@pytest.fixture
-def store(db_path):
-    s = fa.Store(db_path)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
+# db_path, store and clock: conftest.py.
 
 
 def settings(**overrides):
