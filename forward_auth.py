@@ -686,7 +686,7 @@ def cookie_domain_warning(settings, patterns):
     domain = (settings.cookie_domain or "").strip(".")
     for pattern in patterns:
         name = split_host(pattern)[0].removeprefix("*.")
-        if pattern == EVERY_HOST or name == login_host or (domain and (name == domain or name.endswith("." + domain))):
+        if pattern == EVERY_HOST or _cookie_reaches(settings, login_host, name):
             continue
         shared = _shared_parent(login_host, name)
         fix = (f"set COOKIE_DOMAIN=.{shared}" if shared and not domain else
@@ -703,14 +703,22 @@ def cookie_reach_warning(settings, host):
     line names it cut short and takes no advice from it: the fix it names comes from the login
     host alone (a stranger's `evil.example.net` must not say "widen COOKIE_DOMAIN to .example.net")."""
     login_host = settings.login.host and split_host(settings.login.host)[0]
-    domain = (settings.cookie_domain or "").strip(".")
-    if not login_host or host == login_host or (domain and (host == domain or host.endswith("." + domain))):
+    if not login_host or _cookie_reaches(settings, login_host, host):
         return None
+    domain = (settings.cookie_domain or "").strip(".")
     parent = login_host.partition(".")[2]
-    fix = (f"if it is one of your apps, set COOKIE_DOMAIN to the domain they share with {login_host} (such as "
-           f".{parent})" if not domain else f"if it is one of your apps, serve it under {settings.cookie_domain}")
+    example = f" (such as .{parent})" if "." in parent else ""
+    fix = (f"if it is one of your apps, set COOKIE_DOMAIN to the domain they share with {login_host}{example}"
+           if not domain else f"if it is one of your apps, serve it under {settings.cookie_domain}")
     return (f"a browser was sent to the login page on {login_host} from {host[:80]}, which its session cookie "
             f"cannot reach (COOKIE_DOMAIN {'is unset' if not domain else 'does not cover it'}): {fix}")
+
+
+def _cookie_reaches(settings, login_host, name):
+    """Whether the session cookie the login host sets reaches host `name`: the login host itself,
+    or COOKIE_DOMAIN and its subdomains (the browser's Domain rule, RFC 6265 §5.1.3)."""
+    domain = (settings.cookie_domain or "").strip(".")
+    return name == login_host or bool(domain) and (name == domain or name.endswith("." + domain))
 
 
 def _shared_parent(a, b):
@@ -5499,7 +5507,7 @@ def _sealed_backup(source):
     try:
         conn = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(source))}?mode=ro&immutable=1", uri=True)
         try:
-            return conn.execute("SELECT 1 FROM meta WHERE key = 'storage_check'").fetchone() is not None
+            return SealedFile.meta(conn, "storage_check") is not None
         finally:
             conn.close()
     except sqlite3.Error:
@@ -5776,6 +5784,7 @@ def serve(settings, store, environ=None):
     try:
         warn_near_misses(environ or {})
         _record_server_settings(store, settings)
+        _warn_if_the_cookie_cannot_reach_users_hosts(store, settings)
         _first_start(store, settings, app)
         _return_freed_memory()
         where = _listen_address(settings.host, server.effective_port)
@@ -5820,12 +5829,16 @@ def _edit_distance(a, b):
 
 
 def _record_server_settings(store, settings):
-    """Record what the command line must judge by as this server does (Store.record_server), and
-    warn when the session cookie cannot follow a shared login host to the users' hosts."""
+    """Record what the command line must judge by as this server does (Store.record_server)."""
     try:
         store.record_server(settings)
     except sqlite3.Error as error:  # the command line falls back to its own environment
         log.warning("cannot record LOGIN_URL and the session lifetimes for the command line: %s", error)
+
+
+def _warn_if_the_cookie_cannot_reach_users_hosts(store, settings):
+    """One line at start when a shared login host's session cookie cannot reach a host in a user's
+    host list (cookie_domain_warning)."""
     patterns = {p for user in store.users() for p in (_hosts_rule(user.hosts) or ())}
     if (warning := cookie_domain_warning(settings, sorted(patterns))) is not None:
         log.warning("%s", warning)

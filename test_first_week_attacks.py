@@ -98,7 +98,7 @@ def test_the_cookie_reach_warning_never_takes_its_advice_from_a_strangers_host(s
     s = settings(login_url=SHARED, cookie_domain=".home.example.net")
     app = fa.make_app(s, store=store, clock=clock)
     with caplog.at_level(logging.WARNING, logger="forward_auth"):
-        fa._record_server_settings(store, s)
+        fa._warn_if_the_cookie_cannot_reach_users_hosts(store, s)
         assert reach_warnings(caplog) == []  # the start warning: nothing to fix
         assert navigation(app, "evil.example.net").status == 302
     # It may say the host came; it never advises a COOKIE_DOMAIN taken from the stranger's host.

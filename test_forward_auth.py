@@ -8029,7 +8029,7 @@ def test_an_absolute_login_url_whose_cookie_cannot_reach_a_users_host_warns_at_s
         caplog.clear()
         s = settings(**overrides)
         with caplog.at_level(logging.WARNING, logger="forward_auth"):
-            fa._record_server_settings(store, s)
+            fa._warn_if_the_cookie_cannot_reach_users_hosts(store, s)
         lines = [r.getMessage() for r in caplog.records if "LOGIN_URL is on" in r.getMessage()]
         if fix is None:
             assert lines == [], (overrides, lines)
