@@ -2,7 +2,9 @@
 an injectable clock, forward-auth on real waitress, TOTP codes, and a login form's CSRF token."""
 
 import http.client
+import random
 import re
+import socket
 import threading
 
 import pyotp
@@ -108,6 +110,41 @@ class Server:
 def wrong_code_for(*seeds, now=NOW):
     codes = {code_at(seed, now, offset) for seed in seeds for offset in (-1, 0, 1)}
     return next(c for c in ("000000", "111111", "222222", "333333") if c not in codes)
+
+
+def _ephemeral_ports():
+    """The kernel's range for port 0 and for clients' own ports (Linux: ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as file:
+            low, high = (int(n) for n in file.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_HANDED_OUT = set()
+
+
+def free_port():
+    """A free loopback port for a process the tests start (a proxy, an app, forward-auth), chosen
+    below the kernel's ephemeral range. One from that range (what binding port 0 gives) can be
+    handed to a waitress server on port 0 or a client connection's own end in the moment before
+    the process binds it: the process then fails to start while the port answers, and the test
+    talks to another server (seen: a login answered 401, an admin page answered by the echo app)."""
+    low, _high = _ephemeral_ports()
+    start = max(1024, low - 16384)
+    for _ in range(1000):
+        port = random.randrange(start, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {start}-{low}")
 
 
 # Fixtures every test file shares: a database file of the test's own, its Store, and a clock.

@@ -32,7 +32,7 @@ import pytest
 import waitress.server
 
 import forward_auth as fa
-from conftest import FakeClock, Response, Server, code_at, csrf_token_of, wrong_code_for
+from conftest import FakeClock, Response, Server, code_at, csrf_token_of, free_port, wrong_code_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRED = os.environ.get("FORWARD_AUTH_REQUIRE_E2E") == "1"
@@ -54,12 +54,6 @@ def need(ok, message):
         if REQUIRED:
             pytest.fail(f"FORWARD_AUTH_REQUIRE_E2E=1 but {message}")
         pytest.skip(message)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PortTaken(AssertionError):

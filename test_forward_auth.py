@@ -38,7 +38,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 import forward_auth as fa
-from conftest import NOW, FakeClock, Response, Server, code_at, csrf_token_of, wrong_code_for
+from conftest import NOW, FakeClock, Response, Server, code_at, csrf_token_of, free_port, wrong_code_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -3296,12 +3296,6 @@ def test_an_unreadable_secret_file_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 # --- The real process -------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_process(tmp_path, **env):
