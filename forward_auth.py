@@ -68,6 +68,7 @@ import re
 import secrets
 import signal
 import sqlite3
+import string
 import threading
 import time
 import urllib.parse
@@ -166,24 +167,35 @@ log = logging.getLogger("forward_auth")
 
 
 class HTTPError(Exception):
-    """An HTTP answer other than success, raised by a handler."""
+    """An HTTP answer other than success, raised by a handler. With `say` (a key of the pages' texts),
+    a browser gets it as an error page in its language; anything else gets `body`."""
 
-    def __init__(self, status, body=b"", headers=()):
+    def __init__(self, status, body=b"", headers=(), say=None):
         super().__init__(status)
         self.status = status
         self.body = body
         self.headers = list(headers)
+        self.say = say
 
 
 class ConfigError(ValueError):
     """A setting with a bad value; the message names the variable."""
 
 
-class UsageError(Exception):
+class _Sayable(Exception):
+    """An error the admin page says in the visitor's language: `say` a key of the pages' texts,
+    `values` what it fills in; the command line prints the English message."""
+
+    def __init__(self, message, say=None, **values):
+        super().__init__(message)
+        self.say, self.values = say, values
+
+
+class UsageError(_Sayable):
     """A value given is wrong (a command line, a form field): one line, exit 2 or a 400, nothing changed."""
 
 
-class CommandError(Exception):
+class CommandError(_Sayable):
     """A task could not be done (no such user, a file exists, the last admin): one line, exit 1 or a page."""
 
 
@@ -2371,7 +2383,8 @@ NewToken = collections.namedtuple("NewToken", "name label token hosts expires no
 
 def _checked_name(name, what="name"):
     if not isinstance(name, str) or not USER_NAME.fullmatch(name):
-        raise UsageError(f"invalid {what} {shown(name)!r}: use 1-64 of A-Z a-z 0-9 . _ @ -")
+        raise UsageError(f"invalid {what} {shown(name)!r}: use 1-64 of A-Z a-z 0-9 . _ @ -",
+                         say=f"bad_{what.replace(' ', '_')}", value=shown(name))
     return name
 
 
@@ -2382,7 +2395,7 @@ def _patterns(raw):
         try:
             pattern = as_host_pattern(text)
         except ValueError as error:
-            raise UsageError(str(error)) from None
+            raise UsageError(str(error), say="bad_host_pattern", value=shown(text)) from None
         if pattern not in patterns:
             patterns.append(pattern)
     return (EVERY_HOST,) if EVERY_HOST in patterns else tuple(patterns)
@@ -2397,7 +2410,8 @@ def _checked_full_name(text):
     if text is None or text == "":
         return text
     if len(text) > 100 or not text.isprintable() or text != text.strip():
-        raise UsageError(f"--name {shown(text)!r}: use 1-100 printable characters, no spaces at either end")
+        raise UsageError(f"--name {shown(text)!r}: use 1-100 printable characters, no spaces at either end",
+                         say="bad_full_name")
     return text
 
 
@@ -2407,7 +2421,8 @@ def _checked_email(text):
     local, at, domain = text.partition("@")
     if not (at and local and domain and "@" not in domain and len(text) <= 254 and text.isascii()
             and text.isprintable() and not any(c.isspace() for c in text)):
-        raise UsageError(f"--email {shown(text)!r}: expected one address such as alice@example.com")
+        raise UsageError(f"--email {shown(text)!r}: expected one address such as alice@example.com",
+                         say="bad_email", value=shown(text))
     return text
 
 
@@ -2418,7 +2433,8 @@ def _checked_groups(text):
     if text is None or text == "":
         return None if text is None else ()
     if len(text) > MAX_GROUPS_CHARS:
-        raise UsageError(f"--groups: at most {MAX_GROUPS_CHARS} characters in all (proxies refuse longer headers)")
+        raise UsageError(f"--groups: at most {MAX_GROUPS_CHARS} characters in all (proxies refuse longer headers)",
+                         say="groups_too_long", n=MAX_GROUPS_CHARS)
     groups = [group.strip() for group in text.split(",")]
     for group in groups:
         _checked_name(group, "group")
@@ -2458,7 +2474,7 @@ class Household:
     def require_user(self, name):
         user = self.store.user(_checked_name(name))
         if user is None:
-            raise CommandError(f"no user named {name!r}")
+            raise CommandError(f"no user named {name!r}", say="no_user", name=name)
         return user
 
     def invite(self, name, actor, *, hosts=None, full_name=None, email=None, groups=None, keep_tokens=False,
@@ -2469,13 +2485,14 @@ class Household:
         _checked_name(name)
         patterns = None if hosts is None else _pattern_list(hosts)
         if patterns == ():
-            raise UsageError("--hosts: give at least one pattern (* for every host)")
+            raise UsageError("--hosts: give at least one pattern (* for every host)", say="no_hosts")
         identity = _checked_identity(full_name, email, groups)
         existing = self.store.user(name)
         if existing is not None and new_only:
-            raise CommandError(f"{name} is already here: to give them a new link, reset them on their page")
+            raise CommandError(f"{name} is already here: to give them a new link, reset them on their page",
+                               say="already_here", name=name)
         if existing is None and reset_only:
-            raise CommandError(f"no user named {name!r}")
+            raise CommandError(f"no user named {name!r}", say="no_user", name=name)
         if existing is not None and actor.name:
             self._refuse_on_self(existing, actor, "reset")
         token = secrets.token_urlsafe(32)
@@ -2496,10 +2513,10 @@ class Household:
     def set_hosts(self, name, hosts, actor):
         patterns = _pattern_list(hosts) if isinstance(hosts, str) else _patterns(hosts)
         if not patterns:
-            raise UsageError("give at least one host pattern (* for every host)")
+            raise UsageError("give at least one host pattern (* for every host)", say="no_hosts")
         _checked_name(name)
         if not self.store.set_hosts(name, patterns):
-            raise CommandError(f"no user named {name!r}")
+            raise CommandError(f"no user named {name!r}", say="no_user", name=name)
         self._record("hosts", name, actor, self.clock(), _hosts_text(patterns))
         return patterns
 
@@ -2510,7 +2527,7 @@ class Household:
         user = self.require_user(name)
         with self._keeping_an_admin(actor) as keep_admin:
             if not self.store.set_identity(name, **changes, keep_admin=keep_admin):
-                raise CommandError(f"no user named {name!r}")
+                raise CommandError(f"no user named {name!r}", say="no_user", name=name)
         self._record("identity", name, actor, self.clock(), self._identity_detail(user, changes))
         return self.store.user(name)
 
@@ -2530,7 +2547,7 @@ class Household:
         _checked_name(name)
         now = self.clock()
         if not self.store.end_sessions(name, now):
-            raise CommandError(f"no user named {name!r}")
+            raise CommandError(f"no user named {name!r}", say="no_user", name=name)
         self._record("sessions-ended", name, actor, now)
 
     def end_session(self, name, session, actor):
@@ -2539,7 +2556,8 @@ class Household:
         now = self.clock()
         found = [s for s in self.store.live_sessions(name, now) if session in (short_id(s.sid), s.sid)]
         if not found:
-            raise CommandError(f"{name} has no live session {session!r} (see -sessions {name})")
+            raise CommandError(f"{name} has no live session {session!r} (see -sessions {name})", say="no_session",
+                               name=name)
         self.store.end_session(found[0].sid)
         self._record("session-ended", name, actor, now, f"session {short_id(found[0].sid)}")
         return found[0]
@@ -2551,7 +2569,7 @@ class Household:
         now = self.clock()
         with self._keeping_an_admin(actor) as keep_admin:
             if not self.store.delete_user(name, now, keep_admin=keep_admin):
-                raise CommandError(f"no user named {name!r}")
+                raise CommandError(f"no user named {name!r}", say="no_user", name=name)
         self._record("deleted", name, actor, now)
 
     def create_token(self, name, label, actor, hosts=None, days=None):
@@ -2563,7 +2581,7 @@ class Household:
             try:
                 expires = int(self.clock()) + _as_int(days, 1, 3650) * 86400
             except ValueError as error:
-                raise UsageError(f"--days: {error}") from None
+                raise UsageError(f"--days: {error}", say="bad_days") from None
         user = self.require_user(name)
         notes = []
         user_patterns = _hosts_rule(user.hosts)
@@ -2571,7 +2589,8 @@ class Household:
             useless = [p for p in patterns if not any(patterns_overlap(p, u) for u in user_patterns)]
             if len(useless) == len(patterns):
                 raise CommandError(f"{name} may open only {user.hosts}: a token for {','.join(patterns)} would open "
-                                   "nothing (change their hosts first)")
+                                   "nothing (change their hosts first)", say="token_opens_nothing", name=name,
+                                   hosts=user.hosts)
             if useless:
                 notes.append(f"{name} may not open {','.join(useless)}; the token will not open it either")
         token = APP_TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -2579,18 +2598,19 @@ class Household:
         try:
             self.store.add_app_token(name, label, digest(token), patterns, now, expires)
         except RuntimeError as error:
-            raise CommandError(str(error)) from None
+            raise CommandError(str(error), say="token_label_taken", name=name, label=label) from None
         self._record("token-created", name, actor, now, f"label {label}, hosts {_hosts_text(patterns)}")
         return NewToken(name, label, token, patterns, expires, notes)
 
     def revoke_token(self, name, label, actor):
         if not self.store.delete_app_token(name, label):
-            raise CommandError(f"{name!r} has no token labelled {label!r}")
+            raise CommandError(f"{name!r} has no token labelled {label!r}", say="no_token", name=name, label=label)
         self._record("token-revoked", name, actor, self.clock(), f"label {label}")
 
     def _refuse_on_self(self, user, actor, what):
         if user.name == actor.name:
-            raise CommandError(f"You cannot {what} yourself here: ask another admin, or use the command line")
+            raise CommandError(f"You cannot {what} yourself here: ask another admin, or use the command line",
+                               say="not_yourself")
 
     @contextlib.contextmanager
     def _keeping_an_admin(self, actor):
@@ -2601,7 +2621,8 @@ class Household:
             yield self.settings.admin_group if actor.name else None
         except LastAdmin:
             raise CommandError(f"that would leave no admin ({self.settings.admin_group}): make someone else an "
-                               "admin first (this is the last admin)") from None
+                               "admin first (this is the last admin)", say="last_admin",
+                               group=self.settings.admin_group) from None
 
     def _record(self, event, name, actor, now, detail=""):
         self.journal.record(event, name, now, actor=actor.name, ip=actor.ip, agent=actor.agent, detail=detail)
@@ -2849,7 +2870,7 @@ def parse_form(text):
     try:
         pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
     except ValueError:
-        raise HTTPError(400, b"Too many fields\n") from None
+        raise HTTPError(400, b"Too many fields\n", say="bad_request") from None
     form = {}
     for name, value in pairs:
         form.setdefault(name, value)
@@ -3016,6 +3037,10 @@ class Request:
         return _wsgi_text(self._environ.get("QUERY_STRING", ""))
 
     @property
+    def accept_language(self):
+        return self._header("HTTP_ACCEPT_LANGUAGE") or ""
+
+    @property
     def user_agent(self):
         return self._header("HTTP_USER_AGENT") or ""
 
@@ -3038,13 +3063,399 @@ class Request:
         try:
             length = int(self._environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
-            raise HTTPError(400, b"Bad Content-Length\n") from None
+            raise HTTPError(400, b"Bad Content-Length\n", say="bad_request") from None
         if length > MAX_FORM_BYTES:
-            raise HTTPError(413, b"Form too large\n")
+            raise HTTPError(413, b"Form too large\n", say="bad_request")
         if not self.has_form:
-            raise HTTPError(415, b"Expected application/x-www-form-urlencoded\n")
+            raise HTTPError(415, b"Expected application/x-www-form-urlencoded\n", say="bad_request")
         body = self._environ["wsgi.input"].read(length) if length > 0 else b""
         return parse_form(body.decode("utf-8", "replace"))
+
+
+# --- Languages --------------------------------------------------------------
+# The words of every page a person sees, in the visitor's language. English is
+# here (the module alone still runs); every other language is one JSON file in
+# languages/ beside this module, read once at start. Which one a page is in comes
+# from the visitor's own pick (the `lang` cookie) or Accept-Language, and is always
+# one of the files' own tags: what the browser sent is never echoed (Authelia's
+# language cookie reached its HTML unfiltered: GHSA-gmfg-3v4q-9qr4).
+
+LANGUAGES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "languages")
+LANGUAGE_COOKIE = "lang"
+LANGUAGE_COOKIE_SECONDS = 365 * 86400
+LANGUAGE_FILE = re.compile(r"([A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*)\.json")  # RFC 5646's shape: de, pt-BR
+MAX_LANGUAGE_RANGES = 32  # Accept-Language entries judged; more is no browser's
+QVALUE = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")  # RFC 9110 §12.4.2
+PAGE_VARY = ("Vary", "Accept-Language, Cookie")  # RFC 9110 §12.5.5: a page differs by both
+
+# English, the one language every other falls back to, key by key. A list is a
+# counted phrase: its forms in the order the language's plural rule numbers them.
+ENGLISH_PLURAL = "nplurals=2; plural=(n != 1);"
+ENGLISH = {
+    # Shared
+    "sign_in": "Sign in",
+    "signed_in_as": "Signed in as {name}",
+    "code_label": "Code from your authenticator app",
+    "language": "Language",
+    "back_to_sign_in": "Back to sign-in",
+    "minutes": ["{n} minute", "{n} minutes"],
+    # The login page
+    "title_sign_in": "Sign in · {app_name}",
+    "to_continue_to": "to continue to {host}",
+    "signing_in_as": "Signing in as {name}",
+    "not_name": "Not {name}?",
+    "wrong_code": "Wrong code. Try again.",
+    "wrong_code_for": "Wrong code for {name}. Not {name}? Use the link below the button.",
+    "code_used": "That code was just used. Wait for the next one.",
+    "too_many": ["Too many attempts. Try again in {n} minute.", "Too many attempts. Try again in {n} minutes."],
+    "unavailable": "Signing in is unavailable for a moment. Please try again.",
+    "form_expired": "This form expired. Please enter the code again.",
+    "plain_http_refused": "This browser could not keep the sign-in: the page came over plain HTTP, and it needs "
+                          "HTTPS here (see below).",
+    "plain_http_note": "This page came over plain HTTP but SECURE_COOKIES=true: the browser will not keep the "
+                       "sign-in. Serve it over HTTPS, or set SECURE_COOKIES=false to try it on plain HTTP.",
+    "was_reset": "The authenticator entry for {name} was replaced: the old one no longer works. Open the new "
+                 "invitation link {name} was sent, or ask whoever manages {app_name}.",
+    # Signed in, and refused
+    "sign_out": "Sign out",
+    "sign_out_everywhere": "Sign out everywhere",
+    "everywhere_hint": "Everywhere: every browser and device signed in as {user}.",
+    "manage_household": "Manage the household",
+    "not_allowed": "Not allowed",
+    "title_not_allowed": "Not allowed · {app_name}",
+    "may_not_open": "Signed in as {name}, who may not open {host}.",
+    "this_address": "this address",
+    "sign_in_as_someone_else": "Sign in as someone else",
+    # Invitations
+    "title_set_up": "Set up · {app_name}",
+    "title_link_expired": "Link expired · {app_name}",
+    "set_up_heading": "Set up your authenticator for {app_name}",
+    "invite_adds": "This link adds {name}. Have your authenticator app ready (Google Authenticator, Aegis, "
+                   "1Password…), then continue.",
+    "show_setup_code": "Show my setup code",
+    "invite_expires": "It works once, and expires {when}.",
+    "scan_this": "Scan this with your authenticator app, or",
+    "open_in_app": "open it in the app",
+    "on_this_phone": "on this phone.",
+    "or_type_key": "Or type this key:",
+    "new_code_label": "The code your app now shows for {app_name}",
+    "finish": "Finish and sign in",
+    "link_gone": "This link no longer works",
+    "link_gone_text": "An invitation works once and expires. Ask whoever sent it for a new link.",
+    "link_elsewhere": "This link was opened on another device",
+    "link_elsewhere_text": "An invitation shows its setup code to one browser only. Ask whoever sent it for a new "
+                           "link.",
+    # Moments: "in 3 days, on Tuesday 1 December at 13:00 UTC"
+    "moment": "{when}, on {date}",
+    "date": "{weekday} {day} {month} at {time} UTC",
+    "in_days": ["in {n} day", "in {n} days"],
+    "in_hours": ["in {n} hour", "in {n} hours"],
+    "in_minutes": ["in {n} minute", "in {n} minutes"],
+    "weekdays": "Monday Tuesday Wednesday Thursday Friday Saturday Sunday",
+    "months": "January February March April May June July August September October November December",
+    # Error pages
+    "error": "Something went wrong",
+    "not_found": "Not found",
+    "method_not_allowed": "This address does not take that request.",
+    "cross_site": "Refused: the form came from another site.",
+    "bad_request": "This request could not be read. Open the page again.",
+    "bad_forwarded": "The proxy in front of this page sent an address that cannot be used.",
+    "admin_form_expired": "This form expired: open the admin page again.",
+    "logout_form_expired": "This form expired: sign out again.",
+    "no_such_user": "No such user.",
+    "database_unavailable": "Unavailable for a moment. Please try again.",
+    "internal_error": "Something went wrong here. Please try again.",
+    # The admin page
+    "nav_people": "People",
+    "nav_history": "History",
+    "nav_your_sign_in": "Your sign-in",
+    "title_fresh_code": "Fresh code · {app_name}",
+    "fresh_code_label": "A fresh code from your authenticator app",
+    "continue": "Continue",
+    "fresh_code_hint": "The admin page asks for a code at most {minutes} old. The code you signed in with works "
+                       "once: wait for the next one.",
+    "fresh_code_first": "Not done: type a fresh code first, then do it again.",
+    "not_an_admin": "Not an admin",
+    "title_not_an_admin": "Not an admin · {app_name}",
+    "not_in_group": "Signed in as {name}, who is not in the group {group} that manages {app_name}.",
+    "no_admin_group": "(none: ADMIN_GROUP is empty)",
+    "back": "Back",
+    "title_household": "Household",
+    "invite_someone": "Invite someone",
+    "user_name_label": "User name (what they are called at sign-in)",
+    "more_fields": "Name, email, groups, apps",
+    "full_name": "Full name",
+    "email": "Email",
+    "groups_label": "Groups (comma-separated)",
+    "may_open_label": "May open (host patterns; empty: every app)",
+    "create_invitation": "Create an invitation link",
+    "nobody_yet": "Nobody yet.",
+    "last_sign_in": "last sign-in {time}",
+    "invitation_expired": "invitation expired: reset them for a new link",
+    "invited": "invited; the link expires {expires}",
+    "invited_opened": "invited, opened {opened}; the link expires {expires}",
+    "groups_detail": "groups {groups}",
+    "may_open_detail": "may open {hosts}",
+    "never": "never",
+    "who_they_are": "Who they are",
+    "groups_admin_label": "Groups (comma-separated; {admin_group} may manage the household)",
+    "admin_group_empty": "(ADMIN_GROUP is empty)",
+    "save": "Save",
+    "what_they_may_open": "What they may open",
+    "host_patterns_label": "Host patterns (* for every app)",
+    "signed_in_heading": "Signed in",
+    "sign_user_out_everywhere": "Sign {name} out everywhere",
+    "no_live_session": "No live session.",
+    "session_row": "signed in {login} · last seen {seen}",
+    "this_browser": "this browser",
+    "end_this_session": "End this session",
+    "app_tokens": "App tokens",
+    "no_app_token": "No app token.",
+    "token_row": "created {created} · expires {expires} · last used {used}",
+    "token_hosts": "hosts {hosts}",
+    "revoke": "Revoke",
+    "new_app_token": "New app token (for a script, a calendar or a monitor)",
+    "label": "Label",
+    "token_hosts_label": "Hosts (empty: all {name} may open)",
+    "days_label": "Expires after days (empty: never)",
+    "create_token": "Create the token",
+    "lost_phone": "Lost phone",
+    "lost_phone_text": "A new invitation link: their authenticator and every session stop working now.",
+    "keep_tokens": "Keep their app tokens",
+    "reset_user": "Reset {name}",
+    "delete": "Delete",
+    "delete_label": "Type {name} to delete them, their sessions and tokens",
+    "delete_user": "Delete {name}",
+    "history_of": "History of {name}",
+    "title_history": "History",
+    "history_everyone": "everyone",
+    "history_of_user": "of {name}",
+    "history_kept": ["Kept {n} day. Newest first.", "Kept {n} days. Newest first."],
+    "history_limit": ["Only the last {n} is shown here (-history shows all).",
+                      "Only the last {n} are shown here (-history shows all)."],
+    "nothing_yet": "Nothing yet.",
+    "nobody": "nobody",
+    "by": "by {name}",
+    "by_command_line": "by the command line",
+    "known_device": "known device",
+    "new_device": "new device",
+    "title_invitation": "Invitation for {name}",
+    "send_link": "Send this link to {name} directly (a message to them, not a group). It works once, on the first "
+                 "browser that opens it, and expires {expires}.",
+    "invitation_link": "Invitation link",
+    "shown_once_link": "Shown only now: this page does not come back. A new link voids this one.",
+    "done": "Done",
+    "title_token": "App token for {name}",
+    "token_text": "Label {label}, hosts {hosts}, expires {expires}. Put it where the script or app reads it (as a "
+                  "password with the user name {name}, or as a Bearer token).",
+    "shown_once": "Shown only now: this page does not come back.",
+    "already_shown": "Already shown",
+    "already_shown_text": "A new link or token is shown once. Make a new one if it was not copied.",
+    "done_identity": "Saved: the apps see it within a second.",
+    "done_hosts": "Saved: takes effect within a second.",
+    "done_end_sessions": "Every session ended.",
+    "done_end_session": "That session ended.",
+    "done_revoke_token": "Token revoked.",
+    "done_delete": "Deleted.",
+    # What the admin page says when a change cannot be made
+    "bad_name": "Not done: {value} cannot be a user name. Use 1 to 64 of A-Z a-z 0-9 . _ @ -",
+    "bad_group": "Not done: {value} cannot be a group name. Use 1 to 64 of A-Z a-z 0-9 . _ @ -",
+    "bad_label": "Not done: {value} cannot be a label. Use 1 to 64 of A-Z a-z 0-9 . _ @ -",
+    "bad_full_name": "Not done: a full name is 1 to 100 printable characters, with no spaces at either end.",
+    "bad_email": "Not done: {value} is not an email address such as alice@example.com.",
+    "groups_too_long": "Not done: the groups are longer than {n} characters in all.",
+    "bad_host_pattern": "Not done: {value} is not a host pattern. Use a host (jellyfin.example.com), *.domain, or * "
+                        "for every app.",
+    "no_hosts": "Not done: give at least one host pattern (* for every app).",
+    "already_here": "{name} is already here: to give them a new link, reset them on their page.",
+    "no_user": "There is no user named {name}.",
+    "no_session": "{name} has no live session like that: it has ended already.",
+    "bad_days": "Not done: the days are a whole number from 1 to 3650.",
+    "token_opens_nothing": "Not done: {name} may open only {hosts}, so this token would open nothing. Change their "
+                           "hosts first.",
+    "token_label_taken": "Not done: {name} already has a token labelled {label}.",
+    "no_token": "{name} has no token labelled {label}.",
+    "not_yourself": "You cannot do that to yourself here: ask another admin, or use the command line.",
+    "last_admin": "Not done: that would leave no admin in {group}, as this is the last admin. Make someone else "
+                  "an admin first.",
+    "type_name_to_delete": "Not deleted: type {name} exactly to delete them.",
+    "unknown_action": "Unknown action.",
+    # The history's events, as the admin page lists them
+    **{f"event:{name}": text for name, (text, _) in EVENTS.items()},
+}
+# Keys whose value is a list of words separated by spaces, not a phrase: their counts must match.
+WORD_LISTS = {"weekdays": 7, "months": 12}
+
+
+def placeholders(text):
+    """The names a text fills in: {name} and {n} -> {"name", "n"}; None if it is no valid template."""
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+    except ValueError:
+        return None
+
+
+class Catalogue:
+    """One language's texts, English where a key is missing or unusable. `say` fills in values
+    (plain text: fragment() escapes it), `count` picks the plural form for a number."""
+
+    def __init__(self, tag, name, texts, plural="", direction="ltr", english=None):
+        self.tag, self.name, self.direction = tag, name, direction
+        self.english = english or self
+        self.texts = texts
+        self._plural = plural_rule(plural or ENGLISH_PLURAL)
+
+    def text(self, key):
+        """The raw text of `key`, placeholders unfilled."""
+        return self.texts.get(key) or self.english.texts[key]
+
+    def say(self, key, **values):
+        return self.text(key).format(**values)
+
+    def count(self, key, n, **values):
+        forms = self.texts.get(key)
+        index = self._plural(n) if forms else 0
+        if not forms or not 0 <= index < len(forms):
+            forms, index = self.english.texts[key], self.english._plural(n)
+        return forms[index].format(n=n, **values)
+
+    def words(self, key):
+        return self.say(key).split()
+
+
+def plural_rule(header):
+    """The function n -> form index of a gettext Plural-Forms header ("nplurals=3; plural=(n==1 ? 0 :
+    ...);"), as translators know it; gettext's own parser, which admits only C's arithmetic. ValueError
+    for anything else."""
+    import gettext  # only at start, where the catalogues are read
+
+    match = re.fullmatch(r"\s*nplurals\s*=\s*([1-6])\s*;\s*plural\s*=\s*(.+?)\s*;?\s*", header or "")
+    if match is None:
+        raise ValueError("expected nplurals=N; plural=EXPRESSION;")
+    rule, count = gettext.c2py(match.group(2)), int(match.group(1))
+    if any(not 0 <= rule(n) < count for n in range(1000)):
+        raise ValueError(f"the plural rule gives a form past nplurals={count}")
+    return rule
+
+
+def read_catalogue(path, tag, english):
+    """The Catalogue in one JSON file; a key with other placeholders than English's, or of another
+    kind, is left out (English shows there) and logged. ValueError for a file that is not one."""
+    with open(path, encoding="utf-8") as file:
+        data = json.load(file)
+    if not isinstance(data, dict) or not isinstance(data.get("texts"), dict) or not isinstance(
+            data.get("language"), str):
+        raise ValueError('expected {"language": "its own name", "plural_forms": "...", "texts": {...}}')  # noqa: TRY004
+    plural = data.get("plural_forms", ENGLISH_PLURAL)
+    plural_rule(plural)
+    count = int(re.search(r"nplurals\s*=\s*([1-6])", plural).group(1))
+    texts, unusable = {}, []
+    for key, value in data["texts"].items():
+        if usable_translation(key, value, count):
+            texts[key] = value
+        elif key in ENGLISH:
+            unusable.append(key)
+    if unusable:
+        log.warning("language %s: English for %s (other placeholders or forms than English's)", tag,
+                    ", ".join(sorted(unusable)[:10]))
+    direction = "rtl" if data.get("direction") == "rtl" else "ltr"
+    return Catalogue(tag, data["language"][:40], texts, plural, direction, english)
+
+
+def usable_translation(key, value, plural_count):
+    english = ENGLISH.get(key)
+    if isinstance(english, list):
+        return (isinstance(value, list) and len(value) == plural_count
+                and all(isinstance(form, str) and placeholders(form) == placeholders(english[-1]) for form in value))
+    if key in WORD_LISTS:
+        return isinstance(value, str) and len(value.split()) == WORD_LISTS[key]
+    return isinstance(english, str) and isinstance(value, str) and placeholders(value) == placeholders(english)
+
+
+class Languages:
+    """The shipped catalogues, English first, and the choice of one for a request."""
+
+    def __init__(self, catalogues):
+        self.english = catalogues[0]
+        self.by_tag = {catalogue.tag.lower(): catalogue for catalogue in catalogues}
+
+    @classmethod
+    def load(cls, folder=LANGUAGES_DIR):
+        """English and every readable languages/TAG.json; a file that cannot be read is one log line."""
+        english = Catalogue("en", "English", ENGLISH)
+        catalogues = [english]
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            names = []  # no folder: English alone
+        for name in names:
+            match = LANGUAGE_FILE.fullmatch(name)
+            if match is None or match.group(1).lower() == "en":
+                continue
+            try:
+                catalogues.append(read_catalogue(os.path.join(folder, name), match.group(1), english))
+            except (OSError, ValueError, UnicodeDecodeError) as error:
+                log.warning("language file %s not used: %s", name, error)
+        return cls(catalogues)
+
+    def __iter__(self):
+        return iter(self.by_tag.values())
+
+    def shipped(self, value):
+        """The catalogue whose tag `value` is (any case), or None."""
+        return self.by_tag.get(value.strip().lower()) if isinstance(value, str) else None
+
+    def choose(self, request):
+        """A `lang` in the query (the picker's link), else the `lang` cookie, else Accept-Language."""
+        picked = self.picked(request)
+        if picked is not None:
+            return picked
+        for value in request.cookie_values(LANGUAGE_COOKIE):
+            if (catalogue := self.shipped(value)) is not None:
+                return catalogue
+        return self.negotiate(request.accept_language)
+
+    def picked(self, request):
+        """The language a picker link asked for (?lang=), if it is shipped."""
+        try:
+            return self.shipped(request.query.get(LANGUAGE_COOKIE))
+        except HTTPError:  # a query that cannot be read picks nothing
+            return None
+
+    def negotiate(self, header):
+        """RFC 9110 §12.5.4 with RFC 4647 §3.4's lookup: the ranges best first, each tried as it is
+        and then with its last subtag cut (de-AT -> de); `*`, or no range shipped, is English."""
+        refused = set()
+        for tag in accepted_languages(header or "", refused):
+            if tag == "*":
+                break
+            while tag:
+                if tag not in refused and tag in self.by_tag:
+                    return self.by_tag[tag]
+                tag = tag.rpartition("-")[0]
+                if len(tag) > 1 and tag[-2] == "-":  # a singleton ("x" of de-x-...) goes with what follows
+                    tag = tag[:-2]
+        return self.english
+
+
+def accepted_languages(header, refused):
+    """An Accept-Language value's ranges, lowercased, highest q first (ties in the order given); those
+    with q=0 ("not acceptable", RFC 9110 §12.4.2) go to `refused`; a malformed entry counts as absent."""
+    ranked = []
+    for position, item in enumerate(header.split(",")[:MAX_LANGUAGE_RANGES]):
+        tag, *parameters = (part.strip() for part in item.split(";"))
+        tag, quality = tag.lower(), 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                quality = float(value) if QVALUE.fullmatch(value.strip()) else -1.0
+        if not re.fullmatch(r"\*|[a-z]{1,8}(-[a-z0-9]{1,8})*", tag) or quality < 0:
+            continue
+        if quality == 0:
+            refused.add(tag)
+        else:
+            ranked.append((-quality, position, tag))
+    return [tag for _, _, tag in sorted(ranked)]
 
 
 # --- Pages ------------------------------------------------------------------
@@ -3070,6 +3481,9 @@ input[name=otp]:focus{outline:3px solid var(--accent);outline-offset:1px}
 button{width:100%;margin-top:1rem;padding:.75rem;font-size:1rem;font-weight:600;border:0;
 border-radius:8px;background:var(--accent);color:var(--accent-fg);cursor:pointer}
 button.quiet{background:transparent;color:var(--accent);border:1px solid var(--line);margin-top:.75rem}
+button.link{width:auto;margin:0;padding:.25rem;font-weight:400;font-size:inherit;background:none;color:var(--accent);
+text-decoration:underline}
+nav.langs{margin:1.5rem 0 0;font-size:.8rem;color:var(--muted);gap:.25rem .75rem}
 a{color:var(--accent)}
 .message{margin:0 0 1rem;padding:.6rem .8rem;border-radius:8px;background:var(--error-bg);color:var(--error)}
 .hint{color:var(--muted);font-size:.875rem;margin:.75rem 0 0;text-align:center}
@@ -3104,7 +3518,7 @@ border-radius:8px;background:transparent;color:inherit;margin:0 0 1rem}
 PAGE_CSS_HASH = base64.b64encode(hashlib.sha256(PAGE_CSS.encode()).digest()).decode()
 
 PAGE = """<!doctype html>
-<html lang="en">
+<html lang="{lang}"{dir}>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -3115,84 +3529,89 @@ PAGE = """<!doctype html>
 </head>
 <body>
 <main{wide}>
-{body}</main>
+{body}{picker}</main>
 </body>
 </html>
 """
 
 LOGIN_FORM = """<h1>{app_name}</h1>
 {subtitle}{message}{note}<form method="post">
-<label for="otp">Code from your authenticator app</label>
+<label for="otp">{t[code_label]}</label>
 {otp_input}
 <input type="hidden" name="next" value="{next}">
 <input type="hidden" name="csrf" value="{csrf}">
-<button type="submit"{disabled}>Sign in</button>
+<button type="submit"{disabled}>{t[sign_in]}</button>
 </form>
 {forget}"""
 
-FORGET_DEVICE = """<form method="post">
+# "Not NAME?" throws the device away: a quiet link under the form, not a second big
+# button one slip of the thumb from "Sign in". Still a POST with the CSRF token.
+FORGET_DEVICE = """<form method="post" class="hint">
 <input type="hidden" name="action" value="forget">
 <input type="hidden" name="next" value="{next}">
 <input type="hidden" name="csrf" value="{csrf}">
-<button type="submit" class="quiet">Not {name}?</button>
+<button type="submit" class="link">{t[not_name]}</button>
 </form>
 """
 
 SIGNED_IN = """<h1>{app_name}</h1>
-<p class="sub">Signed in as {name}</p>
+<p class="sub">{t[signed_in_as]}</p>
 {admin}
 <form method="post" action="{logout}">
 <input type="hidden" name="csrf" value="{csrf}">
-<button type="submit">Sign out</button>
+<button type="submit">{t[sign_out]}</button>
 </form>
 <form method="post" action="{logout}">
 <input type="hidden" name="csrf" value="{csrf}">
 <input type="hidden" name="all" value="1">
-<button type="submit" class="quiet">Sign out everywhere</button>
+<button type="submit" class="quiet">{t[sign_out_everywhere]}</button>
 </form>
-<p class="hint">Everywhere: every browser and device signed in as {user}.</p>
+<p class="hint">{t[everywhere_hint]}</p>
 """
 
-ADMIN_LINK = """<p class="center"><a class="button" href="{admin}">Manage the household</a></p>
+ADMIN_LINK = """<p class="center"><a class="button" href="{admin}">{t[manage_household]}</a></p>
 """
 
-FORBIDDEN_PAGE = """<h1>Not allowed</h1>
-<p>Signed in as {name}, who may not open {host}.</p>
-<p class="hint"><a href="{logout}">Sign in as someone else</a></p>
+FORBIDDEN_PAGE = """<h1>{t[not_allowed]}</h1>
+<p>{t[may_not_open]}</p>
+<p class="hint"><a href="{logout}">{t[sign_in_as_someone_else]}</a></p>
 """
 
-INVITE_START = """<h1>Set up your authenticator for {app_name}</h1>
-<p>This link adds {name}. Have your authenticator app ready
-(Google Authenticator, Aegis, 1Password…), then continue.</p>
+INVITE_START = """<h1>{t[set_up_heading]}</h1>
+<p>{t[invite_adds]}</p>
 <form method="post">
 <input type="hidden" name="invite" value="{invite}">
 <input type="hidden" name="csrf" value="{csrf}">
-<button type="submit">Show my setup code</button>
+<button type="submit">{t[show_setup_code]}</button>
 </form>
-<p class="hint">It works once, and expires {expires}.</p>
+<p class="hint">{t[invite_expires]}</p>
 """
 
-INVITE_SETUP = """<h1>Set up your authenticator for {app_name}</h1>
-{message}<p>Scan this with your authenticator app, or
-<a href="{uri}">open it in the app</a> on this phone.</p>
+INVITE_SETUP = """<h1>{t[set_up_heading]}</h1>
+{message}<p>{t[scan_this]} <a href="{uri}">{t[open_in_app]}</a> {t[on_this_phone]}</p>
 <div class="qr">{qr}</div>
-<p class="hint">Or type this key:</p>
+<p class="hint">{t[or_type_key]}</p>
 <p class="secret">{secret}</p>
 <form method="post">
-<label for="otp">The code your app now shows for {app_name}</label>
+<label for="otp">{t[new_code_label]}</label>
 {otp_input}
 <input type="hidden" name="invite" value="{invite}">
 <input type="hidden" name="csrf" value="{csrf}">
-<button type="submit"{disabled}>Finish and sign in</button>
+<button type="submit"{disabled}>{t[finish]}</button>
 </form>
 """
 
-INVITE_GONE = """<h1>This link no longer works</h1>
-<p>An invitation works once and expires. Ask whoever sent it for a new link.</p>
+INVITE_GONE = """<h1>{t[link_gone]}</h1>
+<p>{t[link_gone_text]}</p>
 """
 
-INVITE_ELSEWHERE = """<h1>This link was opened on another device</h1>
-<p>An invitation shows its setup code to one browser only. Ask whoever sent it for a new link.</p>
+INVITE_ELSEWHERE = """<h1>{t[link_elsewhere]}</h1>
+<p>{t[link_elsewhere_text]}</p>
+"""
+
+ERROR_PAGE = """<h1>{t[error]}</h1>
+<p>{text}</p>
+<p class="hint"><a href="{login}">{t[back_to_sign_in]}</a></p>
 """
 
 # The one code field. One space or hyphen in the middle is allowed, as apps show
@@ -3208,11 +3627,11 @@ def otp_input(autofocus=False, disabled=False):
 
 
 MESSAGE = '<p class="message" role="alert">{message}</p>\n'
-PLAIN_HTTP_NOTE = (
-    '<p class="note">This page came over plain HTTP but SECURE_COOKIES=true: the browser will not keep the '
-    "sign-in. Serve it over HTTPS, or set SECURE_COOKIES=false to try it on plain HTTP.</p>\n"
-)
+PLAIN_HTTP_NOTE = '<p class="note">{t[plain_http_note]}</p>\n'
 SUBTITLE = '<p class="sub">{text}</p>\n'
+LANGUAGE_LINK = '<a href="?{query}" lang="{tag}" hreflang="{tag}">{name}</a>'
+LANGUAGE_HERE = '<b lang="{tag}" aria-current="true">{name}</b>'
+LANGUAGE_PICKER = '<nav class="langs" aria-label="{t[language]}">{links}</nav>\n'
 
 # No form-action: Chromium applies it to the redirect after the POST, which
 # would block returning to another host of a shared login (COOKIE_DOMAIN).
@@ -3239,20 +3658,44 @@ def escape(text):
     )
 
 
-def render_page(title, template, wide=False, **values):
-    """A whole page: `template` filled with `values` (see fragment); `wide` for the admin page's lists."""
-    body = fragment(template, **values)
-    return PAGE.format(title=escape(title), css=PAGE_CSS, body=body, wide=' class="wide"' if wide else "").encode()
+class Page(bytes):
+    """A whole page, and the language it is in (its Content-Language)."""
+
+    language = "en"
+
+
+def render_page(words, title, template, wide=False, picker="", **values):
+    """A whole page in `words`' language: `template` filled with `values` (see fragment); `wide` for
+    the admin page's lists, `picker` the language links (language_picker)."""
+    body = fragment(template, words, **values)
+    direction = ' dir="rtl"' if words.direction == "rtl" else ""
+    page = Page(PAGE.format(lang=escape(words.tag), dir=direction, title=escape(title), css=PAGE_CSS, body=body,
+                            wide=' class="wide"' if wide else "", picker=picker).encode())
+    page.language = words.tag
+    return page
 
 
 class Markup(str):
     """Text that is already HTML (made by fragment()): filling a template does not escape it again."""
 
 
-def fragment(template, **values):
-    """`template` filled with `values`, each HTML-escaped unless it is Markup; the result is Markup.
-    The one way HTML is put together here, so no value is ever escaped by hand (or forgotten)."""
+class _Texts:
+    """A template's {t[key]}: the catalogue's text, escaped, with the template's own values filled in."""
+
+    def __init__(self, words, values):
+        self.words, self.values = words, values
+
+    def __getitem__(self, key):
+        return Markup(escape(self.words.text(key)).format(**self.values))
+
+
+def fragment(template, words=None, **values):
+    """`template` filled with `values`, each HTML-escaped unless it is Markup, and its {t[key]} texts
+    in `words`' language; the result is Markup. The one way HTML is put together here, so no value
+    (and no translation) is ever escaped by hand, or forgotten."""
     filled = {name: value if isinstance(value, Markup) else escape(str(value)) for name, value in values.items()}
+    if words is not None:
+        filled["t"] = _Texts(words, filled)
     return Markup(template.format(**filled))
 
 
@@ -3260,21 +3703,38 @@ def message_markup(message):
     return fragment(MESSAGE, message=message) if message else Markup("")
 
 
-def render_login(app_name, next_url, csrf, refusal=None, device_user=None, plain_http=False):
-    """The login page; a `refusal` (a _Refused) says why the last attempt failed."""
-    message, disabled = (refusal.message, refusal.disabled) if refusal else ("", False)
+def language_picker(languages, words, **keep):
+    """Links to this page in every shipped language, each in its own name; `keep` the query values the
+    page needs again (next, invite), which its renderer has already judged."""
+    links = []
+    for catalogue in languages:
+        if catalogue is words:
+            links.append(fragment(LANGUAGE_HERE, tag=catalogue.tag, name=catalogue.name))
+        else:
+            query = urllib.parse.urlencode({**{k: v for k, v in keep.items() if v}, LANGUAGE_COOKIE: catalogue.tag})
+            links.append(fragment(LANGUAGE_LINK, query=query, tag=catalogue.tag, name=catalogue.name))
+    return fragment(LANGUAGE_PICKER, words, links=Markup(" ".join(links)))
+
+
+def render_login(words, app_name, next_url, csrf, refusal=None, device_user=None, plain_http=False, picker="",
+                 note=""):
+    """The login page; a `refusal` (a _Refused) says why the last attempt failed, a `note` what the
+    visitor should know first (their authenticator was reset)."""
+    message, disabled = (refusal.text(words), refusal.disabled) if refusal else (note, False)
     host = url_host(next_url) if next_url.startswith(("http://", "https://")) else ""
-    subtitle = fragment(SUBTITLE, text=f"to continue to {host}") if host else Markup("")
+    subtitle = fragment(SUBTITLE, text=words.say("to_continue_to", host=host)) if host else Markup("")
     if device_user:
-        subtitle = Markup(subtitle + fragment(SUBTITLE, text=f"Signing in as {device_user}"))
-    forget = fragment(FORGET_DEVICE, next=next_url, csrf=csrf, name=device_user) if device_user else Markup("")
+        subtitle = Markup(subtitle + fragment(SUBTITLE, text=words.say("signing_in_as", name=device_user)))
+    forget = fragment(FORGET_DEVICE, words, next=next_url, csrf=csrf, name=device_user) if device_user else Markup("")
     return render_page(
-        f"Sign in · {app_name}",
+        words,
+        words.say("title_sign_in", app_name=app_name),
         LOGIN_FORM,
+        picker=picker,
         app_name=app_name,
         subtitle=subtitle,
         message=message_markup(message),
-        note=Markup(PLAIN_HTTP_NOTE if plain_http else ""),
+        note=fragment(PLAIN_HTTP_NOTE, words) if plain_http else Markup(""),
         next=next_url,
         csrf=csrf,
         disabled=Markup(" disabled" if disabled else ""),
@@ -3300,16 +3760,26 @@ def plural_minutes(seconds):
     return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
-def human_time(epoch, now):
+def page_time(words, epoch):
+    """A stored time on a page: UTC ISO 8601, or the language's "never"."""
+    return format_time(epoch) if epoch else words.say("never")
+
+
+def wait_minutes(seconds):
+    return max(1, math.ceil(seconds / 60))
+
+
+def human_time(epoch, now, words):
     """A coming moment as people read it: "in 3 days, on Tuesday 1 December at 13:00 UTC"."""
     left = max(0, epoch - now)
-    count, unit = next(((round(left / size), unit) for unit, size in TIME_UNITS if left >= size), (1, "minute"))
+    count, unit = next(((round(left / size), unit) for unit, size in TIME_UNITS if left >= size), (1, "in_minutes"))
     day = time.gmtime(epoch)
-    return (f"in {count} {unit}{'s' if count != 1 else ''}, on {time.strftime('%A', day)} {day.tm_mday} "
-            f"{time.strftime('%B', day)} at {time.strftime('%H:%M', day)} UTC")
+    date = words.say("date", weekday=words.words("weekdays")[day.tm_wday], day=day.tm_mday,
+                     month=words.words("months")[day.tm_mon - 1], time=time.strftime("%H:%M", day))
+    return words.say("moment", when=words.count(unit, count), date=date)
 
 
-TIME_UNITS = (("day", 86400), ("hour", 3600), ("minute", 60))
+TIME_UNITS = (("in_days", 86400), ("in_hours", 3600), ("in_minutes", 60))
 
 
 # --- Gate -------------------------------------------------------------------
@@ -3693,19 +4163,31 @@ class Gate:
 
 
 class _Refused(Exception):
-    """A login attempt refused: the form again with a message; passed whole to the page that renders it."""
+    """A login attempt refused: the form again with why (`say`, a key of the pages' texts, filled with
+    `values`), passed whole to the page that renders it in the visitor's language."""
 
-    def __init__(self, status, message, headers=(), disabled=False):
-        super().__init__(message)
-        self.status, self.message, self.headers, self.disabled = status, message, list(headers), disabled
+    def __init__(self, status, say, headers=(), disabled=False, **values):
+        super().__init__(say)
+        self.status, self.say, self.values, self.headers, self.disabled = status, say, values, list(headers), disabled
+
+    def text(self, words):
+        if isinstance(ENGLISH[self.say], list):
+            return words.count(self.say, **self.values)
+        return words.say(self.say, **self.values)
 
 
 HTML = ("Content-Type", "text/html; charset=utf-8")
 
 
+def page_headers(page):
+    """A page's type and language; it differs by Accept-Language and the `lang` cookie (and no-store
+    keeps it out of every cache anyway)."""
+    return [HTML, ("Content-Language", page.language), PAGE_VARY]
+
+
 def html_page(status, page, headers=()):
-    """A page answer: its type and the headers given (cookies, Retry-After)."""
-    return status, [HTML, *headers], page
+    """A page answer: its type, language and the headers given (cookies, Retry-After)."""
+    return status, [*page_headers(page), *headers], bytes(page)  # WSGI wants bytes themselves (PEP 3333)
 
 
 class Cookies:
@@ -3760,6 +4242,11 @@ class Cookies:
                 return True
         return False
 
+    def language(self, tag):
+        """The visitor's pick of a language, for a year. Host-only, on the login host: every app behind
+        a COOKIE_DOMAIN would get it too, and many keep a `lang` cookie of their own."""
+        return ("Set-Cookie", self.header(LANGUAGE_COOKIE, tag, LANGUAGE_COOKIE_SECONDS, "Lax", domain=False))
+
     def expired_device(self):
         return ("Set-Cookie", self.header(self.device_name, "", 0, "Strict"))
 
@@ -3812,11 +4299,12 @@ class Cookies:
 class SignIn:
     """The login page and form: codes judged within the guessing limits, devices, the signed-in page."""
 
-    def __init__(self, settings, *, store, gate, cookies, limiter, metrics, journal):
+    def __init__(self, settings, *, store, gate, cookies, limiter, metrics, journal, languages):
         self.settings = settings
         self.store = store
         self.gate = gate
         self.cookies = cookies
+        self.languages = languages
         self.limiter = limiter
         self.metrics = metrics
         self.journal = journal
@@ -3848,18 +4336,24 @@ class SignIn:
         rule = self.gate.view.rules.get(claims["sub"])
         full_name = rule.full_name if rule and rule.full_name else claims["sub"]
         admin = rule is not None and is_admin_rule(self.settings, rule)
-        link = fragment(ADMIN_LINK, admin=self.settings.login.url + ADMIN_SUFFIX) if admin else Markup("")
-        page = render_page(self.settings.app_name, SIGNED_IN, app_name=self.settings.app_name, name=full_name,
-                           user=claims["sub"], csrf=csrf, logout=self.logout_url(), admin=link)
+        words = self.languages.choose(request)
+        link = fragment(ADMIN_LINK, words, admin=self.settings.login.url + ADMIN_SUFFIX) if admin else Markup("")
+        page = render_page(words, self.settings.app_name, SIGNED_IN, app_name=self.settings.app_name, name=full_name,
+                           user=claims["sub"], csrf=csrf, logout=self.logout_url(), admin=link,
+                           picker=language_picker(self.languages, words))
         return html_page(200, page, cookie)
 
     def form(self, request, next_value, refusal=None):
         """The login page, with why the last attempt was refused; it carries only a validated next."""
         csrf, cookie = self.cookies.csrf(request)
         device = self.cookies.device(request, self.gate)
+        words = self.languages.choose(request)
+        target = self.safe_next(request, next_value)
+        note = self._wrong_for(device).text(words) if device and refusal is None and self._was_reset(device) else ""
         page = render_login(
-            self.settings.app_name, self.safe_next(request, next_value), csrf, refusal,
-            device["sub"] if device else None, self._cookies_will_be_dropped(request),
+            words, self.settings.app_name, target, csrf, refusal, device["sub"] if device else None,
+            self._cookies_will_be_dropped(request), note=note,
+            picker=language_picker(self.languages, words, next=target if target != "/" else ""),
         )
         if refusal is None:
             return html_page(200, page, cookie)
@@ -3888,14 +4382,25 @@ class SignIn:
             if form.get("action") == "forget":
                 return self._forget_device(request, next_value)
             device = self.cookies.device(request, self.gate)
-            # A browser bound to one person tries only that person's code, so naming them tells a
-            # stranger nothing, and points whoever it is not at "Not NAME?" before the lockout.
-            wrong = f"Wrong code for {device['sub']}. Not {device['sub']}? Use the button below." if device else None
             claims = self.attempt(request, device, lambda: self._judge_code(request, form.get("otp", ""), device),
-                                  wrong=wrong)
+                                  wrong=device and self._wrong_for(device))
         except _Refused as refusal:
             return self.form(request, next_value, refusal)
         return self.signed_in(request, claims, self.landing(request, next_value))
+
+    def _wrong_for(self, device):
+        """Why a code on a browser bound to one person failed. Only that person's code is tried, so naming
+        them tells a stranger nothing, and points whoever it is not at "Not NAME?" before the lockout."""
+        if self._was_reset(device):
+            return _Refused(401, "was_reset", name=device["sub"], app_name=self.settings.app_name)
+        return _Refused(401, "wrong_code_for", name=device["sub"])
+
+    def _was_reset(self, device):
+        """The device's person was reset (a lost phone) and has not set up the new entry yet: their old
+        one gives codes that can never work. Only a browser that signed in as them holds their device
+        cookie, so saying so tells nobody else anything (SPEC 4.0, the visitor's language)."""
+        user = self.store.user(device["sub"])
+        return user is not None and not user.seed
 
     def landing(self, request, next_value):
         """`next` if it is usable, else the signed-in page: the login host's own / is a 404 behind a
@@ -3911,13 +4416,12 @@ class SignIn:
         """Refuse a cross-site POST (403, no form) and a bad CSRF token (_Refused 403)."""
         if is_cross_site(request.sec_fetch_site, request.origin_header, request.origin):
             self.count(Outcome.CROSS_SITE, None, request)
-            raise HTTPError(403, b"Cross-site request refused\n")
+            raise HTTPError(403, b"Cross-site request refused\n", say="cross_site")
         if not self.cookies.csrf_valid(request, form.get("csrf", "")):
             self.count(Outcome.CSRF, None, request)
             if self._cookies_will_be_dropped(request):  # the reason, not what it looks like (SPEC, first week)
-                raise _Refused(403, "This browser could not keep the sign-in: the page came over plain HTTP, and "
-                                    "it needs HTTPS here (see below).")
-            raise _Refused(403, "This form expired. Please enter the code again.")
+                raise _Refused(403, "plain_http_refused")
+            raise _Refused(403, "form_expired")
 
     def attempt(self, request, device, judge, group=None, event="sign-in", user=None, wrong=None):
         """Run `judge` within the guessing limits; the new session's claims, or _Refused.
@@ -3936,23 +4440,22 @@ class SignIn:
         if wait:
             self.count(Outcome.LIMITED, None, request)
             self._remember_refused(event, user, request, device)
-            message = f"Too many attempts. Try again in {plural_minutes(wait)}."
-            raise _Refused(429, message, [("Retry-After", str(wait))], disabled=True)
+            raise _Refused(429, "too_many", [("Retry-After", str(wait))], disabled=True, n=wait_minutes(wait))
         failed_before = self.limiter.failures(key, request.now)
         outcome, claims = Outcome.UNDECIDED, None
         try:
             outcome, claims = judge()
         except sqlite3.Error as error:
             log.warning("login unavailable: database error: %s", error)
-            raise _Refused(503, "Signing in is unavailable for a moment. Please try again.", [("Retry-After", "5")])
+            raise _Refused(503, "unavailable", [("Retry-After", "5")])
         finally:
             self.limiter.release(key, outcome=outcome, **limits)
         self.count(outcome, claims and claims["sub"], request)
         self.remember(event, outcome, claims["sub"] if claims else user, request, device, failed_before)
         if outcome is Outcome.REPLAY:
-            raise _Refused(401, "That code was just used. Wait for the next one.")
+            raise _Refused(401, "code_used")
         if outcome is not Outcome.SUCCESS:
-            raise _Refused(401, wrong or "Wrong code. Try again.")
+            raise wrong or _Refused(401, "wrong_code")
         return claims
 
     def _remember_refused(self, event, user, request, device):
@@ -4062,7 +4565,7 @@ class SignIn:
         if self.settings.login.host:
             return self.settings.login.host
         if request.origin is None:
-            raise HTTPError(400, b"Bad forwarded scheme or host\n")
+            raise HTTPError(400, b"Bad forwarded scheme or host\n", say="bad_forwarded")
         return request.origin[1]
 
     def logout_url(self):
@@ -4087,29 +4590,32 @@ class Enrolment:
         self.cookies = cookies
         self.signin = signin  # the guard, the limits and the session every sign-in shares
 
-    def _live_invite(self, token, now):
+    def _live_invite(self, request, token):
         """The invitation of a link, or HTTPError 410 with the page that says to ask for a new one
         (also for a stored invitation that cannot be used: one log line names its user)."""
-        invite = self.store.invite(digest(token), now) if INVITE_SHAPE.fullmatch(token) else None
+        invite = self.store.invite(digest(token), request.now) if INVITE_SHAPE.fullmatch(token) else None
         if invite is not None and not (invite_readable(invite) and usable_seed(invite.seed)):
             log.warning("invitation of %r refused: its stored seed does not open with the storage key, or a stored "
                         "value cannot be used (make a new one with -invite)", invite.user)
             invite = None
         if invite is None:
-            raise self._gone(INVITE_GONE)
+            raise self._gone(request, INVITE_GONE)
         return invite
 
-    def _gone(self, template):
-        page = render_page(f"Link expired · {self.settings.app_name}", template)
-        return HTTPError(410, page, [HTML])
+    def _gone(self, request, template):
+        words = self.signin.languages.choose(request)
+        page = render_page(words, words.say("title_link_expired", app_name=self.settings.app_name), template)
+        return HTTPError(410, bytes(page), page_headers(page))
 
     def page(self, request, token, status=200):
         """The first step: one button, and no seed (chat apps fetch links to draw previews)."""
-        invite = self._live_invite(token, request.now)
+        invite = self._live_invite(request, token)
         csrf, cookie = self.cookies.csrf(request)
+        words = self.signin.languages.choose(request)
         page = render_page(
-            f"Set up · {self.settings.app_name}", INVITE_START, app_name=self.settings.app_name, name=invite.user,
-            invite=token, csrf=csrf, expires=human_time(invite.expires, request.now),
+            words, words.say("title_set_up", app_name=self.settings.app_name), INVITE_START,
+            picker=language_picker(self.signin.languages, words, invite=token), app_name=self.settings.app_name,
+            name=invite.user, invite=token, csrf=csrf, when=human_time(invite.expires, request.now, words),
         )
         return html_page(status, page, cookie)
 
@@ -4121,12 +4627,12 @@ class Enrolment:
             self.signin.guard(request, form)
         except _Refused:
             return self.page(request, token, status=403)
-        invite = self._live_invite(token, request.now)
+        invite = self._live_invite(request, token)
         if "otp" not in form:
             return self._open(request, token, invite)
         browser = self._bound_browser(request, invite)
         if browser is None:
-            raise self._gone(INVITE_ELSEWHERE)
+            raise self._gone(request, INVITE_ELSEWHERE)
         try:
             judge = functools.partial(self._judge, request, form["otp"], token, browser, invite)
             # Tried against this one pending seed: the per-IP limit, never the anonymous ceiling.
@@ -4145,11 +4651,11 @@ class Enrolment:
         """
         if invite.browser is not None:
             if self._bound_browser(request, invite) is None:
-                raise self._gone(INVITE_ELSEWHERE)
+                raise self._gone(request, INVITE_ELSEWHERE)
             return self._setup(request, token, invite)  # a reload in the browser that pressed it
         nonce = secrets.token_urlsafe(32)
         if not self.store.open_invite(digest(token), digest(nonce), request.now):
-            raise self._gone(INVITE_ELSEWHERE)  # another browser pressed it a moment ago
+            raise self._gone(request, INVITE_ELSEWHERE)  # another browser pressed it a moment ago
         log.info("invite result=opened user=%s ip=%s", invite.user, request.ip)
         self.signin.journal.record("invitation-opened", invite.user, request.now, ip=str(request.ip),
                                    agent=request.user_agent)
@@ -4180,17 +4686,19 @@ class Enrolment:
             return Outcome.FAILURE, None
         claims = new_claims(invite.user, request.now, self.settings.session_ttl)
         if not self.store.accept_invite(digest(token), browser, found[1], session_record(claims, request)):
-            raise self._gone(INVITE_GONE)  # finished in another tab a moment ago: counts nothing
+            raise self._gone(request, INVITE_GONE)  # finished in another tab a moment ago: counts nothing
         return Outcome.SUCCESS, claims
 
     def _setup(self, request, token, invite, refusal=None, bound_cookie=()):
         """The second step: QR code, the secret in groups of four, the otpauth link, a field for the
         first code; with a refusal, why the last code was not taken."""
         csrf, cookie = self.cookies.csrf(request)
-        message, disabled = (refusal.message, refusal.disabled) if refusal else ("", False)
+        words = self.signin.languages.choose(request)
+        message, disabled = (refusal.text(words), refusal.disabled) if refusal else ("", False)
         uri = enrolment_uri(invite.seed, invite.user, self.settings.app_name)
         page = render_page(
-            f"Set up · {self.settings.app_name}", INVITE_SETUP, app_name=self.settings.app_name,
+            words, words.say("title_set_up", app_name=self.settings.app_name), INVITE_SETUP,
+            app_name=self.settings.app_name,
             message=message_markup(message), uri=uri, qr=Markup(qr_svg(uri)), secret=group_secret(invite.seed),
             invite=token, csrf=csrf, disabled=Markup(" disabled" if disabled else ""),
             otp_input=otp_input(disabled=disabled),
@@ -4205,44 +4713,43 @@ class Enrolment:
 # code is at most ADMIN_FRESH_SECONDS old (the fresh code is a sign-in attempt, in
 # the same limits), changes POSTed with a session-bound CSRF token from this origin.
 
-ADMIN_NAV = """<nav><a href="{base}">People</a><a href="{base}/history">History</a><a href="{login}">Your sign-in</a></nav>
+ADMIN_NAV = """<nav><a href="{base}">{t[nav_people]}</a><a href="{base}/history">{t[nav_history]}</a><a href="{login}">{t[nav_your_sign_in]}</a></nav>
 """
 
-ADMIN_FRESH = """<h1>Manage the household</h1>
-<p class="sub">Signed in as {name}</p>
+ADMIN_FRESH = """<h1>{t[manage_household]}</h1>
+<p class="sub">{t[signed_in_as]}</p>
 {message}<form method="post">
 <input type="hidden" name="csrf" value="{csrf}">
 <input type="hidden" name="action" value="fresh">
-<label for="otp">A fresh code from your authenticator app</label>
+<label for="otp">{t[fresh_code_label]}</label>
 {otp_input}
-<button type="submit"{disabled}>Continue</button>
+<button type="submit"{disabled}>{t[continue]}</button>
 </form>
-<p class="hint">The admin page asks for a code at most {minutes} old. The code you signed in with works once:
-wait for the next one.</p>
+<p class="hint">{t[fresh_code_hint]}</p>
 """
 
-ADMIN_NOT_ADMIN = """<h1>Not an admin</h1>
-<p>Signed in as {name}, who is not in the group {group} that manages {app_name}.</p>
-<p class="hint"><a href="{login}">Back</a></p>
+ADMIN_NOT_ADMIN = """<h1>{t[not_an_admin]}</h1>
+<p>{t[not_in_group]}</p>
+<p class="hint"><a href="{login}">{t[back]}</a></p>
 """
 
-ADMIN_HOME = """<h1>Manage the household</h1>
+ADMIN_HOME = """<h1>{t[manage_household]}</h1>
 <p class="sub">{app_name} · {name}</p>
-{nav}{message}{rows}<h2>Invite someone</h2>
+{nav}{message}{rows}<h2>{t[invite_someone]}</h2>
 <form method="post" action="{base}">
 <input type="hidden" name="csrf" value="{csrf}">
 <input type="hidden" name="action" value="invite">
-<label for="user">User name (what they are called at sign-in)</label>
+<label for="user">{t[user_name_label]}</label>
 <input class="field" id="user" name="user" required maxlength="64" pattern="[A-Za-z0-9._@\\-]{{1,64}}"
  autocapitalize="none" autocomplete="off" spellcheck="false" placeholder="oma">
-<details><summary>Name, email, groups, apps</summary>
-<label for="full_name">Full name</label><input class="field" id="full_name" name="full_name" maxlength="100">
-<label for="email">Email</label><input class="field" id="email" name="email" type="email" maxlength="254">
-<label for="groups">Groups (comma-separated)</label><input class="field" id="groups" name="groups" maxlength="1000">
-<label for="hosts">May open (host patterns; empty: every app)</label>
+<details><summary>{t[more_fields]}</summary>
+<label for="full_name">{t[full_name]}</label><input class="field" id="full_name" name="full_name" maxlength="100">
+<label for="email">{t[email]}</label><input class="field" id="email" name="email" type="email" maxlength="254">
+<label for="groups">{t[groups_label]}</label><input class="field" id="groups" name="groups" maxlength="1000">
+<label for="hosts">{t[may_open_label]}</label>
 <input class="field" id="hosts" name="hosts" placeholder="jellyfin.example.com *.media.example.com">
 </details>
-<button type="submit">Create an invitation link</button>
+<button type="submit">{t[create_invitation]}</button>
 </form>
 """
 
@@ -4252,101 +4759,98 @@ ADMIN_USER_ROW = """<a class="row" href="{url}"><b>{name}</b> {full_name}<br><sp
 ADMIN_USER = """<h1>{name}</h1>
 <p class="sub">{full_name}</p>
 {nav}{message}<p class="muted">{state}</p>
-<h2>Who they are</h2>
+<h2>{t[who_they_are]}</h2>
 <form method="post">
 <input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="identity">
-<label for="full_name">Full name</label><input class="field" id="full_name" name="full_name" value="{full_name}" maxlength="100">
-<label for="email">Email</label><input class="field" id="email" name="email" type="email" value="{email}" maxlength="254">
-<label for="groups">Groups (comma-separated; {admin_group} may manage the household)</label>
+<label for="full_name">{t[full_name]}</label><input class="field" id="full_name" name="full_name" value="{full_name}" maxlength="100">
+<label for="email">{t[email]}</label><input class="field" id="email" name="email" type="email" value="{email}" maxlength="254">
+<label for="groups">{t[groups_admin_label]}</label>
 <input class="field" id="groups" name="groups" value="{groups}" maxlength="1000">
-<button type="submit" class="small">Save</button>
+<button type="submit" class="small">{t[save]}</button>
 </form>
-<h2>What they may open</h2>
+<h2>{t[what_they_may_open]}</h2>
 <form method="post">
 <input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="hosts">
-<label for="hosts">Host patterns (* for every app)</label>
+<label for="hosts">{t[host_patterns_label]}</label>
 <input class="field" id="hosts" name="hosts" value="{hosts}" required>
-<button type="submit" class="small">Save</button>
+<button type="submit" class="small">{t[save]}</button>
 </form>
-<h2>Signed in</h2>
+<h2>{t[signed_in_heading]}</h2>
 {sessions}<form method="post">
 <input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="end-sessions">
-<button type="submit" class="small">Sign {name} out everywhere</button>
+<button type="submit" class="small">{t[sign_user_out_everywhere]}</button>
 </form>
-<h2>App tokens</h2>
-{tokens}<details><summary>New app token (for a script, a calendar or a monitor)</summary>
+<h2>{t[app_tokens]}</h2>
+{tokens}<details><summary>{t[new_app_token]}</summary>
 <form method="post">
 <input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="token">
-<label for="label">Label</label><input class="field" id="label" name="label" required maxlength="64" placeholder="calendar">
-<label for="token_hosts">Hosts (empty: all {name} may open)</label><input class="field" id="token_hosts" name="token_hosts">
-<label for="days">Expires after days (empty: never)</label><input class="field" id="days" name="days" inputmode="numeric">
-<button type="submit" class="small">Create the token</button>
+<label for="label">{t[label]}</label><input class="field" id="label" name="label" required maxlength="64" placeholder="calendar">
+<label for="token_hosts">{t[token_hosts_label]}</label><input class="field" id="token_hosts" name="token_hosts">
+<label for="days">{t[days_label]}</label><input class="field" id="days" name="days" inputmode="numeric">
+<button type="submit" class="small">{t[create_token]}</button>
 </form></details>
-<h2>Lost phone</h2>
-<p class="muted">A new invitation link: their authenticator and every session stop working now.</p>
+<h2>{t[lost_phone]}</h2>
+<p class="muted">{t[lost_phone_text]}</p>
 <form method="post">
 <input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="reset">
-<label class="check"><input type="checkbox" name="keep_tokens" value="1"> Keep their app tokens</label>
-<button type="submit" class="small">Reset {name}</button>
+<label class="check"><input type="checkbox" name="keep_tokens" value="1"> {t[keep_tokens]}</label>
+<button type="submit" class="small">{t[reset_user]}</button>
 </form>
-<h2>Delete</h2>
+<h2>{t[delete]}</h2>
 <form method="post">
 <input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="delete">
-<label for="confirm">Type {name} to delete them, their sessions and tokens</label>
+<label for="confirm">{t[delete_label]}</label>
 <input class="field" id="confirm" name="confirm" required autocapitalize="none" autocomplete="off" spellcheck="false">
-<button type="submit" class="small danger">Delete {name}</button>
+<button type="submit" class="small danger">{t[delete_user]}</button>
 </form>
-<p class="hint"><a href="{history}">History of {name}</a></p>
+<p class="hint"><a href="{history}">{t[history_of]}</a></p>
 """
 
-ADMIN_SESSION_ROW = """<div class="row">{login} · last seen {seen}{this}<br><span class="muted">{ip} · {agent}</span>
+ADMIN_SESSION_ROW = """<div class="row">{t[session_row]}{this}<br><span class="muted">{ip} · {agent}</span>
 <form method="post"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="end-session">
-<input type="hidden" name="session" value="{session}"><button type="submit" class="small">End this session</button></form></div>
+<input type="hidden" name="session" value="{session}"><button type="submit" class="small">{t[end_this_session]}</button></form></div>
 """
 
-ADMIN_TOKEN_ROW = """<div class="row"><b>{label}</b> · hosts {hosts}<br><span class="muted">created {created} · expires {expires} · last used {used}</span>
+ADMIN_TOKEN_ROW = """<div class="row"><b>{label}</b> · {t[token_hosts]}<br><span class="muted">{t[token_row]}</span>
 <form method="post"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="revoke-token">
-<input type="hidden" name="label" value="{label}"><button type="submit" class="small">Revoke</button></form></div>
+<input type="hidden" name="label" value="{label}"><button type="submit" class="small">{t[revoke]}</button></form></div>
 """
 
-ADMIN_HISTORY = """<h1>History</h1>
+ADMIN_HISTORY = """<h1>{t[title_history]}</h1>
 <p class="sub">{what}</p>
-{nav}{rows}<p class="hint">Kept {days} days. Newest first{limit}.</p>
+{nav}{rows}<p class="hint">{kept}{limit}</p>
 """
 
 ADMIN_HISTORY_ROW = """<div class="row"><b>{time}</b> {user} · {event}{detail}<br><span class="muted">{by}{ip} · {device}{agent}</span></div>
 """
 
-ADMIN_INVITATION = """<h1>Invitation for {name}</h1>
-{nav}<p>Send this link to {name} directly (a message to them, not a group). It works once, on the first
-browser that opens it, and expires {expires}.</p>
-<input class="link" readonly value="{link}" aria-label="Invitation link">
+ADMIN_INVITATION = """<h1>{t[title_invitation]}</h1>
+{nav}<p>{t[send_link]}</p>
+<input class="link" readonly value="{link}" aria-label="{t[invitation_link]}">
 <div class="qr">{qr}</div>
-<p class="hint">Shown only now: this page does not come back. A new link voids this one.</p>
-<a class="button" href="{user_url}">Done</a>
+<p class="hint">{t[shown_once_link]}</p>
+<a class="button" href="{user_url}">{t[done]}</a>
 """
 
-ADMIN_TOKEN = """<h1>App token for {name}</h1>
-{nav}<p>Label {label}, hosts {hosts}, expires {expires}. Put it where the script or app reads it
-(as a password with the user name {name}, or as a Bearer token).</p>
+ADMIN_TOKEN = """<h1>{t[title_token]}</h1>
+{nav}<p>{t[token_text]}</p>
 <p class="secret">{token}</p>
-<p class="hint">Shown only now: this page does not come back.</p>
-<a class="button" href="{user_url}">Done</a>
+<p class="hint">{t[shown_once]}</p>
+<a class="button" href="{user_url}">{t[done]}</a>
 """
 
-ADMIN_GONE = """<h1>Already shown</h1>
-{nav}<p>A new link or token is shown once. Make a new one if it was not copied.</p>
+ADMIN_GONE = """<h1>{t[already_shown]}</h1>
+{nav}<p>{t[already_shown_text]}</p>
 """
 
 # ?done= values a change redirects with: a fixed text each, never the value echoed.
 ADMIN_DONE = {
-    "identity": "Saved: the apps see it within a second.",
-    "hosts": "Saved: takes effect within a second.",
-    "end-sessions": "Every session ended.",
-    "end-session": "That session ended.",
-    "revoke-token": "Token revoked.",
-    "delete": "Deleted.",
-    "fresh": "",
+    "identity": "done_identity",
+    "hosts": "done_hosts",
+    "end-sessions": "done_end_sessions",
+    "end-session": "done_end_session",
+    "revoke-token": "done_revoke_token",
+    "delete": "done_delete",
 }
 
 
@@ -4355,10 +4859,10 @@ def no_route(routes, path):
     405 with the methods it has (HEAD wherever GET is)."""
     allowed = sorted({m for m, p in routes if p == path})
     if not allowed:
-        return HTTPError(404, b"Not found\n")
+        return HTTPError(404, b"Not found\n", say="not_found")
     if "GET" in allowed:
         allowed.append("HEAD")
-    return HTTPError(405, b"Method not allowed\n", [("Allow", ", ".join(sorted(allowed)))])
+    return HTTPError(405, b"Method not allowed\n", [("Allow", ", ".join(sorted(allowed)))], say="method_not_allowed")
 
 
 class Admin:
@@ -4401,13 +4905,13 @@ class Admin:
         if login_host is not None and (request.origin is None or request.origin[1] != login_host):
             # A shared login host: on an app's host the page would share that app's origin, and a
             # script the app serves could drive it. It lives on the login host only.
-            raise HTTPError(404, b"Not found\n")
+            raise HTTPError(404, b"Not found\n", say="not_found")
         claims = self.gate.session(request)
         if claims is None:
             return self._to_login(request, method)
         rule = self.gate.view.rules.get(claims["sub"])
         if rule is None or not is_admin_rule(self.settings, rule):
-            return self._not_admin(claims)
+            return self._not_admin(request, claims)
         handler = self.pages.get((method, page))
         if handler is None:
             raise no_route(self.pages, page)
@@ -4417,8 +4921,7 @@ class Admin:
             if form.get("action") == "fresh":
                 return self._fresh_code(request, claims, form)
         if not self.cookies.fresh_for(request, claims):
-            return self._code_form(request, claims, None if method == "GET" else _Refused(
-                403, "Not done: type a fresh code first, then do it again."))
+            return self._code_form(request, claims, None if method == "GET" else _Refused(403, "fresh_code_first"))
         actor = Actor(claims["sub"], str(request.ip), request.user_agent)
         return handler(request, claims, actor, form) if method == "POST" else handler(request, claims)
 
@@ -4429,9 +4932,10 @@ class Admin:
         location = self.settings.login.url + "?" + urllib.parse.urlencode({"next": target}, quote_via=urllib.parse.quote)
         return (303 if method == "POST" else 302), [("Location", location)], b""
 
-    def _not_admin(self, claims):
-        page = render_page(f"Not an admin · {self.settings.app_name}", ADMIN_NOT_ADMIN, name=claims["sub"],
-                           group=self.settings.admin_group or "(none: ADMIN_GROUP is empty)",
+    def _not_admin(self, request, claims):
+        words = self.signin.languages.choose(request)
+        page = render_page(words, words.say("title_not_an_admin", app_name=self.settings.app_name), ADMIN_NOT_ADMIN,
+                           name=claims["sub"], group=self.settings.admin_group or words.say("no_admin_group"),
                            app_name=self.settings.app_name, login=self.settings.login.url)
         return html_page(403, page)
 
@@ -4439,12 +4943,12 @@ class Admin:
         """A change's form, from this origin and with this session's CSRF token; else 403."""
         if not is_same_origin(request.sec_fetch_site, request.origin_header, request.origin):
             self.signin.count(Outcome.CROSS_SITE, claims["sub"], request)
-            raise HTTPError(403, b"Cross-site request refused\n")
+            raise HTTPError(403, b"Cross-site request refused\n", say="cross_site")
         form = request.form
         given = form.get("csrf", "").encode("utf-8")
         if not hmac.compare_digest(self._csrf(claims).encode(), given):
             self.signin.count(Outcome.CSRF, claims["sub"], request)
-            raise HTTPError(403, b"This form expired: open the admin page again\n")
+            raise HTTPError(403, b"This form expired: open the admin page again\n", say="admin_form_expired")
         return form
 
     def _csrf(self, claims):
@@ -4452,11 +4956,13 @@ class Admin:
         return _b64encode(hmac.new(self._csrf_key, session_id(claims).encode(), hashlib.sha256).digest())
 
     def _code_form(self, request, claims, refusal=None):
-        message, disabled = (refusal.message, refusal.disabled) if refusal else ("", False)
+        words = self.signin.languages.choose(request)
+        message, disabled = (refusal.text(words), refusal.disabled) if refusal else ("", False)
         page = render_page(
-            f"Fresh code · {self.settings.app_name}", ADMIN_FRESH, name=claims["sub"], csrf=self._csrf(claims),
-            message=message_markup(message), otp_input=otp_input(autofocus=True, disabled=disabled),
-            disabled=Markup(" disabled" if disabled else ""), minutes=plural_minutes(self.settings.admin_fresh),
+            words, words.say("title_fresh_code", app_name=self.settings.app_name), ADMIN_FRESH, name=claims["sub"],
+            csrf=self._csrf(claims), message=message_markup(message),
+            otp_input=otp_input(autofocus=True, disabled=disabled), disabled=Markup(" disabled" if disabled else ""),
+            minutes=words.count("minutes", wait_minutes(self.settings.admin_fresh)),
         )
         status, headers = (refusal.status, refusal.headers) if refusal else (200, [])
         return html_page(status, page, headers)
@@ -4492,67 +4998,85 @@ class Admin:
 
     # -- Pages --
 
-    def _render(self, title, template, status=200, **values):
-        page = render_page(f"{title} · {self.settings.app_name}", template, wide=True,
-                           nav=fragment(ADMIN_NAV, base=self.url, login=self.settings.login.url), **values)
+    def _render(self, words, title, template, status=200, **values):
+        page = render_page(words, f"{title} · {self.settings.app_name}", template, wide=True,
+                           nav=fragment(ADMIN_NAV, words, base=self.url, login=self.settings.login.url), **values)
         return html_page(status, page)
 
-    def _message(self, request, error=None):
+    @staticmethod
+    def _message(request, words, error=None):
         if error is not None:
-            return message_markup(str(error))
-        text = ADMIN_DONE.get(request.query.get("done", ""), "")
-        return fragment('<p class="done" role="status">{text}</p>\n', text=text) if text else Markup("")
+            said = words.say(error.say, **error.values) if error.say else str(error)
+            return message_markup(said)
+        key = ADMIN_DONE.get(request.query.get("done", ""))
+        return fragment('<p class="done" role="status">{text}</p>\n', text=words.say(key)) if key else Markup("")
+
+    @staticmethod
+    def _none(words, key):
+        return fragment('<p class="muted">{text}</p>\n', text=words.say(key))
 
     def home(self, request, claims, error=None, status=200):
+        words = self.signin.languages.choose(request)
         invites = self.store.invites()
         rows = [fragment(ADMIN_USER_ROW, url=self._user_url(user.name), name=user.name,
-                         full_name=user.full_name, status=self._status(user, invites.get(user.name), request.now),
-                         details=self._details(user))
+                         full_name=user.full_name, status=self._status(words, user, invites.get(user.name), request.now),
+                         details=self._details(words, user))
                 for user in self.store.users()]
-        return self._render("Household", ADMIN_HOME, status, app_name=self.settings.app_name, name=claims["sub"],
-                            message=self._message(request, error), rows=Markup("".join(rows)) or Markup(
-                                '<p class="muted">Nobody yet.</p>\n'), base=self.url, csrf=self._csrf(claims))
+        return self._render(words, words.say("title_household"), ADMIN_HOME, status, app_name=self.settings.app_name,
+                            name=claims["sub"], message=self._message(request, words, error),
+                            rows=Markup("".join(rows)) or self._none(words, "nobody_yet"), base=self.url,
+                            csrf=self._csrf(claims))
 
     def user_page(self, request, claims, error=None, status=200, name=None):
         name = request.query.get("name", "") if name is None else name
         user = self.store.user(name) if USER_NAME.fullmatch(name) else None
         if user is None:
-            raise HTTPError(404, b"No such user\n")
+            raise HTTPError(404, b"No such user\n", say="no_such_user")
+        words = self.signin.languages.choose(request)
         csrf = self._csrf(claims)
         own = session_id(claims)
-        sessions = [fragment(ADMIN_SESSION_ROW, login=format_time(s.created), seen=format_time(s.seen or s.created),
-                             this=" · this browser" if s.sid == own else "", ip=s.ip, agent=s.agent or "-",
-                             csrf=csrf, session=short_id(s.sid))
+        when = functools.partial(page_time, words)
+        sessions = [fragment(ADMIN_SESSION_ROW, words, login=when(s.created), seen=when(s.seen or s.created),
+                             this=" · " + words.say("this_browser") if s.sid == own else "", ip=s.ip,
+                             agent=s.agent or "-", csrf=csrf, session=short_id(s.sid))
                     for s in self.store.live_sessions(name, request.now, (self.settings.session_ttl, self.settings.session_max))]
-        tokens = [fragment(ADMIN_TOKEN_ROW, label=t.label, hosts=t.hosts, created=format_time(t.created),
-                           expires=format_time(t.expires) if t.expires else "never", used=format_time(t.last_used),
-                           csrf=csrf)
+        tokens = [fragment(ADMIN_TOKEN_ROW, words, label=t.label, hosts=t.hosts, created=when(t.created),
+                           expires=when(t.expires), used=when(t.last_used), csrf=csrf)
                   for t in self.store.app_tokens(name)]
         return self._render(
-            name, ADMIN_USER, status, name=name, full_name=user.full_name, email=user.email, groups=user.groups,
-            hosts=user.hosts, admin_group=self.settings.admin_group or "(ADMIN_GROUP is empty)",
-            state=self._status(user, self.store.invites().get(name), request.now),
-            message=self._message(request, error), csrf=csrf,
-            sessions=Markup("".join(sessions)) or Markup('<p class="muted">No live session.</p>\n'),
-            tokens=Markup("".join(tokens)) or Markup('<p class="muted">No app token.</p>\n'),
+            words, name, ADMIN_USER, status, name=name, full_name=user.full_name, email=user.email, groups=user.groups,
+            hosts=user.hosts, admin_group=self.settings.admin_group or words.say("admin_group_empty"),
+            state=self._status(words, user, self.store.invites().get(name), request.now),
+            message=self._message(request, words, error), csrf=csrf,
+            sessions=Markup("".join(sessions)) or self._none(words, "no_live_session"),
+            tokens=Markup("".join(tokens)) or self._none(words, "no_app_token"),
             history=self.url + "/history?" + urllib.parse.urlencode({"name": name}),
         )
 
     def history(self, request, claims):
         name = request.query.get("name") or None
         if name is not None and not USER_NAME.fullmatch(name):
-            raise HTTPError(404, b"No such user\n")
+            raise HTTPError(404, b"No such user\n", say="no_such_user")
+        words = self.signin.languages.choose(request)
         days = self.settings.history_days
         entries = self.store.history(name, request.now - days * 86400, HISTORY_PAGE_ROWS + 1)
-        rows = [fragment(ADMIN_HISTORY_ROW, time=format_time(e.at), user=e.user or "nobody", event=EVENTS.get(
-                    e.event, (e.event,))[0], detail=f" ({e.detail})" if e.detail else "",
-                    by="" if e.actor is None else f"by {e.actor or 'the command line'} · ", ip=e.ip or "-",
-                    device=f"{e.device} device" if e.device else "-", agent=f" · {e.agent}" if e.agent else "")
+        rows = [fragment(ADMIN_HISTORY_ROW, time=page_time(words, e.at), user=e.user or words.say("nobody"),
+                         event=words.say("event:" + e.event) if e.event in EVENTS else e.event,
+                         detail=f" ({e.detail})" if e.detail else "", by=self._by(words, e.actor), ip=e.ip or "-",
+                         device=words.say(f"{e.device}_device") if e.device in ("known", "new") else "-",
+                         agent=f" · {e.agent}" if e.agent else "")
                 for e in entries[:HISTORY_PAGE_ROWS]]
-        return self._render("History", ADMIN_HISTORY, what=f"of {name}" if name else "everyone",
-                            rows=Markup("".join(rows)) or Markup('<p class="muted">Nothing yet.</p>\n'), days=days,
-                            limit=f", the last {HISTORY_PAGE_ROWS} (-history shows all)" if len(entries) >
-                            HISTORY_PAGE_ROWS else "")
+        limit = " " + words.count("history_limit", HISTORY_PAGE_ROWS) if len(entries) > HISTORY_PAGE_ROWS else ""
+        return self._render(words, words.say("title_history"), ADMIN_HISTORY,
+                            what=words.say("history_of_user", name=name) if name else words.say("history_everyone"),
+                            rows=Markup("".join(rows)) or self._none(words, "nothing_yet"),
+                            kept=words.count("history_kept", days), limit=limit)
+
+    @staticmethod
+    def _by(words, actor):
+        if actor is None:
+            return ""  # the person themselves
+        return (words.say("by", name=actor) if actor else words.say("by_command_line")) + " · "
 
     def shown(self, request, claims):
         """A new link or token, once: the entry is gone after this page (a reload says so)."""
@@ -4562,33 +5086,40 @@ class Admin:
                 del self._shown[request.query["id"]]
             else:
                 entry = None
+        words = self.signin.languages.choose(request)
         if entry is None:
-            return self._render("Already shown", ADMIN_GONE, 410)
-        _, _, title, template, values = entry
-        return self._render(title, template, **values)
+            return self._render(words, words.say("already_shown"), ADMIN_GONE, 410)
+        _, _, template, values = entry
+        title, values = values(words)
+        return self._render(words, title, template, **values)
 
-    def _keep_to_show(self, claims, now, title, template, **values):
+    def _keep_to_show(self, claims, now, template, values):
+        """Keep what `values(words)` gives ((title, the template's values), in the language of the page
+        that shows it) for the one page that shows it."""
         key = secrets.token_urlsafe(16)
         with self._shown_lock:
             for old in [k for k, entry in self._shown.items() if entry[1] <= now]:
                 del self._shown[old]
             if len(self._shown) >= 100:
                 self._shown.pop(next(iter(self._shown)))
-            self._shown[key] = (session_id(claims), now + SHOWN_ONCE_SECONDS, title, template, values)
+            self._shown[key] = (session_id(claims), now + SHOWN_ONCE_SECONDS, template, values)
         return 303, [("Location", f"{self.url}/shown?id={key}")], b""
 
     @staticmethod
-    def _status(user, invite, now):
+    def _status(words, user, invite, now):
         if user.seed:
-            return f"last sign-in {format_time(user.last_login)}"
+            return words.say("last_sign_in", time=page_time(words, user.last_login))
         if invite is None or not invite_readable(invite) or invite.expires <= now:
-            return "invitation expired: reset them for a new link"
-        opened = f", opened {format_time(invite.opened)}" if invite.opened else ""
-        return f"invited{opened}; the link expires {format_time(invite.expires)}"
+            return words.say("invitation_expired")
+        expires = page_time(words, invite.expires)
+        if invite.opened:
+            return words.say("invited_opened", opened=page_time(words, invite.opened), expires=expires)
+        return words.say("invited", expires=expires)
 
     @staticmethod
-    def _details(user):
-        parts = [user.email, f"groups {user.groups}" if user.groups else "", f"may open {user.hosts}"]
+    def _details(words, user):
+        parts = [user.email, words.say("groups_detail", groups=user.groups) if user.groups else "",
+                 words.say("may_open_detail", hosts=user.hosts)]
         return " · ".join(part for part in parts if part)
 
     def _user_url(self, name, done=None):
@@ -4599,7 +5130,7 @@ class Admin:
 
     def invite(self, request, claims, actor, form):
         if form.get("action") != "invite":
-            raise HTTPError(400, b"Unknown action\n")
+            raise HTTPError(400, b"Unknown action\n", say="unknown_action")
         return self._invite(request, claims, actor, form.get("user", "").strip(), self.home, {
             "hosts": form.get("hosts", "").strip() or None, "full_name": form.get("full_name", "").strip() or None,
             "email": form.get("email", "").strip() or None, "groups": form.get("groups", "").strip() or None,
@@ -4614,16 +5145,17 @@ class Admin:
             return page(request, claims, error=error, status=400 if isinstance(error, UsageError) else 409)
         self.gate.refresh(request.now, force=True)
         link = f"{base}{self.settings.login.path}?invite={invitation.token}"
-        return self._keep_to_show(
-            claims, request.now, f"Invitation for {name}", ADMIN_INVITATION, name=name, link=link,
-            qr=Markup(qr_svg(link)), expires=human_time(invitation.expires, request.now),
-            user_url=self._user_url(name))
+        qr, user_url, now = Markup(qr_svg(link)), self._user_url(name), request.now
+        return self._keep_to_show(claims, now, ADMIN_INVITATION, lambda words: (
+            words.say("title_invitation", name=name),
+            {"name": name, "link": link, "qr": qr, "expires": human_time(invitation.expires, now, words),
+             "user_url": user_url}))
 
     def change(self, request, claims, actor, form):
         """A change to the user the address names (?name=); a form naming another user is refused."""
         name = request.query.get("name", "")
         if "user" in form and form["user"] != name:
-            raise HTTPError(400, b"The form names another user than the address\n")
+            raise HTTPError(400, b"The form names another user than the address\n", say="bad_request")
         action = form.get("action", "")
         try:
             if action == "reset":
@@ -4663,10 +5195,11 @@ class Admin:
             household.revoke_token(name, form.get("label", ""), actor)
         elif action == "delete":
             if form.get("confirm", "").strip() != name:
-                raise UsageError(f"Not deleted: type {name} exactly to delete them")
+                raise UsageError(f"Not deleted: type {name} exactly to delete them", say="type_name_to_delete",
+                                 name=name)
             household.delete(name, actor)
         else:
-            raise UsageError("Unknown action")
+            raise UsageError("Unknown action", say="unknown_action")
         return action
 
     def _token(self, request, claims, actor, name, form):
@@ -4674,10 +5207,11 @@ class Admin:
                                           hosts=form.get("token_hosts", "").strip() or None,
                                           days=form.get("days", "").strip() or None)
         self.gate.refresh(request.now, force=True)
-        return self._keep_to_show(
-            claims, request.now, f"App token for {name}", ADMIN_TOKEN, name=name, label=new.label,
-            hosts=_hosts_text(new.hosts), expires=format_time(new.expires) if new.expires else "never",
-            token=new.token, user_url=self._user_url(name))
+        user_url = self._user_url(name)
+        return self._keep_to_show(claims, request.now, ADMIN_TOKEN, lambda words: (
+            words.say("title_token", name=name),
+            {"name": name, "label": new.label, "hosts": _hosts_text(new.hosts), "token": new.token,
+             "expires": page_time(words, new.expires), "user_url": user_url}))
 
 
 # --- App --------------------------------------------------------------------
@@ -4747,10 +5281,11 @@ def _counter(name, help_text, labels, counts):
 class App:
     """The WSGI application: routes, the check endpoints and the one way out. Build it with make_app()."""
 
-    def __init__(self, settings, store, clock):
+    def __init__(self, settings, store, clock, languages=None):
         self.settings = settings
         self.store = store
         self.clock = clock
+        self.languages = languages or Languages.load()
         key = settings.jwt_secret.encode() if settings.jwt_secret else store.cookie_key()
         self.trust = Trust(settings.trust_proxy)
         self.limiter = RateLimiter(
@@ -4791,7 +5326,7 @@ class App:
         self.journal = Journal(store, self.notifier, settings.app_name)
         self.signin = SignIn(
             settings, store=store, gate=self.gate, cookies=self.cookies, limiter=self.limiter, metrics=self.metrics,
-            journal=self.journal,
+            journal=self.journal, languages=self.languages,
         )
         self.enrolment = Enrolment(settings, store=store, cookies=self.cookies, signin=self.signin)
         self.household = Household(settings, store, self.journal, self.clock)
@@ -4809,15 +5344,16 @@ class App:
             handler = self._route(request.method, request.path)
             status, headers, body = handler(request)
         except HTTPError as error:
-            status, headers, body = error.status, error.headers, error.body
+            status, headers, body = self._error(request, error)
         except (KeyboardInterrupt, SystemExit):
             raise
         except sqlite3.Error as error:
             log.warning("database error: %s", error)
-            status, headers, body = 503, [("Retry-After", "5")], b"Database unavailable\n"
+            status, headers, body = self._error(request, HTTPError(
+                503, b"Database unavailable\n", [("Retry-After", "5")], say="database_unavailable"))
         except Exception:
             log.exception("unexpected error on %s %s", request.method, request.path[:200])
-            status, headers, body = 500, [], b"Internal error\n"
+            status, headers, body = self._error(request, HTTPError(500, b"Internal error\n", say="internal_error"))
         try:
             return self._respond(start_response, status, headers, body, request.method == "HEAD")
         except (KeyboardInterrupt, SystemExit):
@@ -4825,6 +5361,21 @@ class App:
         except Exception:  # a header the server refused: fail closed, never a traceback
             log.exception("cannot send the answer to %s %s", request.method, request.path[:200])
             return self._respond(start_response, 500, [], b"Internal error\n", False)
+
+    def _error(self, request, error):
+        """An HTTPError as the answer: for a browser, a page in its language where the error says what
+        to tell a person; for anything else its plain body."""
+        answer = error.status, error.headers, error.body
+        if error.say is None or not request.wants_html:
+            return answer
+        try:
+            words = self.languages.choose(request)
+            page = render_page(words, f"{words.say('error')} · {self.settings.app_name}", ERROR_PAGE,
+                               text=words.say(error.say), login=self.settings.login.url)
+        except Exception:  # the plain answer rather than none
+            log.exception("cannot render the error page")
+            return answer
+        return error.status, [*page_headers(page), *error.headers], bytes(page)
 
     def _route(self, method, path):
         handler = self.routes.get(("*", path)) or self.routes.get(("GET" if method == "HEAD" else method, path))
@@ -4899,7 +5450,7 @@ class App:
         if not request.wants_html:
             return "deny", self._unauthorized(request)
         if request.original_problem:
-            raise HTTPError(400, b"Bad forwarded URL\n")  # refused, never echoed
+            raise HTTPError(400, b"Bad forwarded URL\n", say="bad_forwarded")  # refused, never echoed
         return "redirect", (302, [("Location", self.login_location(request))], b"")
 
     def _auth_denial(self, request):
@@ -4980,9 +5531,11 @@ class App:
         if request.path == "/verify" and request.wants_html:
             original = request.original_url
             query = "?" + urllib.parse.urlencode({"next": original}, quote_via=urllib.parse.quote) if original else ""
+            words = self.languages.choose(request)
             page = render_page(
-                f"Not allowed · {self.settings.app_name}", FORBIDDEN_PAGE, name=decision.user,
-                host=decision.host or "this address", logout=self.signin.logout_url() + query,
+                words, words.say("title_not_allowed", app_name=self.settings.app_name), FORBIDDEN_PAGE,
+                name=decision.user, host=decision.host or words.say("this_address"),
+                logout=self.signin.logout_url() + query,
             )
             return html_page(403, page)
         return 403, [], b""
@@ -5008,8 +5561,13 @@ class App:
             query = urllib.parse.urlencode(fields, quote_via=urllib.parse.quote, safe="")
             return 302, [("Location", login.url + ("?" + query if query else ""))], b""
         if "invite" in request.query:
-            return self.enrolment.page(request, request.query["invite"])
-        return self.signin.page(request)
+            status, headers, body = self.enrolment.page(request, request.query["invite"])
+        else:
+            status, headers, body = self.signin.page(request)
+        picked = self.languages.picked(request)
+        if picked is not None:  # the picker's link: remember it (only ever a shipped tag, never the value sent)
+            headers = [*headers, self.cookies.language(picked.tag)]
+        return status, headers, body
 
     def login(self, request):
         form = request.form
@@ -5020,11 +5578,11 @@ class App:
     def logout(self, request):
         """End this session (with all=1 and a CSRF token, every session of its user); always expire the cookie."""
         if is_cross_site(request.sec_fetch_site, request.origin_header, request.origin):
-            raise HTTPError(403, b"Cross-site logout refused\n")
+            raise HTTPError(403, b"Cross-site logout refused\n", say="cross_site")
         form = request.form if request.method == "POST" and request.has_form else {}
         everywhere = form.get("all") == "1"
         if (everywhere or "csrf" in form) and not self.cookies.csrf_valid(request, form.get("csrf", "")):
-            raise HTTPError(403, b"This form expired; sign out again\n")
+            raise HTTPError(403, b"This form expired; sign out again\n", say="logout_form_expired")
         claims = self.gate.session(request)
         if claims is not None:
             self._end_session(request, claims, everywhere)
@@ -5087,9 +5645,9 @@ class App:
         return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], body
 
 
-def make_app(settings, *, store=None, clock=time.time):
-    """The WSGI app for `settings`; tests pass their own store and clock."""
-    return App(settings, store or Store(settings.db_path, KeySource.of(settings), hold="shared"), clock)
+def make_app(settings, *, store=None, clock=time.time, languages=None):
+    """The WSGI app for `settings`; tests pass their own store, clock and languages."""
+    return App(settings, store or Store(settings.db_path, KeySource.of(settings), hold="shared"), clock, languages)
 
 
 def __getattr__(name):
