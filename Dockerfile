@@ -14,6 +14,7 @@ RUN pip install --no-cache-dir -r requirements.txt \
  && useradd --uid 1000 --user-group --no-create-home --shell /usr/sbin/nologin forward-auth \
  && mkdir /data && chown 1000:1000 /data && chmod 0700 /data
 COPY forward_auth.py .
+COPY languages/ languages/
 # Run as a module from its .pyc: a script is recompiled at every start and
 # keeps about 3 MB more resident.
 RUN python -m compileall -q /app

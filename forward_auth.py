@@ -2968,6 +2968,11 @@ class Request:
         """The method the client used: X-Forwarded-Method from a trusted proxy, else this request's."""
         return (self._forwarded("HTTP_X_FORWARDED_METHOD") or self.method).upper()
 
+    @property
+    def reads_html(self):
+        """A browser that will show an HTML answer, whatever the method (a form's POST too)."""
+        return "text/html" in (self._header("HTTP_ACCEPT") or "")
+
     @computed_once
     def wants_html(self):
         return wants_html(self.original_method, self._header("HTTP_ACCEPT"), self._header("HTTP_X_REQUESTED_WITH"))
@@ -3080,7 +3085,9 @@ class Request:
 # one of the files' own tags: what the browser sent is never echoed (Authelia's
 # language cookie reached its HTML unfiltered: GHSA-gmfg-3v4q-9qr4).
 
-LANGUAGES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "languages")
+# languages/ beside this module (a checkout, the container); pip installs it under the prefix.
+LANGUAGES_DIRS = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "languages"),
+                  os.path.join(sys.prefix, "share", "forward-auth", "languages"))
 LANGUAGE_COOKIE = "lang"
 LANGUAGE_COOKIE_SECONDS = 365 * 86400
 LANGUAGE_FILE = re.compile(r"([A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*)\.json")  # RFC 5646's shape: de, pt-BR
@@ -3130,13 +3137,12 @@ ENGLISH = {
     "title_set_up": "Set up · {app_name}",
     "title_link_expired": "Link expired · {app_name}",
     "set_up_heading": "Set up your authenticator for {app_name}",
-    "invite_adds": "This link adds {name}. Have your authenticator app ready (Google Authenticator, Aegis, "
+    "invite_adds": "This link sets up the sign-in of {name}. Have your authenticator app ready (Google Authenticator, Aegis, "
                    "1Password…), then continue.",
     "show_setup_code": "Show my setup code",
     "invite_expires": "It works once, and expires {when}.",
-    "scan_this": "Scan this with your authenticator app, or",
+    "scan_this": "Scan this with your authenticator app, or {link} on this phone.",
     "open_in_app": "open it in the app",
-    "on_this_phone": "on this phone.",
     "or_type_key": "Or type this key:",
     "new_code_label": "The code your app now shows for {app_name}",
     "finish": "Finish and sign in",
@@ -3155,7 +3161,7 @@ ENGLISH = {
     "months": "January February March April May June July August September October November December",
     # Error pages
     "error": "Something went wrong",
-    "not_found": "Not found",
+    "not_found": "There is nothing at this address.",
     "method_not_allowed": "This address does not take that request.",
     "cross_site": "Refused: the form came from another site.",
     "bad_request": "This request could not be read. Open the page again.",
@@ -3380,10 +3386,12 @@ class Languages:
         self.by_tag = {catalogue.tag.lower(): catalogue for catalogue in catalogues}
 
     @classmethod
-    def load(cls, folder=LANGUAGES_DIR):
-        """English and every readable languages/TAG.json; a file that cannot be read is one log line."""
+    def load(cls, folder=None):
+        """English and every readable languages/TAG.json (in the first of LANGUAGES_DIRS there is, or
+        `folder`); a file that cannot be read is one log line."""
         english = Catalogue("en", "English", ENGLISH)
         catalogues = [english]
+        folder = folder or next((path for path in LANGUAGES_DIRS if os.path.isdir(path)), LANGUAGES_DIRS[0])
         try:
             names = sorted(os.listdir(folder))
         except OSError:
@@ -3403,7 +3411,7 @@ class Languages:
 
     def shipped(self, value):
         """The catalogue whose tag `value` is (any case), or None."""
-        return self.by_tag.get(value.strip().lower()) if isinstance(value, str) else None
+        return self.by_tag.get(value.lower()) if isinstance(value, str) else None
 
     def choose(self, request):
         """A `lang` in the query (the picker's link), else the `lang` cookie, else Accept-Language."""
@@ -3588,7 +3596,7 @@ INVITE_START = """<h1>{t[set_up_heading]}</h1>
 """
 
 INVITE_SETUP = """<h1>{t[set_up_heading]}</h1>
-{message}<p>{t[scan_this]} <a href="{uri}">{t[open_in_app]}</a> {t[on_this_phone]}</p>
+{message}<p>{t[scan_this]}</p>
 <div class="qr">{qr}</div>
 <p class="hint">{t[or_type_key]}</p>
 <p class="secret">{secret}</p>
@@ -3600,6 +3608,8 @@ INVITE_SETUP = """<h1>{t[set_up_heading]}</h1>
 <button type="submit"{disabled}>{t[finish]}</button>
 </form>
 """
+
+APP_LINK = '<a href="{uri}">{t[open_in_app]}</a>'
 
 INVITE_GONE = """<h1>{t[link_gone]}</h1>
 <p>{t[link_gone_text]}</p>
@@ -4699,7 +4709,7 @@ class Enrolment:
         page = render_page(
             words, words.say("title_set_up", app_name=self.settings.app_name), INVITE_SETUP,
             app_name=self.settings.app_name,
-            message=message_markup(message), uri=uri, qr=Markup(qr_svg(uri)), secret=group_secret(invite.seed),
+            message=message_markup(message), link=fragment(APP_LINK, words, uri=uri), qr=Markup(qr_svg(uri)), secret=group_secret(invite.seed),
             invite=token, csrf=csrf, disabled=Markup(" disabled" if disabled else ""),
             otp_input=otp_input(disabled=disabled),
         )
@@ -5366,7 +5376,7 @@ class App:
         """An HTTPError as the answer: for a browser, a page in its language where the error says what
         to tell a person; for anything else its plain body."""
         answer = error.status, error.headers, error.body
-        if error.say is None or not request.wants_html:
+        if error.say is None or not request.reads_html:
             return answer
         try:
             words = self.languages.choose(request)

@@ -884,6 +884,35 @@ def test_login_page_screenshots(proxy, browser, scheme, width, height):
     context.close()
 
 
+@pytest.mark.parametrize("proxy", ["caddy"], indirect=True)
+def test_a_browser_in_german_gets_the_login_page_in_german_and_a_pick_of_japanese_stays(proxy, browser):
+    """SPEC 4.0: the browser's language (Chromium's locale sends Accept-Language), then the visitor's
+    own pick on the page, kept by the `lang` cookie, and the sign-in still goes where it was going.
+    The phone-sized screenshots are the README's (docs/login-390x844-de.png, -ja.png)."""
+    german, japanese = (fa.Languages.load().shipped(tag) for tag in ("de", "ja"))
+    context = browser.new_context(locale="de-DE", viewport={"width": 390, "height": 844}, color_scheme="light")
+    page = context.new_page()
+    target = proxy.url(APP, "/kalender")
+    page.goto(target)
+    assert page.evaluate("document.documentElement.lang") == "de"
+    assert page.text_content("button[type=submit]") == german.say("sign_in")
+    assert page.text_content("label[for=otp]") == german.say("code_label")
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    page.screenshot(path=os.path.join(SCREENSHOTS, "login-390x844-de.png"), animations="disabled")
+    with page.expect_navigation():
+        page.click("nav.langs a[lang=ja]")
+    assert page.evaluate("document.documentElement.lang") == "ja"
+    assert page.text_content("button[type=submit]") == japanese.say("sign_in")
+    page.screenshot(path=os.path.join(SCREENSHOTS, "login-390x844-ja.png"), animations="disabled")
+    page.goto(target)  # a new visit: the pick, not the browser's German
+    assert page.evaluate("document.documentElement.lang") == "ja"
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.fill("#otp", proxy.single.code())
+    page.click("button[type=submit]")
+    page.wait_for_url(target)
+    context.close()
+
+
 # --- 2.0 in Chromium: invitations, sessions, shared computers, refusals -------
 
 

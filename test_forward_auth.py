@@ -3558,6 +3558,8 @@ def test_the_container_image_runs_read_only_as_its_entry_command_says(tmp_path):
     app_dir.mkdir()
     data_dir.mkdir()
     shutil.copy(os.path.join(HERE, "forward_auth.py"), app_dir)
+    assert re.search(r"^COPY languages/ languages/$", dockerfile, re.MULTILINE)
+    shutil.copytree(os.path.join(HERE, "languages"), app_dir / "languages")
     port = free_port()
     run_env = {**os.environ, **env}
     run_env.update(DB_PATH=str(data_dir / "auth.db"), HOST="127.0.0.1", PORT=str(port), PYTHONDONTWRITEBYTECODE="1")
@@ -3578,7 +3580,11 @@ def test_the_container_image_runs_read_only_as_its_entry_command_says(tmp_path):
             assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
             time.sleep(0.05)  # waiting for the process to listen
         assert stat.S_IMODE(os.stat(data_dir / "auth.db").st_mode) == 0o600
-        assert sorted(os.listdir(app_dir)) == ["__pycache__", "forward_auth.py"]
+        assert sorted(os.listdir(app_dir)) == ["__pycache__", "forward_auth.py", "languages"]
+        german = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        german.request("GET", "/login", headers={"Accept-Language": "de"})
+        assert german.getresponse().getheader("Content-Language") == "de"  # the image's languages/ is read
+        german.close()
     finally:
         process.terminate()
         out, err = process.communicate(timeout=10)
@@ -8080,7 +8086,7 @@ def test_the_servers_made_here_never_log_waitress_queue_depth(store, alice, cloc
 
 HOUSEHOLD_PATH = ["Two commands", "Quick start: protect one app", "A household's first hour", "Run it as a service",
                   "Protect your apps", "The household: run it from a phone", "Add a person", "Who may open what",
-                  "Sessions", "Backup and restore"]
+                  "Sessions", "Backup and restore", "Languages"]
 
 
 def test_the_readme_leads_with_the_household_and_keeps_the_reference_in_docs():
