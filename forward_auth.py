@@ -28,7 +28,9 @@ Usage::
 
 The household manages itself from a browser on the admin page, ``/login/admin``
 (users in ``ADMIN_GROUP``, behind a fresh code); ``NOTIFY_URL`` hears of new
-devices and admin actions.
+devices and admin actions. Every page speaks the visitor's language (their
+browser's, or the one they pick on the page): English is here, each other
+language one file in ``languages/`` beside this module.
 
 Configuration is read from environment variables (see ``SETTINGS``), each with
 a ``*_FILE`` variant for Docker/systemd secrets.
@@ -38,7 +40,7 @@ no second factor. One factor, the TOTP code, guarded by replay protection and
 guessing limits; the README gives the arithmetic.
 """
 
-__version__ = "4.0.0rc1"  # 4.0.0 once its last part (pages in the visitor's language) is in
+__version__ = "4.0.0"
 
 import sys
 
