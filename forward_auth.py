@@ -2386,7 +2386,7 @@ NewToken = collections.namedtuple("NewToken", "name label token hosts expires no
 def _checked_name(name, what="name"):
     if not isinstance(name, str) or not USER_NAME.fullmatch(name):
         raise UsageError(f"invalid {what} {shown(name)!r}: use 1-64 of A-Z a-z 0-9 . _ @ -",
-                         say=f"bad_{what.replace(' ', '_')}", value=shown(name))
+                         say=f"bad_{what}", value=shown(name))
     return name
 
 
@@ -4361,7 +4361,9 @@ class SignIn:
         device = self.cookies.device(request, self.gate)
         words = self.languages.choose(request)
         target = self.safe_next(request, next_value)
-        note = self._wrong_for(device).text(words) if device and refusal is None and self._was_reset(device) else ""
+        note = ""
+        if device and refusal is None and self._was_reset(device):
+            note = words.say("was_reset", name=device["sub"], app_name=self.settings.app_name)
         page = render_login(
             words, self.settings.app_name, target, csrf, refusal, device["sub"] if device else None,
             self._cookies_will_be_dropped(request), note=note,

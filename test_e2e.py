@@ -910,6 +910,14 @@ def test_a_browser_in_german_gets_the_login_page_in_german_and_a_pick_of_japanes
     page.fill("#otp", proxy.single.code())
     page.click("button[type=submit]")
     page.wait_for_url(target)
+    page.goto(proxy.url(APP, "/logout"))
+    page.goto(target)  # signed out, the device still known: "Not alice?" is a quiet link, not a second button
+    forget = page.locator("button.link")
+    assert forget.text_content() == japanese.say("not_name", name="alice")
+    style = forget.evaluate("b => [getComputedStyle(b).textDecorationLine, getComputedStyle(b).backgroundColor, "
+                            "getComputedStyle(b).fontWeight]")
+    assert style == ["underline", "rgba(0, 0, 0, 0)", "400"]  # a link's look, not the accent button's
+    assert forget.bounding_box()["width"] < 0.8 * page.locator("button[type=submit]").first.bounding_box()["width"]
     context.close()
 
 
