@@ -3207,7 +3207,6 @@ ENGLISH = {
     "never": "never",
     "who_they_are": "Who they are",
     "groups_admin_label": "Groups (comma-separated; {admin_group} may manage the household)",
-    "admin_group_empty": "(ADMIN_GROUP is empty)",
     "save": "Save",
     "what_they_may_open": "What they may open",
     "host_patterns_label": "Host patterns (* for every app)",
@@ -4778,7 +4777,7 @@ ADMIN_USER = """<h1>{name}</h1>
 <input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="identity">
 <label for="full_name">{t[full_name]}</label><input class="field" id="full_name" name="full_name" value="{full_name}" maxlength="100">
 <label for="email">{t[email]}</label><input class="field" id="email" name="email" type="email" value="{email}" maxlength="254">
-<label for="groups">{t[groups_admin_label]}</label>
+<label for="groups">{groups_label}</label>
 <input class="field" id="groups" name="groups" value="{groups}" maxlength="1000">
 <button type="submit" class="small">{t[save]}</button>
 </form>
@@ -5059,7 +5058,8 @@ class Admin:
                   for t in self.store.app_tokens(name)]
         return self._render(
             words, name, ADMIN_USER, status, name=name, full_name=user.full_name, email=user.email, groups=user.groups,
-            hosts=user.hosts, admin_group=self.settings.admin_group or words.say("admin_group_empty"),
+            hosts=user.hosts, groups_label=words.say("groups_admin_label", admin_group=self.settings.admin_group)
+            if self.settings.admin_group else words.say("groups_label"),
             state=self._status(words, user, self.store.invites().get(name), request.now),
             message=self._message(request, words, error), csrf=csrf,
             sessions=Markup("".join(sessions)) or self._none(words, "no_live_session"),

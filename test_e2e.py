@@ -982,7 +982,7 @@ def test_a_new_person_enrols_by_link_and_a_reset_ends_the_old_phone(proxy, brows
     with page.expect_navigation():
         page.click("button[type=submit]")
     # The browser is bound to carol (4.0, the first week): the refusal names her and "Not carol?".
-    assert page.text_content("[role=alert]") == "Wrong code for carol. Not carol? Use the button below."
+    assert page.text_content("[role=alert]") == "Wrong code for carol. Not carol? Use the link below the button."
     context.close()
 
 
@@ -1028,8 +1028,8 @@ def test_not_name_on_a_shared_computer(proxy, browser):
     page.fill("#otp", service.code("bob"))  # bob's code on alice's device: only alice's seed is tried
     with page.expect_navigation():
         page.click("button[type=submit]")
-    assert page.text_content("[role=alert]") == "Wrong code for alice. Not alice? Use the button below."
-    page.click("button:text-is('Not alice?')")  # the button (the message names it too)
+    assert page.text_content("[role=alert]") == "Wrong code for alice. Not alice? Use the link below the button."
+    page.click("button:text-is('Not alice?')")  # the link-styled button the message names
     assert "Signing in as" not in page.content()
     page.fill("#otp", service.code("bob"))
     page.click("button[type=submit]")
