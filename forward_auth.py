@@ -3123,8 +3123,6 @@ ENGLISH = {
                           "HTTPS here (see below).",
     "plain_http_note": "This page came over plain HTTP but SECURE_COOKIES=true: the browser will not keep the "
                        "sign-in. Serve it over HTTPS, or set SECURE_COOKIES=false to try it on plain HTTP.",
-    "was_reset": "The authenticator entry for {name} was replaced: the old one no longer works. Open the new "
-                 "invitation link {name} was sent, or ask whoever manages {app_name}.",
     # Signed in, and refused
     "sign_out": "Sign out",
     "sign_out_everywhere": "Sign out everywhere",
@@ -3143,6 +3141,8 @@ ENGLISH = {
                    "1Password…), then continue.",
     "show_setup_code": "Show my setup code",
     "invite_expires": "It works once, and expires {when}.",
+    "replaces_old_entry": "This link replaces your old entry for {app_name} in the authenticator app: its codes "
+                          "no longer work. Delete it once the new one is set up.",
     "scan_this": "Scan this with your authenticator app, or {link} on this phone.",
     "open_in_app": "open it in the app",
     "or_type_key": "Or type this key:",
@@ -3295,11 +3295,21 @@ WORD_LISTS = {"weekdays": 7, "months": 12}
 
 
 def placeholders(text):
-    """The names a text fills in: {name} and {n} -> {"name", "n"}; None if it is no valid template."""
+    """The names a text fills in: {name} and {n} -> {"name", "n"}; None if it is no valid template, or
+    fills in more than plain names: a conversion or a format spec ({n:>20000000}) would make a page fail
+    or grow to megabytes (red team, issue 27)."""
     try:
-        return {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+        parsed = list(string.Formatter().parse(text))
     except ValueError:
         return None
+    names = set()
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if spec or conversion or not field.isidentifier():
+            return None
+        names.add(field)
+    return names
 
 
 class Catalogue:
@@ -3321,7 +3331,10 @@ class Catalogue:
 
     def count(self, key, n, **values):
         forms = self.texts.get(key)
-        index = self._plural(n) if forms else 0
+        try:
+            index = self._plural(n) if forms else -1
+        except ArithmeticError:  # a rule proven at start only for n below 1000 (n/(n-1000))
+            index = -1
         if not forms or not 0 <= index < len(forms):
             forms, index = self.english.texts[key], self.english._plural(n)
         return forms[index].format(n=n, **values)
@@ -3336,12 +3349,16 @@ def plural_rule(header):
     for anything else."""
     import gettext  # only at start, where the catalogues are read
 
-    match = re.fullmatch(r"\s*nplurals\s*=\s*([1-6])\s*;\s*plural\s*=\s*(.+?)\s*;?\s*", header or "")
+    match = re.fullmatch(r"\s*nplurals\s*=\s*([1-6])\s*;\s*plural\s*=\s*(.+?)\s*;?\s*",
+                         header if isinstance(header, str) else "")
     if match is None:
         raise ValueError("expected nplurals=N; plural=EXPRESSION;")
     rule, count = gettext.c2py(match.group(2)), int(match.group(1))
-    if any(not 0 <= rule(n) < count for n in range(1000)):
-        raise ValueError(f"the plural rule gives a form past nplurals={count}")
+    try:
+        if any(not 0 <= rule(n) < count for n in range(1000)):
+            raise ValueError(f"the plural rule gives a form past nplurals={count}")
+    except ArithmeticError:
+        raise ValueError("the plural rule divides by zero") from None
     return rule
 
 
@@ -3374,8 +3391,8 @@ def usable_translation(key, value, plural_count):
     if isinstance(english, list):
         return (isinstance(value, list) and len(value) == plural_count
                 and all(isinstance(form, str) and placeholders(form) == placeholders(english[-1]) for form in value))
-    if key in WORD_LISTS:
-        return isinstance(value, str) and len(value.split()) == WORD_LISTS[key]
+    if key in WORD_LISTS:  # words filled into a date as they are: no braces
+        return isinstance(value, str) and len(value.split()) == WORD_LISTS[key] and not {"{", "}"} & set(value)
     return isinstance(english, str) and isinstance(value, str) and placeholders(value) == placeholders(english)
 
 
@@ -3403,8 +3420,8 @@ class Languages:
                 continue
             try:
                 catalogues.append(read_catalogue(os.path.join(folder, name), match.group(1), english))
-            except (OSError, ValueError, UnicodeDecodeError) as error:
-                log.warning("language file %s not used: %s", name, error)
+            except Exception as error:  # noqa: BLE001 - no file may stop the start (JSON nested 100,000 deep, n/0)
+                log.warning("language file %s not used: %s", name, str(error)[:200] or type(error).__name__)
         return cls(catalogues)
 
     def __iter__(self):
@@ -3452,7 +3469,7 @@ def accepted_languages(header, refused):
     with q=0 ("not acceptable", RFC 9110 §12.4.2) go to `refused`; a malformed entry counts as absent."""
     ranked = []
     for position, item in enumerate(header.split(",")[:MAX_LANGUAGE_RANGES]):
-        tag, *parameters = (part.strip() for part in item.split(";"))
+        tag, *parameters = (part.strip() for part in item.split(";", 4)[:4])
         tag, quality = tag.lower(), 1.0
         for parameter in parameters:
             name, _, value = parameter.partition("=")
@@ -3588,6 +3605,7 @@ FORBIDDEN_PAGE = """<h1>{t[not_allowed]}</h1>
 
 INVITE_START = """<h1>{t[set_up_heading]}</h1>
 <p>{t[invite_adds]}</p>
+{replaces}
 <form method="post">
 <input type="hidden" name="invite" value="{invite}">
 <input type="hidden" name="csrf" value="{csrf}">
@@ -3597,7 +3615,7 @@ INVITE_START = """<h1>{t[set_up_heading]}</h1>
 """
 
 INVITE_SETUP = """<h1>{t[set_up_heading]}</h1>
-{message}<p>{t[scan_this]}</p>
+{message}{replaces}<p>{t[scan_this]}</p>
 <div class="qr">{qr}</div>
 <p class="hint">{t[or_type_key]}</p>
 <p class="secret">{secret}</p>
@@ -3611,6 +3629,7 @@ INVITE_SETUP = """<h1>{t[set_up_heading]}</h1>
 """
 
 APP_LINK = '<a href="{uri}">{t[open_in_app]}</a>'
+REPLACES_NOTE = '<p class="note">{t[replaces_old_entry]}</p>\n'
 
 INVITE_GONE = """<h1>{t[link_gone]}</h1>
 <p>{t[link_gone_text]}</p>
@@ -3727,11 +3746,9 @@ def language_picker(languages, words, **keep):
     return fragment(LANGUAGE_PICKER, words, links=Markup(" ".join(links)))
 
 
-def render_login(words, app_name, next_url, csrf, refusal=None, device_user=None, plain_http=False, picker="",
-                 note=""):
-    """The login page; a `refusal` (a _Refused) says why the last attempt failed, a `note` what the
-    visitor should know first (their authenticator was reset)."""
-    message, disabled = (refusal.text(words), refusal.disabled) if refusal else (note, False)
+def render_login(words, app_name, next_url, csrf, refusal=None, device_user=None, plain_http=False, picker=""):
+    """The login page; a `refusal` (a _Refused) says why the last attempt failed."""
+    message, disabled = (refusal.text(words), refusal.disabled) if refusal else ("", False)
     host = url_host(next_url) if next_url.startswith(("http://", "https://")) else ""
     subtitle = fragment(SUBTITLE, text=words.say("to_continue_to", host=host)) if host else Markup("")
     if device_user:
@@ -4360,12 +4377,9 @@ class SignIn:
         device = self.cookies.device(request, self.gate)
         words = self.languages.choose(request)
         target = self.safe_next(request, next_value)
-        note = ""
-        if device and refusal is None and self._was_reset(device):
-            note = words.say("was_reset", name=device["sub"], app_name=self.settings.app_name)
         page = render_login(
             words, self.settings.app_name, target, csrf, refusal, device["sub"] if device else None,
-            self._cookies_will_be_dropped(request), note=note,
+            self._cookies_will_be_dropped(request),
             picker=language_picker(self.languages, words, next=target if target != "/" else ""),
         )
         if refusal is None:
@@ -4395,25 +4409,14 @@ class SignIn:
             if form.get("action") == "forget":
                 return self._forget_device(request, next_value)
             device = self.cookies.device(request, self.gate)
+            # A browser bound to one person tries only that person's code, so naming them tells a
+            # stranger nothing, and points whoever it is not at "Not NAME?" before the lockout.
+            wrong = _Refused(401, "wrong_code_for", name=device["sub"]) if device else None
             claims = self.attempt(request, device, lambda: self._judge_code(request, form.get("otp", ""), device),
-                                  wrong=device and self._wrong_for(device))
+                                  wrong=wrong)
         except _Refused as refusal:
             return self.form(request, next_value, refusal)
         return self.signed_in(request, claims, self.landing(request, next_value))
-
-    def _wrong_for(self, device):
-        """Why a code on a browser bound to one person failed. Only that person's code is tried, so naming
-        them tells a stranger nothing, and points whoever it is not at "Not NAME?" before the lockout."""
-        if self._was_reset(device):
-            return _Refused(401, "was_reset", name=device["sub"], app_name=self.settings.app_name)
-        return _Refused(401, "wrong_code_for", name=device["sub"])
-
-    def _was_reset(self, device):
-        """The device's person was reset (a lost phone) and has not set up the new entry yet: their old
-        one gives codes that can never work. Only a browser that signed in as them holds their device
-        cookie, so saying so tells nobody else anything (SPEC 4.0, the visitor's language)."""
-        user = self.store.user(device["sub"])
-        return user is not None and not user.seed
 
     def landing(self, request, next_value):
         """`next` if it is usable, else the signed-in page: the login host's own / is a 404 behind a
@@ -4629,6 +4632,7 @@ class Enrolment:
             words, words.say("title_set_up", app_name=self.settings.app_name), INVITE_START,
             picker=language_picker(self.signin.languages, words, invite=token), app_name=self.settings.app_name,
             name=invite.user, invite=token, csrf=csrf, when=human_time(invite.expires, request.now, words),
+            replaces=self._replaces_note(invite, words),
         )
         return html_page(status, page, cookie)
 
@@ -4702,6 +4706,14 @@ class Enrolment:
             raise self._gone(request, INVITE_GONE)  # finished in another tab a moment ago: counts nothing
         return Outcome.SUCCESS, claims
 
+    def _replaces_note(self, invite, words):
+        """After a reset (a lost phone), the new link says the old entry in the authenticator app no longer
+        works (not a "Wrong code" later). Said here, to whoever holds the new link, and not to a browser
+        holding the person's device cookie: that may be the lost phone itself (red team, issue 27)."""
+        user = self.store.user(invite.user)
+        replaced = user is not None and user.last_login is not None  # signed in before: a reset, not a newcomer
+        return fragment(REPLACES_NOTE, words, app_name=self.settings.app_name) if replaced else Markup("")
+
     def _setup(self, request, token, invite, refusal=None, bound_cookie=()):
         """The second step: QR code, the secret in groups of four, the otpauth link, a field for the
         first code; with a refusal, why the last code was not taken."""
@@ -4712,7 +4724,8 @@ class Enrolment:
         page = render_page(
             words, words.say("title_set_up", app_name=self.settings.app_name), INVITE_SETUP,
             app_name=self.settings.app_name,
-            message=message_markup(message), link=fragment(APP_LINK, words, uri=uri), qr=Markup(qr_svg(uri)), secret=group_secret(invite.seed),
+            message=message_markup(message), replaces=self._replaces_note(invite, words),
+            link=fragment(APP_LINK, words, uri=uri), qr=Markup(qr_svg(uri)), secret=group_secret(invite.seed),
             invite=token, csrf=csrf, disabled=Markup(" disabled" if disabled else ""),
             otp_input=otp_input(disabled=disabled),
         )
