@@ -1,4 +1,4 @@
-"""Helpers both test files use (test_forward_auth.py and test_e2e.py import them from here):
+"""Helpers every test file uses (test_forward_auth.py and test_e2e.py import them from here):
 an injectable clock, forward-auth on real waitress, TOTP codes, and a login form's CSRF token."""
 
 import http.client
@@ -165,3 +165,26 @@ def store(db_path):
 @pytest.fixture
 def clock():
     return FakeClock()
+
+
+def settings(**overrides):
+    """Settings as the in-process tests use them: plain HTTP cookies, the store passed in."""
+    base = {"secure_cookies": False, "db_path": ":unused:"}
+    base.update(overrides)
+    return fa.Settings(**base)
+
+
+def add_user(store, name="alice", now=NOW - 3600):
+    seed = fa.new_seed()
+    assert store.add_user(name, seed, now)
+    return seed
+
+
+@pytest.fixture
+def app(store, clock):
+    return fa.make_app(settings(), store=store, clock=clock)
+
+
+@pytest.fixture
+def alice(store):
+    return add_user(store, "alice")

@@ -3312,15 +3312,20 @@ def placeholders(text):
     return names
 
 
+def english_plural(n):
+    return int(n != 1)  # ENGLISH_PLURAL
+
+
 class Catalogue:
     """One language's texts, English where a key is missing or unusable. `say` fills in values
     (plain text: fragment() escapes it), `count` picks the plural form for a number."""
 
-    def __init__(self, tag, name, texts, plural="", direction="ltr", english=None):
+    def __init__(self, tag, name, texts, plural=None, direction="ltr", english=None):
+        """`plural`: the rule n -> form index (plural_rule's), English's if None."""
         self.tag, self.name, self.direction = tag, name, direction
         self.english = english or self
         self.texts = texts
-        self._plural = plural_rule(plural or ENGLISH_PLURAL)
+        self._plural = plural or english_plural
 
     def text(self, key):
         """The raw text of `key`, placeholders unfilled."""
@@ -3333,7 +3338,7 @@ class Catalogue:
         forms = self.texts.get(key)
         try:
             index = self._plural(n) if forms else -1
-        except ArithmeticError:  # a rule proven at start only for n below 1000 (n/(n-1000))
+        except ArithmeticError:  # a rule proven at start only for n below 200 (n/(n-1000))
             index = -1
         if not forms or not 0 <= index < len(forms):
             forms, index = self.english.texts[key], self.english._plural(n)
@@ -3354,8 +3359,8 @@ def plural_rule(header):
     if match is None:
         raise ValueError("expected nplurals=N; plural=EXPRESSION;")
     rule, count = gettext.c2py(match.group(2)), int(match.group(1))
-    try:
-        if any(not 0 <= rule(n) < count for n in range(1000)):
+    try:  # the numbers pages count (more are judged as they come: Catalogue.count)
+        if any(not 0 <= rule(n) < count for n in range(200)):
             raise ValueError(f"the plural rule gives a form past nplurals={count}")
     except ArithmeticError:
         raise ValueError("the plural rule divides by zero") from None
@@ -3371,7 +3376,7 @@ def read_catalogue(path, tag, english):
             data.get("language"), str):
         raise ValueError('expected {"language": "its own name", "plural_forms": "...", "texts": {...}}')  # noqa: TRY004
     plural = data.get("plural_forms", ENGLISH_PLURAL)
-    plural_rule(plural)
+    rule = plural_rule(plural)
     count = int(re.search(r"nplurals\s*=\s*([1-6])", plural).group(1))
     texts, unusable = {}, []
     for key, value in data["texts"].items():
@@ -3383,7 +3388,7 @@ def read_catalogue(path, tag, english):
         log.warning("language %s: English for %s (other placeholders or forms than English's)", tag,
                     ", ".join(sorted(unusable)[:10]))
     direction = "rtl" if data.get("direction") == "rtl" else "ltr"
-    return Catalogue(tag, data["language"][:40], texts, plural, direction, english)
+    return Catalogue(tag, data["language"][:40], texts, rule, direction, english)
 
 
 def usable_translation(key, value, plural_count):

@@ -38,7 +38,18 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 import forward_auth as fa
-from conftest import NOW, FakeClock, Response, Server, code_at, csrf_token_of, free_port, wrong_code_for
+from conftest import (
+    NOW,
+    FakeClock,
+    Response,
+    Server,
+    add_user,
+    code_at,
+    csrf_token_of,
+    free_port,
+    settings,
+    wrong_code_for,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,12 +58,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # db_path, store and clock: conftest.py.
-
-
-def settings(**overrides):
-    base = {"secure_cookies": False, "db_path": ":unused:"}
-    base.update(overrides)
-    return fa.Settings(**base)
 
 
 _strict_content_type = wsgiref.validate.check_content_type
@@ -105,12 +110,6 @@ def call(app, method="GET", path="/", query="", headers=None, body=b"", remote="
     return Response(captured["status"], captured["headers"], body)
 
 
-def add_user(store, name="alice", now=NOW - 3600):
-    seed = fa.new_seed()
-    assert store.add_user(name, seed, now)
-    return seed
-
-
 def seed_of(store, name):
     """NAME's seed, opened (the database holds it sealed)."""
     return {user.name: user.seed for user in store.active_users()}[name]
@@ -144,16 +143,6 @@ def login(app, code, next_value="/", extra_cookie="", headers=None, remote="127.
 
 def session_cookie(app, response):
     return f"{app.settings.cookie_name}={response.cookie_value(app.settings.cookie_name)}"
-
-
-@pytest.fixture
-def app(store, clock):
-    return fa.make_app(settings(), store=store, clock=clock)
-
-
-@pytest.fixture
-def alice(store):
-    return add_user(store, "alice")
 
 
 @pytest.fixture

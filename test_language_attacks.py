@@ -47,11 +47,6 @@ HTML_PAGE = {"Accept": "text/html"}
 XSS = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>'
 
 
-@pytest.fixture
-def app(store, clock):
-    return fa.make_app(settings(), store=store, clock=clock)
-
-
 def write_catalogue(folder, tag, texts, **meta):
     data = {"language": meta.pop("language", tag), "plural_forms": "nplurals=2; plural=(n != 1);", **meta,
             "texts": texts}

@@ -45,16 +45,6 @@ def catalogue_file(tag):
 
 
 @pytest.fixture
-def app(store, clock):
-    return fa.make_app(settings(), store=store, clock=clock)
-
-
-@pytest.fixture
-def alice(store):
-    return add_user(store, "alice")
-
-
-@pytest.fixture
 def logged_in(app, alice, clock):
     app.refresh(clock(), force=True)
     return session_cookie(app, login(app, code_at(alice, clock())))
