@@ -3348,10 +3348,13 @@ class Catalogue:
         return self.say(key).split()
 
 
+ENGLISH_WORDS = Catalogue("en", "English", ENGLISH)  # also the command line's
+
+
 def plural_rule(header):
-    """The function n -> form index of a gettext Plural-Forms header ("nplurals=3; plural=(n==1 ? 0 :
-    ...);"), as translators know it; gettext's own parser, which admits only C's arithmetic. ValueError
-    for anything else."""
+    """(the function n -> form index, nplurals) of a gettext Plural-Forms header ("nplurals=3; plural=(n==1
+    ? 0 : ...);"), as translators know it; gettext's own parser, which admits only C's arithmetic.
+    ValueError for anything else."""
     import gettext  # only at start, where the catalogues are read
 
     match = re.fullmatch(r"\s*nplurals\s*=\s*([1-6])\s*;\s*plural\s*=\s*(.+?)\s*;?\s*",
@@ -3364,7 +3367,7 @@ def plural_rule(header):
             raise ValueError(f"the plural rule gives a form past nplurals={count}")
     except ArithmeticError:
         raise ValueError("the plural rule divides by zero") from None
-    return rule
+    return rule, count
 
 
 def read_catalogue(path, tag, english):
@@ -3376,8 +3379,7 @@ def read_catalogue(path, tag, english):
             data.get("language"), str):
         raise ValueError('expected {"language": "its own name", "plural_forms": "...", "texts": {...}}')  # noqa: TRY004
     plural = data.get("plural_forms", ENGLISH_PLURAL)
-    rule = plural_rule(plural)
-    count = int(re.search(r"nplurals\s*=\s*([1-6])", plural).group(1))
+    rule, count = plural_rule(plural)
     texts, unusable = {}, []
     for key, value in data["texts"].items():
         if usable_translation(key, value, count):
@@ -3412,7 +3414,7 @@ class Languages:
     def load(cls, folder=None):
         """English and every readable languages/TAG.json (in the first of LANGUAGES_DIRS there is, or
         `folder`); a file that cannot be read is one log line."""
-        english = Catalogue("en", "English", ENGLISH)
+        english = ENGLISH_WORDS
         catalogues = [english]
         folder = folder or next((path for path in LANGUAGES_DIRS if os.path.isdir(path)), LANGUAGES_DIRS[0])
         try:
@@ -3786,11 +3788,6 @@ def qr_svg(text):
     import segno  # only here and in the CLI: the serving process loads it on the first enrolment
 
     return segno.make(text, error="m").svg_inline(scale=4, dark="#000", light="#fff", border=4)
-
-
-def plural_minutes(seconds):
-    minutes = max(1, math.ceil(seconds / 60))
-    return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
 def page_time(words, epoch):
@@ -5866,7 +5863,7 @@ def _duration(seconds):
         if seconds % size == 0 and seconds >= size * least:
             count = seconds // size
             return f"{count} {unit}{'s' if count != 1 else ''}"
-    return plural_minutes(seconds)
+    return ENGLISH_WORDS.count("minutes", wait_minutes(seconds))
 
 
 def cmd_list(cli):
